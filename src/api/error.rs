@@ -1,0 +1,156 @@
+//! Every request error, and its one mapping to a gRPC status.
+//!
+//! Messages tell the client precisely what *it* did wrong (bad path, not found, version
+//! conflict, too large). Faults inside the gateway or its store reach the client as a
+//! generic message; their detail goes to the internal log only, which never holds values.
+
+use tonic::{Code, Status};
+
+use crate::{
+    path::{PathError, SecretPath},
+    store::StoreError,
+};
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The path (or list prefix) is not canonical.
+    #[error("invalid path: {0}")]
+    InvalidPath(#[from] PathError),
+    /// The value is over `limits.max_value_bytes`.
+    #[error("value is {size} bytes; the limit is {limit} bytes")]
+    ValueTooLarge {
+        /// Size sent.
+        size: usize,
+        /// Configured limit.
+        limit: u64,
+    },
+    /// A page size outside 0..=1000.
+    #[error("page_size {0} is too large; the maximum is {max}", max = super::MAX_PAGE_SIZE)]
+    InvalidPageSize(u32),
+    /// A page token that did not come from a List over the same prefix.
+    #[error("page_token is not valid for this prefix")]
+    InvalidPageToken,
+    /// No such secret, or its current version is deleted.
+    #[error("secret {0} not found")]
+    NotFound(SecretPath),
+    /// The version was never written or has been pruned.
+    #[error("secret {path} has no version {version}")]
+    VersionNotFound {
+        /// The secret.
+        path: SecretPath,
+        /// The version asked for.
+        version: u64,
+    },
+    /// The version was soft-deleted.
+    #[error("version {version} of secret {path} was deleted")]
+    VersionDeleted {
+        /// The secret.
+        path: SecretPath,
+        /// The version asked for.
+        version: u64,
+    },
+    /// Compare-and-set failed.
+    #[error("version conflict on {path}: expected version {expected}, current version is {current}")]
+    Conflict {
+        /// The secret.
+        path: SecretPath,
+        /// What the client expected.
+        expected: u64,
+        /// What is current.
+        current: u64,
+    },
+    /// An unconditional write kept losing races with other writers.
+    #[error("secret {0} is being written concurrently; retry")]
+    Contended(SecretPath),
+    /// The store cannot answer now.
+    #[error("secret store unavailable")]
+    Unavailable,
+    /// A fault inside the gateway. Detail is logged, not returned.
+    #[error("internal error")]
+    Internal,
+    /// The request arrived without connection identity (a wiring fault, never a client's).
+    #[error("no authenticated identity on this connection")]
+    NoIdentity,
+}
+
+impl ApiError {
+    /// Translates a store error on `path`, logging the internal detail of faults.
+    pub fn from_store(err: StoreError, path: &SecretPath) -> Self {
+        match err {
+            StoreError::NotFound => Self::NotFound(path.clone()),
+            StoreError::VersionNotFound(version) => Self::VersionNotFound { path: path.clone(), version },
+            StoreError::VersionDeleted(version) => Self::VersionDeleted { path: path.clone(), version },
+            StoreError::Conflict { expected, current } => Self::Conflict { path: path.clone(), expected, current },
+            fault => {
+                tracing::warn!(%path, "store fault on this path");
+                Self::from_store_fault(fault)
+            }
+        }
+    }
+
+    /// Translates a store error that is not about one secret, logging its internal detail.
+    pub fn from_store_fault(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(detail) => {
+                tracing::warn!(%detail, "store unavailable");
+                Self::Unavailable
+            }
+            other => {
+                tracing::error!(error = %other, "store failure");
+                Self::Internal
+            }
+        }
+    }
+
+    /// The gRPC code for this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidPath(_)
+            | Self::ValueTooLarge { .. }
+            | Self::InvalidPageSize(_)
+            | Self::InvalidPageToken => Code::InvalidArgument,
+            Self::NotFound(_) | Self::VersionNotFound { .. } | Self::VersionDeleted { .. } => {
+                Code::NotFound
+            }
+            Self::Conflict { .. } => Code::FailedPrecondition,
+            Self::Contended(_) => Code::Aborted,
+            Self::Unavailable => Code::Unavailable,
+            Self::Internal | Self::NoIdentity => Code::Internal,
+        }
+    }
+}
+
+impl From<&ApiError> for Status {
+    fn from(err: &ApiError) -> Self {
+        Status::new(err.code(), err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_faults_do_not_reach_the_client() {
+        let path = SecretPath::parse("/a").unwrap();
+        let err = ApiError::from_store(StoreError::Backend("/var/lib/x.redb: EIO".into()), &path);
+        let status = Status::from(&err);
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("redb"), "{}", status.message());
+        let err = ApiError::from_store(StoreError::Unavailable("10.0.0.1:2379 refused".into()), &path);
+        assert!(!Status::from(&err).message().contains("10.0.0.1"));
+    }
+
+    #[test]
+    fn client_mistakes_are_precise() {
+        let path = SecretPath::parse("/a").unwrap();
+        let err = ApiError::from_store(StoreError::Conflict { expected: 0, current: 3 }, &path);
+        let status = Status::from(&err);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(status.message().contains("current version is 3"));
+        let status = Status::from(&ApiError::from(SecretPath::parse("/a//b").unwrap_err()));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("empty segment"));
+    }
+}

@@ -1,0 +1,391 @@
+//! Typed configuration: `secretgate.toml`, overridden by `SECRETGATE_*` environment variables,
+//! validated once at start-up.
+//!
+//! Every field has a default (see [`Config::default`] and the README's configuration table)
+//! except the three TLS files, which have none on purpose. An environment variable
+//! `SECRETGATE_<SECTION>_<FIELD>` (upper case) overrides `<section>.<field>`; a top-level
+//! field is `SECRETGATE_<FIELD>`. Relative file paths are resolved against the directory of
+//! the config file. Unknown fields are refused, so a typo cannot silently leave a default in
+//! force. Every error names the field (or variable) at fault.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with the `SECRETGATE_` prefix that belong to the CLI, not to the
+/// server configuration.
+const CLIENT_VARS: &[&str] = &["ADDR", "CA", "CERT", "KEY", "CONFIG", "LOG", "OUTPUT"];
+
+/// Largest `limits.max_value_bytes` accepted (16 MiB).
+pub const MAX_VALUE_LIMIT: u64 = 16 << 20;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC listener binds. Default `127.0.0.1:7443`.
+    pub listen: SocketAddr,
+    /// The gateway's TLS identity and the CA that signs client certificates.
+    pub tls: TlsConfig,
+    /// Where secrets are kept.
+    pub store: StoreConfig,
+    /// Sizes, counts and timeouts.
+    pub limits: Limits,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain the gateway presents (leaf first). Required.
+    pub cert: PathBuf,
+    /// PEM private key for `cert`. Required.
+    pub key: PathBuf,
+    /// PEM bundle of CAs whose client certificates are accepted. Required.
+    pub client_ca: PathBuf,
+    /// Lowest TLS version offered: `"1.3"` (default) or `"1.2"`.
+    pub min_version: String,
+    /// Seconds a client has to complete the TLS handshake. Default 10.
+    pub handshake_timeout_secs: u64,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Backend: `"embedded"` (default; one local redb file).
+    pub backend: String,
+    /// File of the embedded store. Default `data/secretgate.redb`.
+    pub path: PathBuf,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest secret value in bytes. Default 65536 (64 KiB); at most 16 MiB.
+    pub max_value_bytes: u64,
+    /// Versions kept per secret. Default 10; 1 to 1000.
+    pub max_versions: u32,
+    /// Simultaneous client connections (including handshakes in progress). Default 1024.
+    pub max_connections: u32,
+    /// Seconds a request may take before it is cancelled with DEADLINE_EXCEEDED. Default 30.
+    pub request_timeout_secs: u64,
+}
+
+/// A configuration that cannot be used, naming the field or variable at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a field of the wrong type or name.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the field and line.
+        message: String,
+    },
+    /// An environment override has a value of the wrong type.
+    #[error("environment variable {var}: {reason}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A field has a value outside its allowed range.
+    #[error("config field {field}: {reason}")]
+    Invalid {
+        /// Dotted field name, e.g. `limits.max_value_bytes`.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            tls: TlsConfig::default(),
+            store: StoreConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            client_ca: PathBuf::new(),
+            min_version: "1.3".into(),
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { backend: "embedded".into(), path: PathBuf::from("data/secretgate.redb") }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_value_bytes: 64 * 1024,
+            max_versions: crate::store::DEFAULT_MAX_VERSIONS,
+            max_connections: 1024,
+            request_timeout_secs: 30,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, applies the process's `SECRETGATE_*` variables, resolves relative paths
+    /// and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, path, base, std::env::vars())
+    }
+
+    /// Like [`Config::load`] for text already read, with the environment given explicitly.
+    pub fn from_toml(
+        text: &str,
+        origin: &Path,
+        base_dir: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let parsed: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        let mut config = parsed.with_env(env)?;
+        config.resolve_paths(base_dir);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies `SECRETGATE_*` overrides. Each variable is matched against the fields of the
+    /// configuration itself, so the list of variables can never drift from the fields.
+    fn with_env(self, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::try_from(&self).map_err(|e| ConfigError::Env {
+            var: "SECRETGATE_*".into(),
+            reason: e.to_string(),
+        })?;
+        let fields = field_index(&table);
+        let mut changed = false;
+        for (var, value) in env {
+            let Some(name) = var.strip_prefix("SECRETGATE_") else { continue };
+            if CLIENT_VARS.contains(&name) {
+                continue;
+            }
+            let Some(field) = fields.get(name) else {
+                tracing::warn!(variable = %var, "ignoring unknown SECRETGATE_ variable");
+                continue;
+            };
+            let slot = field_slot(&mut table, field);
+            *slot = typed_like(slot, &value).map_err(|reason| ConfigError::Env { var, reason })?;
+            changed = true;
+        }
+        if !changed {
+            return Ok(self);
+        }
+        table.try_into().map_err(|e: toml::de::Error| ConfigError::Env {
+            var: "SECRETGATE_*".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in [&mut self.tls.cert, &mut self.tls.key, &mut self.tls.client_ca, &mut self.store.path] {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Checks ranges and required fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        for (field, p) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key), ("tls.client_ca", &self.tls.client_ca)] {
+            if p.as_os_str().is_empty() {
+                return invalid(field, "is required (a PEM file path)");
+            }
+        }
+        if !matches!(self.tls.min_version.as_str(), "1.2" | "1.3") {
+            return invalid("tls.min_version", "must be \"1.3\" or \"1.2\"");
+        }
+        if !(1..=300).contains(&self.tls.handshake_timeout_secs) {
+            return invalid("tls.handshake_timeout_secs", "must be between 1 and 300");
+        }
+        if self.store.backend != "embedded" {
+            return invalid("store.backend", "must be \"embedded\"");
+        }
+        if self.store.path.as_os_str().is_empty() {
+            return invalid("store.path", "is required for the embedded store");
+        }
+        if !(1..=MAX_VALUE_LIMIT).contains(&self.limits.max_value_bytes) {
+            return invalid("limits.max_value_bytes", "must be between 1 and 16777216");
+        }
+        if !(1..=1000).contains(&self.limits.max_versions) {
+            return invalid("limits.max_versions", "must be between 1 and 1000");
+        }
+        if self.limits.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if !(1..=3600).contains(&self.limits.request_timeout_secs) {
+            return invalid("limits.request_timeout_secs", "must be between 1 and 3600");
+        }
+        Ok(())
+    }
+}
+
+impl TlsConfig {
+    /// The handshake timeout as a `Duration`.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+}
+
+impl Limits {
+    /// The request timeout as a `Duration`.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+/// Maps `FIELD` / `SECTION_FIELD` (upper case) to the dotted key path of every scalar field.
+fn field_index(table: &toml::Table) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for (k, v) in table {
+        match v {
+            toml::Value::Table(section) => {
+                for (f, _) in section {
+                    out.insert(format!("{k}_{f}").to_uppercase(), vec![k.clone(), f.clone()]);
+                }
+            }
+            _ => {
+                out.insert(k.to_uppercase(), vec![k.clone()]);
+            }
+        }
+    }
+    out
+}
+
+fn field_slot<'t>(table: &'t mut toml::Table, path: &[String]) -> &'t mut toml::Value {
+    let (last, sections) = path.split_last().expect("field paths are never empty");
+    let mut t = table;
+    for s in sections {
+        t = t
+            .get_mut(s)
+            .and_then(toml::Value::as_table_mut)
+            .expect("field_index only returns paths into existing sections");
+    }
+    t.get_mut(last).expect("field_index only returns existing fields")
+}
+
+fn typed_like(current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    match current {
+        toml::Value::Integer(_) => raw
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("expected an integer, got {raw:?}")),
+        toml::Value::Boolean(_) => raw
+            .trim()
+            .parse::<bool>()
+            .map(toml::Value::Boolean)
+            .map_err(|_| format!("expected true or false, got {raw:?}")),
+        _ => Ok(toml::Value::String(raw.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [tls]
+        cert = "server.pem"
+        key = "server-key.pem"
+        client_ca = "/etc/ca.pem"
+    "#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_toml(text, Path::new("test.toml"), Path::new("/etc/sg"), env)
+    }
+
+    #[test]
+    fn defaults_fill_everything_but_tls_and_paths_resolve_against_the_file() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7443".parse().unwrap());
+        assert_eq!(c.tls.cert, Path::new("/etc/sg/server.pem"));
+        assert_eq!(c.tls.client_ca, Path::new("/etc/ca.pem"));
+        assert_eq!(c.store.path, Path::new("/etc/sg/data/secretgate.redb"));
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.tls.handshake_timeout(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn env_overrides_fields_by_section_and_name() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("SECRETGATE_LIMITS_MAX_VALUE_BYTES", "1024"),
+                ("SECRETGATE_LISTEN", "0.0.0.0:9000"),
+                ("SECRETGATE_TLS_MIN_VERSION", "1.2"),
+                ("SECRETGATE_CERT", "client.pem"),
+                ("PATH", "/bin"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_value_bytes, 1024);
+        assert_eq!(c.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(c.tls.min_version, "1.2");
+    }
+
+    #[test]
+    fn env_value_of_wrong_type_names_the_variable() {
+        let err = load(MINIMAL, &[("SECRETGATE_LIMITS_MAX_VERSIONS", "ten")]).unwrap_err();
+        assert!(err.to_string().contains("SECRETGATE_LIMITS_MAX_VERSIONS"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (format!("{MINIMAL}\n[limits]\nmax_value_bytes = 0\n"), "limits.max_value_bytes"),
+            (format!("{MINIMAL}\n[limits]\nmax_versions = 0\n"), "limits.max_versions"),
+            (format!("{MINIMAL}min_version = \"1.1\"\n"), "tls.min_version"),
+            (format!("{MINIMAL}\n[store]\nbackend = \"s3\"\n"), "store.backend"),
+            ("[tls]\ncert = \"a\"\n".to_owned(), "tls.key"),
+        ];
+        for (text, field) in cases {
+            let err = load(&text, &[]).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_mistyped_fields_are_refused() {
+        let err = load(&format!("{MINIMAL}\n[limits]\nmax_value_byte = 5\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("max_value_byte"), "{err}");
+        let err = load(&format!("{MINIMAL}\n[limits]\nmax_versions = \"x\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("max_versions"), "{err}");
+    }
+}

@@ -1,0 +1,28 @@
+//! secretgate: a security-hardened mTLS gRPC gateway in front of a secrets store.
+//!
+//! Every caller is authenticated by its client certificate ([`tls`], [`identity`]); every
+//! request is parsed into checked domain types ([`SecretPath`]) before it reaches the
+//! [`Store`]. The request pipeline and the architecture are described in `DESIGN.md`; the
+//! threat model in `SECURITY.md`.
+//!
+//! The binary (`src/main.rs`) only parses the command line and calls [`cli::run`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod path;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+pub use api::{ApiError, SecretsService};
+pub use config::Config;
+pub use identity::{PeerIdentity, Principal};
+pub use path::{PathPrefix, SecretPath};
+pub use server::{Gateway, StartError};
+pub use store::{EmbeddedStore, Store, StoreError};

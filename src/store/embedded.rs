@@ -1,0 +1,266 @@
+//! The embedded backend: one redb file on local disk, for a single machine and development.
+//!
+//! redb gives ACID transactions with copy-on-write B-trees and an fsync on every commit, so
+//! a crash leaves either the whole write or none of it. Two tables:
+//! `meta`: path → JSON [`SecretMeta`]; `values`: (path, version) → stored bytes.
+//! redb runs synchronously, so every call moves to tokio's blocking pool.
+
+use std::{path::Path, sync::Arc};
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use zeroize::Zeroizing;
+
+use super::{Entry, SecretMeta, Store, StoreError, UnixMillis, VersionInfo};
+use crate::path::{PathPrefix, SecretPath};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const VALUES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("values");
+
+/// A [`Store`] in one local redb file.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    max_versions: u32,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").field("max_versions", &self.max_versions).finish()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates, mode 0600, parent directory 0700) the store file at `path`.
+    pub fn open(path: &Path, max_versions: u32) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir)
+                .map_err(|e| StoreError::Backend(format!("creating {}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+        restrict_file(path)
+            .map_err(|e| StoreError::Backend(format!("chmod {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(backend)?;
+        txn.open_table(META).map_err(backend)?;
+        txn.open_table(VALUES).map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        Ok(Self { db: Arc::new(db), max_versions })
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn current_version(&self, path: &SecretPath) -> Result<u64, StoreError> {
+        let key = path.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            Ok(read_meta(&meta, &key)?.map_or(0, |m| m.current_version))
+        })
+        .await
+    }
+
+    async fn put(
+        &self,
+        path: &SecretPath,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<VersionInfo, StoreError> {
+        let key = path.as_str().to_owned();
+        let value = Zeroizing::new(value.to_vec());
+        let keep = self.max_versions;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let info = {
+                let mut meta_table = txn.open_table(META).map_err(backend)?;
+                let mut values = txn.open_table(VALUES).map_err(backend)?;
+                let mut meta = read_meta(&meta_table, &key)?
+                    .unwrap_or(SecretMeta { current_version: 0, versions: Vec::new() });
+                if meta.current_version != expected {
+                    return Err(StoreError::Conflict { expected, current: meta.current_version });
+                }
+                let info = VersionInfo {
+                    version: expected + 1,
+                    created: UnixMillis::now(),
+                    deleted: None,
+                };
+                for pruned in meta.push_version(info.clone(), keep) {
+                    values.remove((key.as_str(), pruned.version)).map_err(backend)?;
+                }
+                values.insert((key.as_str(), info.version), value.as_slice()).map_err(backend)?;
+                write_meta(&mut meta_table, &key, &meta)?;
+                info
+            };
+            txn.commit().map_err(backend)?;
+            Ok(info)
+        })
+        .await
+    }
+
+    async fn get(&self, path: &SecretPath, version: Option<u64>) -> Result<Entry, StoreError> {
+        let key = path.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let meta_table = txn.open_table(META).map_err(backend)?;
+            let meta = read_meta(&meta_table, &key)?.ok_or(StoreError::NotFound)?;
+            let info = meta.readable(version)?;
+            let values = txn.open_table(VALUES).map_err(backend)?;
+            let guard = values.get((key.as_str(), info.version)).map_err(backend)?.ok_or_else(
+                || StoreError::Corrupt(format!("value of {key} version {} missing", info.version)),
+            )?;
+            let bytes = guard.value();
+            let mut value = Zeroizing::new(Vec::with_capacity(bytes.len()));
+            value.extend_from_slice(bytes);
+            Ok(Entry {
+                version: info.version,
+                created: info.created,
+                current_version: meta.current_version,
+                value,
+            })
+        })
+        .await
+    }
+
+    async fn delete(&self, path: &SecretPath) -> Result<VersionInfo, StoreError> {
+        let key = path.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let info = {
+                let mut meta_table = txn.open_table(META).map_err(backend)?;
+                let mut meta = read_meta(&meta_table, &key)?.ok_or(StoreError::NotFound)?;
+                let current = meta.current_version;
+                let Some(info) = meta.versions.iter_mut().find(|v| v.version == current) else {
+                    return Err(StoreError::NotFound);
+                };
+                if info.deleted.is_some() {
+                    return Ok(info.clone());
+                }
+                info.deleted = Some(UnixMillis::now());
+                let info = info.clone();
+                write_meta(&mut meta_table, &key, &meta)?;
+                info
+            };
+            txn.commit().map_err(backend)?;
+            Ok(info)
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        prefix: &PathPrefix,
+        after: Option<&SecretPath>,
+        limit: usize,
+    ) -> Result<Vec<SecretPath>, StoreError> {
+        let prefix = prefix.clone();
+        let after = after.map(|a| a.as_str().to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let meta_table = txn.open_table(META).map_err(backend)?;
+            let mut out = Vec::new();
+            // Keys sort bytewise, and `p` < `p/…` < `p0`: the prefix itself, then its subtree.
+            let (exact, lower, upper) = match &prefix {
+                PathPrefix::Root => (None, "/".to_owned(), "0".to_owned()),
+                PathPrefix::Path(p) => {
+                    (Some(p.as_str().to_owned()), format!("{p}/"), format!("{p}0"))
+                }
+            };
+            let candidates = exact.into_iter().filter(|e| after.as_ref().is_none_or(|a| e > a));
+            for key in candidates {
+                if read_meta(&meta_table, &key)?.is_some_and(|m| m.is_live()) {
+                    out.push(key);
+                }
+            }
+            let start = match &after {
+                Some(a) if *a >= lower => a.clone(),
+                _ => lower.clone(),
+            };
+            let range = meta_table.range(start.as_str()..upper.as_str()).map_err(backend)?;
+            for item in range {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item.map_err(backend)?;
+                let key = k.value();
+                if after.as_deref() == Some(key) {
+                    continue;
+                }
+                if decode_meta(key, v.value())?.is_live() {
+                    out.push(key.to_owned());
+                }
+            }
+            out.truncate(limit);
+            out.into_iter()
+                .map(|k| {
+                    SecretPath::parse(&k)
+                        .map_err(|e| StoreError::Corrupt(format!("stored path {k:?}: {e}")))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn versions(&self, path: &SecretPath) -> Result<SecretMeta, StoreError> {
+        let key = path.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let meta = txn.open_table(META).map_err(backend)?;
+            read_meta(&meta, &key)?.ok_or(StoreError::NotFound)
+        })
+        .await
+    }
+}
+
+fn read_meta(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<SecretMeta>, StoreError> {
+    match table.get(key).map_err(backend)? {
+        Some(v) => decode_meta(key, v.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn decode_meta(key: &str, bytes: &[u8]) -> Result<SecretMeta, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("metadata of {key}: {e}")))
+}
+
+fn write_meta(
+    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    key: &str,
+    meta: &SecretMeta,
+) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(meta).map_err(|e| StoreError::Backend(e.to_string()))?;
+    table.insert(key, bytes.as_slice()).map_err(backend)?;
+    Ok(())
+}
+
+fn backend(e: impl Into<redb::Error>) -> StoreError {
+    let e: redb::Error = e.into();
+    match e {
+        redb::Error::Io(io) => StoreError::Unavailable(format!("embedded store I/O: {io}")),
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+fn restrict_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}

@@ -1,0 +1,219 @@
+//! The secret store: one trait, several backends.
+//!
+//! The gateway talks to its store only through [`Store`]. Every backend (the embedded redb
+//! file today, etcd next) keeps the same model and passes the same conformance suite
+//! (`tests/support/conformance.rs`):
+//!
+//! - a secret is a [`SecretPath`] with numbered versions 1, 2, 3, … and a current version;
+//! - a write is always compare-and-set on the current version (`expected = 0`: the secret
+//!   must never have existed), and commits atomically or not at all — so the caller knows the
+//!   version number *before* the write, which lets it seal the value for that exact version;
+//! - only the newest `max_versions` versions are kept;
+//! - delete is a soft delete of the current version (Vault KV v2): reads answer not-found,
+//!   the history stays, the next write creates a new version;
+//! - list returns live secrets at or below a prefix in byte order of their paths.
+//!
+//! The store never sees a caller, a policy or a key. What it holds as a value is opaque bytes.
+
+mod embedded;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use zeroize::Zeroizing;
+
+use crate::path::{PathPrefix, SecretPath};
+
+pub use embedded::EmbeddedStore;
+
+/// Default number of versions kept per secret.
+pub const DEFAULT_MAX_VERSIONS: u32 = 10;
+
+/// A point in time with millisecond precision, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct UnixMillis(pub u64);
+
+/// One kept version of a secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VersionInfo {
+    /// Version number, from 1.
+    pub version: u64,
+    /// When the version was written.
+    pub created: UnixMillis,
+    /// When the version was soft-deleted, if it was.
+    pub deleted: Option<UnixMillis>,
+}
+
+/// A secret's metadata: its current version and the kept versions, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SecretMeta {
+    /// The newest version number ever written (it stays after pruning and deletion).
+    pub current_version: u64,
+    /// Kept versions, newest first.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// A value read from the store. The bytes are wiped from memory when this is dropped.
+pub struct Entry {
+    /// The version read.
+    pub version: u64,
+    /// When it was written.
+    pub created: UnixMillis,
+    /// The secret's current version.
+    pub current_version: u64,
+    /// The stored bytes.
+    pub value: Zeroizing<Vec<u8>>,
+}
+
+/// Why a store operation failed. `Display` texts may carry backend detail for the internal
+/// log; they never contain a stored value.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The secret has never existed, or its current version is deleted.
+    #[error("secret not found")]
+    NotFound,
+    /// The version asked for was never written or has been pruned.
+    #[error("version {0} not found")]
+    VersionNotFound(u64),
+    /// The version asked for was soft-deleted.
+    #[error("version {0} was deleted")]
+    VersionDeleted(u64),
+    /// Compare-and-set failed: the current version is not the expected one.
+    #[error("version conflict: expected {expected}, current is {current}")]
+    Conflict {
+        /// The version the caller expected.
+        expected: u64,
+        /// The version actually current.
+        current: u64,
+    },
+    /// The store cannot be reached or cannot answer now; retrying later may succeed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data does not decode: the store was altered outside the gateway, or a bug.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// Any other backend failure.
+    #[error("store failure: {0}")]
+    Backend(String),
+}
+
+/// The operations every backend provides. All are atomic; see the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The secret's current version, 0 if it never existed.
+    async fn current_version(&self, path: &SecretPath) -> Result<u64, StoreError>;
+
+    /// Writes version `expected + 1` if the current version is `expected`, and prunes
+    /// versions beyond the backend's limit. Returns the new version's info.
+    async fn put(
+        &self,
+        path: &SecretPath,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<VersionInfo, StoreError>;
+
+    /// Reads the current version (`None`) or the given version.
+    async fn get(&self, path: &SecretPath, version: Option<u64>) -> Result<Entry, StoreError>;
+
+    /// Soft-deletes the current version and returns it. Deleting a secret whose current
+    /// version is already deleted returns that version unchanged.
+    async fn delete(&self, path: &SecretPath) -> Result<VersionInfo, StoreError>;
+
+    /// Up to `limit` live secrets at or below `prefix`, in byte order, strictly after
+    /// `after` when given.
+    async fn list(
+        &self,
+        prefix: &PathPrefix,
+        after: Option<&SecretPath>,
+        limit: usize,
+    ) -> Result<Vec<SecretPath>, StoreError>;
+
+    /// The secret's metadata, deleted or not. `NotFound` only if it never existed.
+    async fn versions(&self, path: &SecretPath) -> Result<SecretMeta, StoreError>;
+}
+
+impl UnixMillis {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        Self(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// As a `SystemTime`.
+    pub fn to_system_time(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.0)
+    }
+}
+
+impl SecretMeta {
+    /// Whether the current version is live (written and not deleted).
+    pub fn is_live(&self) -> bool {
+        self.versions
+            .first()
+            .is_some_and(|v| v.version == self.current_version && v.deleted.is_none())
+    }
+
+    /// Records a new version at the front and returns the versions pruned beyond `keep`.
+    pub(crate) fn push_version(&mut self, info: VersionInfo, keep: u32) -> Vec<VersionInfo> {
+        self.current_version = info.version;
+        self.versions.insert(0, info);
+        let keep = usize::try_from(keep.max(1)).unwrap_or(usize::MAX);
+        if self.versions.len() > keep {
+            self.versions.split_off(keep)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Finds the kept version `version`, or the current one for `None`, checking it is
+    /// readable (exists and is not deleted).
+    pub(crate) fn readable(&self, version: Option<u64>) -> Result<&VersionInfo, StoreError> {
+        let wanted = version.unwrap_or(self.current_version);
+        let info = self
+            .versions
+            .iter()
+            .find(|v| v.version == wanted)
+            .ok_or(match version {
+                None => StoreError::NotFound,
+                Some(v) => StoreError::VersionNotFound(v),
+            })?;
+        match (info.deleted, version) {
+            (Some(_), None) => Err(StoreError::NotFound),
+            (Some(_), Some(v)) => Err(StoreError::VersionDeleted(v)),
+            (None, _) => Ok(info),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(version: u64) -> VersionInfo {
+        VersionInfo { version, created: UnixMillis(version), deleted: None }
+    }
+
+    #[test]
+    fn push_version_prunes_the_oldest() {
+        let mut meta = SecretMeta { current_version: 0, versions: vec![] };
+        for v in 1..=3 {
+            assert!(meta.push_version(info(v), 2).len() <= 1);
+        }
+        assert_eq!(meta.current_version, 3);
+        assert_eq!(meta.versions.iter().map(|v| v.version).collect::<Vec<_>>(), [3, 2]);
+    }
+
+    #[test]
+    fn readable_distinguishes_missing_deleted_and_current() {
+        let mut meta = SecretMeta { current_version: 0, versions: vec![] };
+        meta.push_version(info(1), 10);
+        meta.push_version(info(2), 10);
+        meta.versions[0].deleted = Some(UnixMillis(9));
+        assert!(matches!(meta.readable(None), Err(StoreError::NotFound)));
+        assert!(matches!(meta.readable(Some(2)), Err(StoreError::VersionDeleted(2))));
+        assert!(matches!(meta.readable(Some(7)), Err(StoreError::VersionNotFound(7))));
+        assert_eq!(meta.readable(Some(1)).unwrap().version, 1);
+        assert!(!meta.is_live());
+    }
+}
