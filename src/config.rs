@@ -182,11 +182,12 @@ impl Config {
 
     /// Applies `SECRETGATE_*` overrides. Each variable is matched against the fields of the
     /// configuration itself, so the list of variables can never drift from the fields.
-    fn with_env(self, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let mut table = toml::Table::try_from(&self).map_err(|e| ConfigError::Env {
-            var: "SECRETGATE_*".into(),
-            reason: e.to_string(),
-        })?;
+    fn with_env(
+        self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::try_from(&self)
+            .map_err(|e| ConfigError::Env { var: "SECRETGATE_*".into(), reason: e.to_string() })?;
         let fields = field_index(&table);
         let mut changed = false;
         for (var, value) in env {
@@ -212,7 +213,9 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        for p in [&mut self.tls.cert, &mut self.tls.key, &mut self.tls.client_ca, &mut self.store.path] {
+        for p in
+            [&mut self.tls.cert, &mut self.tls.key, &mut self.tls.client_ca, &mut self.store.path]
+        {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -221,8 +224,13 @@ impl Config {
 
     /// Checks ranges and required fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
-        for (field, p) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key), ("tls.client_ca", &self.tls.client_ca)] {
+        let invalid =
+            |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        for (field, p) in [
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("tls.client_ca", &self.tls.client_ca),
+        ] {
             if p.as_os_str().is_empty() {
                 return invalid(field, "is required (a PEM file path)");
             }

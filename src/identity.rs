@@ -96,7 +96,9 @@ fn principal_of(cert: &X509Certificate<'_>) -> Result<Principal, IdentityError> 
     let spiffe: Vec<&str> = sans
         .iter()
         .filter_map(|n| match n {
-            GeneralName::URI(u) if u.get(..9).is_some_and(|s| s.eq_ignore_ascii_case("spiffe://")) => {
+            GeneralName::URI(u)
+                if u.get(..9).is_some_and(|s| s.eq_ignore_ascii_case("spiffe://")) =>
+            {
                 Some(*u)
             }
             _ => None,
@@ -138,9 +140,9 @@ fn spiffe_principal(uri: &str) -> Result<Principal, IdentityError> {
     let rest = uri.strip_prefix("spiffe://").ok_or(BAD)?;
     let (domain, path) = rest.split_once('/').map_or((rest, ""), |(d, p)| (d, p));
     let domain_ok = !domain.is_empty()
-        && domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
+        && domain.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
     let path_ok = path.is_empty()
         || path.split('/').all(|s| {
             !s.is_empty()
@@ -157,9 +159,9 @@ fn spiffe_principal(uri: &str) -> Result<Principal, IdentityError> {
 fn dns_principal(name: &str) -> Result<Principal, IdentityError> {
     let ok = !name.is_empty()
         && name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
     if !ok {
         return Err(IdentityError::BadName("DNS name"));
     }
@@ -251,13 +253,20 @@ mod tests {
 
     #[test]
     fn non_spiffe_uris_are_ignored() {
-        let der = cert(|p| p.subject_alt_names = vec![uri("https://x.example/"), dns("Svc.Example")]);
+        let der =
+            cert(|p| p.subject_alt_names = vec![uri("https://x.example/"), dns("Svc.Example")]);
         assert_eq!(principal(&der).unwrap(), "dns:svc.example");
     }
 
     #[test]
     fn malformed_spiffe_id_is_refused() {
-        for bad in ["spiffe://", "spiffe://UPPER/x", "spiffe://d/../x", "spiffe://d/a//b", "spiffe://d/x?q"] {
+        for bad in [
+            "spiffe://",
+            "spiffe://UPPER/x",
+            "spiffe://d/../x",
+            "spiffe://d/a//b",
+            "spiffe://d/x?q",
+        ] {
             let der = cert(|p| p.subject_alt_names = vec![uri(bad)]);
             assert_eq!(principal(&der), Err(IdentityError::BadName("SPIFFE ID")), "{bad}");
         }

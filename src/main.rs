@@ -1,1 +1,11 @@
-fn main() {}
+//! The `secretgate` binary: parse the command line, run it.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    secretgate::cli::run(secretgate::cli::Cli::parse())
+}

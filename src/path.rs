@@ -50,7 +50,9 @@ pub enum PathError {
     #[error("path segment {0} is '.' or '..'; relative segments are not allowed")]
     DotSegment(usize),
     /// A byte outside `[A-Za-z0-9._-]`.
-    #[error("path segment {segment} has a character that is not allowed ({found}); use A-Z a-z 0-9 . _ -")]
+    #[error(
+        "path segment {segment} has a character that is not allowed ({found}); use A-Z a-z 0-9 . _ -"
+    )]
     BadCharacter {
         /// 1-based segment number.
         segment: usize,
@@ -142,9 +144,8 @@ fn check_segment(segment: &str, n: usize) -> Result<(), PathError> {
     if segment == "." || segment == ".." {
         return Err(PathError::DotSegment(n));
     }
-    if let Some(c) = segment
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    if let Some(c) =
+        segment.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         let found = if c.is_ascii_graphic() || c == ' ' {
             format!("'{c}'")

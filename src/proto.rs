@@ -41,7 +41,8 @@ mod tests {
 
     #[test]
     fn debug_output_redacts_secret_values() {
-        let put = PutRequest { path: "/a".into(), value: b"hunter2".to_vec(), expected_version: None };
+        let put =
+            PutRequest { path: "/a".into(), value: b"hunter2".to_vec(), expected_version: None };
         let get = GetResponse { value: b"hunter2".to_vec(), ..Default::default() };
         for text in [format!("{put:?}"), format!("{get:?}")] {
             assert!(!text.contains("hunter2") && !text.contains("104, 117"), "{text}");

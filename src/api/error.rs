@@ -51,7 +51,9 @@ pub enum ApiError {
         version: u64,
     },
     /// Compare-and-set failed.
-    #[error("version conflict on {path}: expected version {expected}, current version is {current}")]
+    #[error(
+        "version conflict on {path}: expected version {expected}, current version is {current}"
+    )]
     Conflict {
         /// The secret.
         path: SecretPath,
@@ -79,9 +81,15 @@ impl ApiError {
     pub fn from_store(err: StoreError, path: &SecretPath) -> Self {
         match err {
             StoreError::NotFound => Self::NotFound(path.clone()),
-            StoreError::VersionNotFound(version) => Self::VersionNotFound { path: path.clone(), version },
-            StoreError::VersionDeleted(version) => Self::VersionDeleted { path: path.clone(), version },
-            StoreError::Conflict { expected, current } => Self::Conflict { path: path.clone(), expected, current },
+            StoreError::VersionNotFound(version) => {
+                Self::VersionNotFound { path: path.clone(), version }
+            }
+            StoreError::VersionDeleted(version) => {
+                Self::VersionDeleted { path: path.clone(), version }
+            }
+            StoreError::Conflict { expected, current } => {
+                Self::Conflict { path: path.clone(), expected, current }
+            }
             fault => {
                 tracing::warn!(%path, "store fault on this path");
                 Self::from_store_fault(fault)
@@ -138,7 +146,8 @@ mod tests {
         let status = Status::from(&err);
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("redb"), "{}", status.message());
-        let err = ApiError::from_store(StoreError::Unavailable("10.0.0.1:2379 refused".into()), &path);
+        let err =
+            ApiError::from_store(StoreError::Unavailable("10.0.0.1:2379 refused".into()), &path);
         assert!(!Status::from(&err).message().contains("10.0.0.1"));
     }
 

@@ -58,7 +58,11 @@ impl SecretsService {
 
     /// A write without a version guard is still compare-and-set underneath, so the version
     /// is known before the write; losing a race to another writer just means trying again.
-    async fn put_unconditional(&self, path: &SecretPath, value: &[u8]) -> Result<VersionInfo, StoreError> {
+    async fn put_unconditional(
+        &self,
+        path: &SecretPath,
+        value: &[u8],
+    ) -> Result<VersionInfo, StoreError> {
         for _ in 0..PUT_RETRIES {
             let current = self.store.current_version(path).await?;
             match self.store.put(path, current, value).await {
@@ -73,7 +77,8 @@ impl SecretsService {
     async fn get_secret(&self, req: v1::GetRequest) -> Result<v1::GetResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
         let version = req.version.filter(|v| *v != 0);
-        let mut entry = self.store.get(&path, version).await.map_err(|e| ApiError::from_store(e, &path))?;
+        let mut entry =
+            self.store.get(&path, version).await.map_err(|e| ApiError::from_store(e, &path))?;
         Ok(v1::GetResponse {
             path: path.as_str().to_owned(),
             value: std::mem::take(&mut *entry.value),
@@ -106,18 +111,27 @@ impl SecretsService {
                 Some(p)
             }
         };
-        let mut paths =
-            self.store.list(&prefix, after.as_ref(), size + 1).await.map_err(ApiError::from_store_fault)?;
+        let mut paths = self
+            .store
+            .list(&prefix, after.as_ref(), size + 1)
+            .await
+            .map_err(ApiError::from_store_fault)?;
         let more = paths.len() > size;
         paths.truncate(size);
         let next_page_token = match paths.last() {
             Some(last) if more => last.as_str().to_owned(),
             _ => String::new(),
         };
-        Ok(v1::ListResponse { paths: paths.into_iter().map(|p| p.as_str().to_owned()).collect(), next_page_token })
+        Ok(v1::ListResponse {
+            paths: paths.into_iter().map(|p| p.as_str().to_owned()).collect(),
+            next_page_token,
+        })
     }
 
-    async fn secret_versions(&self, req: v1::VersionsRequest) -> Result<v1::VersionsResponse, ApiError> {
+    async fn secret_versions(
+        &self,
+        req: v1::VersionsRequest,
+    ) -> Result<v1::VersionsResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
         let meta = self.store.versions(&path).await.map_err(|e| ApiError::from_store(e, &path))?;
         Ok(v1::VersionsResponse {
@@ -147,7 +161,12 @@ impl Call {
     fn new<T>(method: &'static str, req: &Request<T>, path: &str) -> Self {
         // Paths are attacker-controlled text: keep a bounded excerpt for the log.
         let path = path.chars().take(600).collect();
-        Self { method, conn: req.extensions().get::<ConnInfo>().cloned(), path, started: Instant::now() }
+        Self {
+            method,
+            conn: req.extensions().get::<ConnInfo>().cloned(),
+            path,
+            started: Instant::now(),
+        }
     }
 
     fn identity(&self) -> Result<(), ApiError> {
@@ -155,7 +174,8 @@ impl Call {
     }
 
     fn finish<T>(self, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
-        let principal = self.conn.as_ref().map(|c| c.identity.principal.to_string()).unwrap_or_default();
+        let principal =
+            self.conn.as_ref().map(|c| c.identity.principal.to_string()).unwrap_or_default();
         let peer = self.conn.as_ref().map(|c| c.peer_addr.to_string()).unwrap_or_default();
         let latency_us = self.started.elapsed().as_micros() as u64;
         match result {
@@ -188,11 +208,17 @@ macro_rules! rpc {
 
 #[tonic::async_trait]
 impl Secrets for SecretsService {
-    async fn put(&self, request: Request<v1::PutRequest>) -> Result<Response<v1::PutResponse>, Status> {
+    async fn put(
+        &self,
+        request: Request<v1::PutRequest>,
+    ) -> Result<Response<v1::PutResponse>, Status> {
         rpc!(self, "Put", request, put_secret, path)
     }
 
-    async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::GetResponse>, Status> {
+    async fn get(
+        &self,
+        request: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::GetResponse>, Status> {
         rpc!(self, "Get", request, get_secret, path)
     }
 
@@ -203,7 +229,10 @@ impl Secrets for SecretsService {
         rpc!(self, "Delete", request, delete_secret, path)
     }
 
-    async fn list(&self, request: Request<v1::ListRequest>) -> Result<Response<v1::ListResponse>, Status> {
+    async fn list(
+        &self,
+        request: Request<v1::ListRequest>,
+    ) -> Result<Response<v1::ListResponse>, Status> {
         rpc!(self, "List", request, list_secrets, prefix)
     }
 
@@ -216,5 +245,8 @@ impl Secrets for SecretsService {
 }
 
 fn timestamp(t: UnixMillis) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: (t.0 / 1000) as i64, nanos: ((t.0 % 1000) * 1_000_000) as i32 }
+    prost_types::Timestamp {
+        seconds: (t.0 / 1000) as i64,
+        nanos: ((t.0 % 1000) * 1_000_000) as i32,
+    }
 }

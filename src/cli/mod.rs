@@ -1,2 +1,165 @@
-//! CLI
-pub fn run() {}
+//! The `secretgate` command line: one file per command group.
+//!
+//! - `serve`, `dev` ([`serve`]): run a gateway;
+//! - `put`, `get`, `ls`, `rm`, `versions` ([`client`]): talk to one over mTLS.
+
+mod client;
+mod dev;
+mod serve;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use dev::{DevPki, ensure_dev_pki};
+
+/// secretgate: the mTLS gateway in front of your secrets store.
+#[derive(Debug, Parser)]
+#[command(name = "secretgate", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway with a configuration file.
+    Serve {
+        /// The configuration file (TOML).
+        #[arg(long, short, env = "SECRETGATE_CONFIG", default_value = "secretgate.toml")]
+        config: PathBuf,
+    },
+    /// Run a development gateway: creates a dev PKI in certs-dev/ and a config and store in
+    /// .secretgate-dev/ when missing, then serves on 127.0.0.1:7443.
+    Dev {
+        /// Address to listen on (default: the dev config's, 127.0.0.1:7443).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Directory holding certs-dev/ and .secretgate-dev/.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Write a new version of a secret.
+    Put {
+        /// Secret path, e.g. /payments/db/password.
+        path: String,
+        /// The value; `-` reads it from standard input. Prefer --file or `-`: a value on the
+        /// command line is visible to other local users and kept in shell history.
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long, conflicts_with = "value")]
+        file: Option<PathBuf>,
+        /// Compare-and-set: write only if the current version is N (0 = create only).
+        #[arg(long, value_name = "N")]
+        expected_version: Option<u64>,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+    /// Read a secret (its current version, or --version N).
+    Get {
+        /// Secret path.
+        path: String,
+        /// Version to read.
+        #[arg(long, value_name = "N")]
+        version: Option<u64>,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+    /// List live secrets at or below a prefix.
+    Ls {
+        /// Prefix, e.g. /payments (default: everything).
+        #[arg(default_value = "/")]
+        prefix: String,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+    /// Soft-delete the current version of a secret.
+    Rm {
+        /// Secret path.
+        path: String,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+    /// Show the kept versions of a secret.
+    Versions {
+        /// Secret path.
+        path: String,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+}
+
+/// How client commands reach a gateway. Defaults point at `secretgate dev`.
+#[derive(Debug, Clone, Args)]
+struct ClientArgs {
+    /// Gateway address (https://host:port or host:port).
+    #[arg(long, env = "SECRETGATE_ADDR", default_value = "https://127.0.0.1:7443")]
+    addr: String,
+    /// CA certificate (PEM) that signed the gateway's certificate.
+    #[arg(long, env = "SECRETGATE_CA", default_value = "certs-dev/ca.pem")]
+    ca: PathBuf,
+    /// Client certificate (PEM).
+    #[arg(long, env = "SECRETGATE_CERT", default_value = "certs-dev/admin.pem")]
+    cert: PathBuf,
+    /// Client private key (PEM).
+    #[arg(long, env = "SECRETGATE_KEY", default_value = "certs-dev/admin-key.pem")]
+    key: PathBuf,
+    /// Output format.
+    #[arg(long, short, env = "SECRETGATE_OUTPUT", value_enum, default_value_t = Output::Human)]
+    output: Output,
+    /// Seconds to wait for an answer.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Plain text for people.
+    Human,
+    /// One JSON object, for scripts.
+    Json,
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let server = matches!(cli.command, Command::Serve { .. } | Command::Dev { .. });
+    init_logging(if server { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { config } => serve::serve(&config).await,
+        Command::Dev { listen, dir } => serve::dev(&dir, listen).await,
+        Command::Put { path, value, file, expected_version, conn } => {
+            client::put(&conn, path, value, file, expected_version).await
+        }
+        Command::Get { path, version, conn } => client::get(&conn, path, version).await,
+        Command::Ls { prefix, conn } => client::ls(&conn, prefix).await,
+        Command::Rm { path, conn } => client::rm(&conn, path).await,
+        Command::Versions { path, conn } => client::versions(&conn, path).await,
+    }
+}
+
+fn init_logging(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("SECRETGATE_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

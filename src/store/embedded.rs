@@ -117,9 +117,10 @@ impl Store for EmbeddedStore {
             let meta = read_meta(&meta_table, &key)?.ok_or(StoreError::NotFound)?;
             let info = meta.readable(version)?;
             let values = txn.open_table(VALUES).map_err(backend)?;
-            let guard = values.get((key.as_str(), info.version)).map_err(backend)?.ok_or_else(
-                || StoreError::Corrupt(format!("value of {key} version {} missing", info.version)),
-            )?;
+            let guard =
+                values.get((key.as_str(), info.version)).map_err(backend)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("value of {key} version {} missing", info.version))
+                })?;
             let bytes = guard.value();
             let mut value = Zeroizing::new(Vec::with_capacity(bytes.len()));
             value.extend_from_slice(bytes);
@@ -234,7 +235,8 @@ fn read_meta(
 }
 
 fn decode_meta(key: &str, bytes: &[u8]) -> Result<SecretMeta, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("metadata of {key}: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("metadata of {key}: {e}")))
 }
 
 fn write_meta(

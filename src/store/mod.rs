@@ -30,7 +30,9 @@ pub use embedded::EmbeddedStore;
 pub const DEFAULT_MAX_VERSIONS: u32 = 10;
 
 /// A point in time with millisecond precision, as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct UnixMillis(pub u64);
 
@@ -159,25 +161,17 @@ impl SecretMeta {
         self.current_version = info.version;
         self.versions.insert(0, info);
         let keep = usize::try_from(keep.max(1)).unwrap_or(usize::MAX);
-        if self.versions.len() > keep {
-            self.versions.split_off(keep)
-        } else {
-            Vec::new()
-        }
+        if self.versions.len() > keep { self.versions.split_off(keep) } else { Vec::new() }
     }
 
     /// Finds the kept version `version`, or the current one for `None`, checking it is
     /// readable (exists and is not deleted).
     pub(crate) fn readable(&self, version: Option<u64>) -> Result<&VersionInfo, StoreError> {
         let wanted = version.unwrap_or(self.current_version);
-        let info = self
-            .versions
-            .iter()
-            .find(|v| v.version == wanted)
-            .ok_or(match version {
-                None => StoreError::NotFound,
-                Some(v) => StoreError::VersionNotFound(v),
-            })?;
+        let info = self.versions.iter().find(|v| v.version == wanted).ok_or(match version {
+            None => StoreError::NotFound,
+            Some(v) => StoreError::VersionNotFound(v),
+        })?;
         match (info.deleted, version) {
             (Some(_), None) => Err(StoreError::NotFound),
             (Some(_), Some(v)) => Err(StoreError::VersionDeleted(v)),

@@ -52,7 +52,9 @@ impl ClientCertVerifier for IdentityVerifier {
             Err(IdentityError::NotForClientAuth) => {
                 Err(Error::InvalidCertificate(CertificateError::InvalidPurpose))
             }
-            Err(e) => Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))),
+            Err(e) => {
+                Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))
+            }
         }
     }
 

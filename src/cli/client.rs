@@ -1,0 +1,211 @@
+//! Client commands: `put`, `get`, `ls`, `rm`, `versions`, over mTLS to a gateway.
+
+use std::{
+    io::{IsTerminal, Read, Write},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, anyhow, bail};
+use base64::Engine;
+use serde_json::json;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use zeroize::Zeroizing;
+
+use super::{ClientArgs, Output};
+use crate::proto::v1::{self, secrets_client::SecretsClient};
+
+/// Connects to the gateway with the client certificate from `args`.
+async fn connect(args: &ClientArgs) -> anyhow::Result<SecretsClient<Channel>> {
+    let addr = normalize_addr(&args.addr)?;
+    let ca = read(&args.ca, "CA certificate")?;
+    let cert = read(&args.cert, "client certificate")?;
+    let key = Zeroizing::new(read(&args.key, "client private key")?);
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key.as_slice()));
+    let channel = Endpoint::from_shared(addr.clone())
+        .with_context(|| format!("bad address {addr}"))?
+        .tls_config(tls)
+        .context("TLS configuration")?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(args.timeout))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    Ok(SecretsClient::new(channel))
+}
+
+fn normalize_addr(addr: &str) -> anyhow::Result<String> {
+    if addr.starts_with("http://") {
+        bail!("{addr}: plaintext http is not supported; secretgate speaks only mTLS (https://)");
+    }
+    Ok(if addr.starts_with("https://") { addr.to_owned() } else { format!("https://{addr}") })
+}
+
+fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| {
+        format!("cannot read {what} {} (run `secretgate dev` for a development PKI, or set --ca/--cert/--key)", path.display())
+    })
+}
+
+/// A failed RPC as a one-line error: code and the gateway's message, plus the transport
+/// cause when there is one (e.g. a TLS alert).
+fn rpc_error(status: tonic::Status) -> anyhow::Error {
+    use std::error::Error;
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut source = status.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    anyhow!(text)
+}
+
+pub(super) async fn put(
+    args: &ClientArgs,
+    path: String,
+    value: Option<String>,
+    file: Option<PathBuf>,
+    expected_version: Option<u64>,
+) -> anyhow::Result<()> {
+    let value = match (value, file) {
+        (Some(v), None) if v == "-" => {
+            let mut buf = Zeroizing::new(Vec::new());
+            std::io::stdin().read_to_end(&mut buf).context("reading the value from stdin")?;
+            buf
+        }
+        (Some(v), None) => Zeroizing::new(v.into_bytes()),
+        (None, Some(f)) => Zeroizing::new(read(&f, "value file")?),
+        _ => bail!("give the value as an argument, --file FILE, or - to read standard input"),
+    };
+    let mut client = connect(args).await?;
+    let req = v1::PutRequest { path: path.clone(), value: value.to_vec(), expected_version };
+    let resp = client.put(req).await.map_err(rpc_error)?.into_inner();
+    match args.output {
+        Output::Human => println!("wrote {path} version {}", resp.version),
+        Output::Json => print_json(&json!({
+            "path": path, "version": resp.version, "created_time": rfc3339(resp.created_time.as_ref()),
+        })),
+    }
+    Ok(())
+}
+
+pub(super) async fn get(
+    args: &ClientArgs,
+    path: String,
+    version: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut client = connect(args).await?;
+    let resp = client.get(v1::GetRequest { path, version }).await.map_err(rpc_error)?.into_inner();
+    let value = Zeroizing::new(resp.value.clone());
+    match args.output {
+        Output::Human => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&value)?;
+            // Exact bytes for pipes; a newline only for a person at a terminal.
+            if std::io::stdout().is_terminal() && !value.ends_with(b"\n") {
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+        }
+        Output::Json => {
+            let mut obj = json!({
+                "path": resp.path,
+                "version": resp.version,
+                "current_version": resp.current_version,
+                "created_time": rfc3339(resp.created_time.as_ref()),
+                "value_base64": base64::engine::general_purpose::STANDARD.encode(&value[..]),
+            });
+            if let Ok(text) = std::str::from_utf8(&value) {
+                obj["value"] = json!(text);
+            }
+            print_json(&obj);
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn ls(args: &ClientArgs, prefix: String) -> anyhow::Result<()> {
+    let mut client = connect(args).await?;
+    let mut paths = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = v1::ListRequest { prefix: prefix.clone(), page_size: 1000, page_token };
+        let resp = client.list(req).await.map_err(rpc_error)?.into_inner();
+        paths.extend(resp.paths);
+        if resp.next_page_token.is_empty() {
+            break;
+        }
+        page_token = resp.next_page_token;
+    }
+    match args.output {
+        Output::Human => paths.iter().for_each(|p| println!("{p}")),
+        Output::Json => print_json(&json!({ "prefix": prefix, "paths": paths })),
+    }
+    Ok(())
+}
+
+pub(super) async fn rm(args: &ClientArgs, path: String) -> anyhow::Result<()> {
+    let mut client = connect(args).await?;
+    let resp = client
+        .delete(v1::DeleteRequest { path: path.clone() })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    match args.output {
+        Output::Human => println!("deleted {path} version {}", resp.version),
+        Output::Json => print_json(&json!({
+            "path": path, "version": resp.version, "deleted_time": rfc3339(resp.deleted_time.as_ref()),
+        })),
+    }
+    Ok(())
+}
+
+pub(super) async fn versions(args: &ClientArgs, path: String) -> anyhow::Result<()> {
+    let mut client = connect(args).await?;
+    let resp = client
+        .versions(v1::VersionsRequest { path: path.clone() })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    match args.output {
+        Output::Human => {
+            println!("{:<8} {:<30} DELETED", "VERSION", "CREATED");
+            for v in &resp.versions {
+                let deleted = v.deleted_time.as_ref().map_or("-".into(), |t| rfc3339(Some(t)));
+                println!("{:<8} {:<30} {deleted}", v.version, rfc3339(v.created_time.as_ref()));
+            }
+        }
+        Output::Json => {
+            let versions: Vec<_> = resp
+                .versions
+                .iter()
+                .map(|v| {
+                    json!({
+                        "version": v.version,
+                        "created_time": rfc3339(v.created_time.as_ref()),
+                        "deleted_time": v.deleted_time.as_ref().map(|t| rfc3339(Some(t))),
+                    })
+                })
+                .collect();
+            print_json(
+                &json!({ "path": path, "current_version": resp.current_version, "versions": versions }),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+fn rfc3339(t: Option<&prost_types::Timestamp>) -> String {
+    let Some(t) = t else { return String::new() };
+    let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}

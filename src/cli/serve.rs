@@ -1,0 +1,59 @@
+//! `secretgate serve` and `secretgate dev`.
+
+use std::{net::SocketAddr, path::Path};
+
+use anyhow::Context;
+
+use super::dev::{ensure_dev_pki, write_file};
+use crate::{Config, Gateway};
+
+/// Runs a gateway from a configuration file until SIGINT/SIGTERM.
+pub(super) async fn serve(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    run(&config).await
+}
+
+/// Prepares the development PKI, config and store under `dir`, then serves.
+pub(super) async fn dev(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let (pki, created) = ensure_dev_pki(&dir.join("certs-dev"))?;
+    if created {
+        tracing::info!(dir = %pki.dir.display(), "wrote a new development PKI");
+    }
+    let state = dir.join(".secretgate-dev");
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    let config_path = state.join("secretgate.toml");
+    if !config_path.exists() {
+        write_file(&config_path, DEV_CONFIG.as_bytes(), 0o600)?;
+    }
+    let mut config = Config::load(&config_path)?;
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    eprintln!(
+        "secretgate dev: DEVELOPMENT MODE (throw-away PKI in {}, store in {})\n\
+         try:  secretgate put /demo/hello world && secretgate get /demo/hello",
+        pki.dir.display(),
+        config.store.path.display()
+    );
+    run(&config).await
+}
+
+async fn run(config: &Config) -> anyhow::Result<()> {
+    let gateway = Gateway::start(config).await?;
+    gateway.run_until_signal().await.context("waiting for a shutdown signal")?;
+    Ok(())
+}
+
+/// The configuration `secretgate dev` writes; paths are relative to `.secretgate-dev/`.
+const DEV_CONFIG: &str = r#"# Written by `secretgate dev`. Development only: the PKI in certs-dev/ is throw-away.
+listen = "127.0.0.1:7443"
+
+[tls]
+cert = "../certs-dev/server.pem"
+key = "../certs-dev/server-key.pem"
+client_ca = "../certs-dev/ca.pem"
+
+[store]
+backend = "embedded"
+path = "store.redb"
+"#;
