@@ -1,0 +1,46 @@
+//! The store conformance suite against the embedded (redb) backend.
+
+mod support;
+
+use std::sync::Arc;
+
+use secretgate::{EmbeddedStore, Store};
+use support::conformance::{MAX_VERSIONS, run_all};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = std::sync::atomic::AtomicUsize::new(0);
+    run_all(|| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.path().join(format!("store-{n}.redb"));
+        async move { Arc::new(EmbeddedStore::open(&path, MAX_VERSIONS).unwrap()) as Arc<dyn Store> }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn embedded_store_survives_reopen_and_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/store.redb");
+    let path_ = secretgate::SecretPath::parse("/persist").unwrap();
+    {
+        let s = EmbeddedStore::open(&path, 10).unwrap();
+        s.put(&path_, 0, b"kept").await.unwrap();
+    }
+    let s = EmbeddedStore::open(&path, 10).unwrap();
+    assert_eq!(s.get(&path_, None).await.unwrap().value.as_slice(), b"kept");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&dir.path().join("nested")), 0o700);
+}
+
+#[test]
+fn a_store_file_in_use_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let _first = EmbeddedStore::open(&path, 10).unwrap();
+    let err = EmbeddedStore::open(&path, 10).unwrap_err().to_string();
+    assert!(err.contains("store.redb"), "{err}");
+}

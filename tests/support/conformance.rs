@@ -1,0 +1,209 @@
+//! The store conformance suite: every `Store` backend must pass all of it. A backend's test
+//! calls [`run_all`] with a function that makes a fresh, empty store keeping
+//! [`MAX_VERSIONS`] versions per secret.
+
+use std::{collections::BTreeSet, future::Future, sync::Arc};
+
+use secretgate::{
+    PathPrefix, SecretPath, Store, StoreError,
+    store::{SecretMeta, VersionInfo},
+};
+
+/// Versions a conformance store must be configured to keep.
+pub const MAX_VERSIONS: u32 = 3;
+
+type BoxFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+type Case = (&'static str, fn(Arc<dyn Store>) -> BoxFuture);
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        &[$((stringify!($name), |s| Box::pin($name(s)))),*]
+    };
+}
+
+const CASES: &[Case] = cases![
+    put_then_get_round_trips,
+    versions_count_up_and_old_versions_stay_readable,
+    compare_and_set_create_only_and_conflicts,
+    concurrent_writers_exactly_one_wins,
+    only_the_newest_versions_are_kept,
+    delete_is_soft_and_idempotent,
+    missing_secrets_are_not_found,
+    list_is_segment_wise_sorted_and_paginated,
+    values_are_opaque_bytes,
+    paths_are_case_sensitive,
+];
+
+/// Runs every case, each on a fresh store from `make`.
+pub async fn run_all<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    for (name, case) in CASES {
+        eprintln!("conformance: {name}");
+        case(make().await).await;
+    }
+}
+
+fn p(s: &str) -> SecretPath {
+    SecretPath::parse(s).unwrap()
+}
+
+async fn put_then_get_round_trips(s: Arc<dyn Store>) {
+    let info = s.put(&p("/app/db"), 0, b"s3cret").await.unwrap();
+    assert_eq!(info.version, 1);
+    assert!(info.deleted.is_none());
+    let e = s.get(&p("/app/db"), None).await.unwrap();
+    assert_eq!((e.version, e.current_version, e.value.as_slice()), (1, 1, &b"s3cret"[..]));
+    assert_eq!(e.created, info.created);
+    assert_eq!(s.current_version(&p("/app/db")).await.unwrap(), 1);
+}
+
+async fn versions_count_up_and_old_versions_stay_readable(s: Arc<dyn Store>) {
+    for v in 1..=3u64 {
+        let info = s.put(&p("/a"), v - 1, format!("value-{v}").as_bytes()).await.unwrap();
+        assert_eq!(info.version, v);
+    }
+    let e = s.get(&p("/a"), Some(2)).await.unwrap();
+    assert_eq!((e.version, e.current_version, e.value.as_slice()), (2, 3, &b"value-2"[..]));
+    assert_eq!(s.get(&p("/a"), None).await.unwrap().value.as_slice(), b"value-3");
+    let meta = s.versions(&p("/a")).await.unwrap();
+    assert_eq!(meta.current_version, 3);
+    assert_eq!(meta.versions.iter().map(|v| v.version).collect::<Vec<_>>(), [3, 2, 1]);
+    assert!(meta.versions.windows(2).all(|w| w[0].created >= w[1].created));
+}
+
+async fn compare_and_set_create_only_and_conflicts(s: Arc<dyn Store>) {
+    s.put(&p("/c"), 0, b"one").await.unwrap();
+    assert!(matches!(
+        s.put(&p("/c"), 0, b"again").await,
+        Err(StoreError::Conflict { expected: 0, current: 1 })
+    ));
+    assert!(matches!(
+        s.put(&p("/c"), 7, b"future").await,
+        Err(StoreError::Conflict { expected: 7, current: 1 })
+    ));
+    assert!(matches!(
+        s.put(&p("/new"), 1, b"x").await,
+        Err(StoreError::Conflict { expected: 1, current: 0 })
+    ));
+    assert_eq!(s.put(&p("/c"), 1, b"two").await.unwrap().version, 2);
+    assert_eq!(s.get(&p("/c"), None).await.unwrap().value.as_slice(), b"two");
+}
+
+async fn concurrent_writers_exactly_one_wins(s: Arc<dyn Store>) {
+    for expected in 0..2u64 {
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let s = Arc::clone(&s);
+                tokio::spawn(async move {
+                    s.put(&p("/race"), expected, format!("w{i}").as_bytes()).await
+                })
+            })
+            .collect();
+        let mut wins = Vec::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            match t.await.unwrap() {
+                Ok(info) => wins.push((i, info.version)),
+                Err(StoreError::Conflict { expected: e, current }) => {
+                    assert_eq!((e, current), (expected, expected + 1));
+                }
+                Err(other) => panic!("unexpected error: {other}"),
+            }
+        }
+        assert_eq!(wins.len(), 1, "exactly one writer must win: {wins:?}");
+        let (winner, version) = wins[0];
+        assert_eq!(version, expected + 1);
+        let e = s.get(&p("/race"), None).await.unwrap();
+        assert_eq!(e.value.as_slice(), format!("w{winner}").as_bytes());
+    }
+}
+
+async fn only_the_newest_versions_are_kept(s: Arc<dyn Store>) {
+    for v in 1..=5u64 {
+        s.put(&p("/k"), v - 1, &[v as u8]).await.unwrap();
+    }
+    let meta = s.versions(&p("/k")).await.unwrap();
+    assert_eq!(meta.current_version, 5);
+    let kept: Vec<u64> = meta.versions.iter().map(|v| v.version).collect();
+    assert_eq!(kept.len(), MAX_VERSIONS as usize);
+    assert_eq!(kept, [5, 4, 3]);
+    assert!(matches!(s.get(&p("/k"), Some(1)).await, Err(StoreError::VersionNotFound(1))));
+    assert!(matches!(s.get(&p("/k"), Some(6)).await, Err(StoreError::VersionNotFound(6))));
+    assert_eq!(s.get(&p("/k"), Some(3)).await.unwrap().value.as_slice(), [3]);
+}
+
+async fn delete_is_soft_and_idempotent(s: Arc<dyn Store>) {
+    s.put(&p("/d"), 0, b"v1").await.unwrap();
+    let deleted = s.delete(&p("/d")).await.unwrap();
+    assert_eq!(deleted.version, 1);
+    assert!(deleted.deleted.is_some());
+    assert!(matches!(s.get(&p("/d"), None).await, Err(StoreError::NotFound)));
+    assert!(matches!(s.get(&p("/d"), Some(1)).await, Err(StoreError::VersionDeleted(1))));
+    let again = s.delete(&p("/d")).await.unwrap();
+    assert_eq!(again, deleted, "deleting twice changes nothing");
+    let meta: SecretMeta = s.versions(&p("/d")).await.unwrap();
+    assert!(!meta.is_live());
+    assert!(s.list(&PathPrefix::Root, None, 10).await.unwrap().is_empty());
+    // A deleted secret keeps its version counter: create-only fails, CAS on 1 works.
+    assert!(matches!(s.put(&p("/d"), 0, b"x").await, Err(StoreError::Conflict { current: 1, .. })));
+    let v2: VersionInfo = s.put(&p("/d"), 1, b"v2").await.unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(s.get(&p("/d"), None).await.unwrap().value.as_slice(), b"v2");
+    assert_eq!(s.list(&PathPrefix::Root, None, 10).await.unwrap(), [p("/d")]);
+}
+
+async fn missing_secrets_are_not_found(s: Arc<dyn Store>) {
+    assert!(matches!(s.get(&p("/none"), None).await, Err(StoreError::NotFound)));
+    assert!(matches!(s.get(&p("/none"), Some(1)).await, Err(StoreError::NotFound)));
+    assert!(matches!(s.delete(&p("/none")).await, Err(StoreError::NotFound)));
+    assert!(matches!(s.versions(&p("/none")).await, Err(StoreError::NotFound)));
+    assert_eq!(s.current_version(&p("/none")).await.unwrap(), 0);
+}
+
+async fn list_is_segment_wise_sorted_and_paginated(s: Arc<dyn Store>) {
+    let all = ["/app", "/app/a", "/app/b/c", "/app-x/y", "/app.d", "/apple", "/zz", "/app/gone"];
+    for path in all {
+        s.put(&p(path), 0, b"v").await.unwrap();
+    }
+    s.delete(&p("/app/gone")).await.unwrap();
+    let app = PathPrefix::parse("/app").unwrap();
+    assert_eq!(s.list(&app, None, 100).await.unwrap(), [p("/app"), p("/app/a"), p("/app/b/c")]);
+    let everything = s.list(&PathPrefix::Root, None, 100).await.unwrap();
+    let mut expected: Vec<SecretPath> =
+        all.iter().filter(|x| **x != "/app/gone").map(|x| p(x)).collect();
+    expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(everything, expected);
+    // Page through one at a time: every live path exactly once, in order.
+    let mut seen = Vec::new();
+    let mut after: Option<SecretPath> = None;
+    loop {
+        let page = s.list(&PathPrefix::Root, after.as_ref(), 2).await.unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last().cloned() else { break };
+        seen.extend(page);
+        after = Some(last);
+    }
+    assert_eq!(seen, expected);
+    let unique: BTreeSet<_> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len());
+    // Resuming after the prefix itself continues into its subtree.
+    assert_eq!(s.list(&app, Some(&p("/app")), 100).await.unwrap(), [p("/app/a"), p("/app/b/c")]);
+    assert!(s.list(&PathPrefix::parse("/nothing").unwrap(), None, 10).await.unwrap().is_empty());
+}
+
+async fn values_are_opaque_bytes(s: Arc<dyn Store>) {
+    let binary: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
+    s.put(&p("/bin"), 0, &binary).await.unwrap();
+    assert_eq!(s.get(&p("/bin"), None).await.unwrap().value.as_slice(), binary.as_slice());
+    s.put(&p("/empty"), 0, b"").await.unwrap();
+    assert!(s.get(&p("/empty"), None).await.unwrap().value.is_empty());
+}
+
+async fn paths_are_case_sensitive(s: Arc<dyn Store>) {
+    s.put(&p("/Case"), 0, b"upper").await.unwrap();
+    s.put(&p("/case"), 0, b"lower").await.unwrap();
+    assert_eq!(s.get(&p("/Case"), None).await.unwrap().value.as_slice(), b"upper");
+    assert_eq!(s.get(&p("/case"), None).await.unwrap().value.as_slice(), b"lower");
+}

@@ -1,0 +1,199 @@
+//! Shared helpers for integration tests: a throw-away PKI made with rcgen, a real gateway on
+//! a free loopback port, and real clients (tonic over TLS, or raw rustls for handshakes).
+
+#![allow(dead_code)]
+
+pub mod conformance;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use secretgate::{Config, Gateway, proto::v1::secrets_client::SecretsClient};
+use time::OffsetDateTime;
+use tokio::{io::AsyncReadExt, net::TcpStream};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Clone)]
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+}
+
+/// A test certificate authority.
+pub struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    pub cert_pem: String,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Self {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+        let cert_pem = issuer.pem();
+        Self { issuer, cert_pem }
+    }
+
+    /// Signs a certificate; `f` adjusts the parameters (SANs, EKUs, validity…).
+    pub fn issue(&self, f: impl FnOnce(&mut CertificateParams)) -> Pem {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.not_before = OffsetDateTime::now_utc() - time::Duration::hours(1);
+        p.not_after = OffsetDateTime::now_utc() + time::Duration::days(1);
+        f(&mut p);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        Pem { cert: cert.pem(), key: key.serialize_pem() }
+    }
+
+    pub fn server(&self) -> Pem {
+        self.issue(|p| {
+            p.subject_alt_names = vec![
+                SanType::DnsName("localhost".try_into().unwrap()),
+                SanType::IpAddress([127, 0, 0, 1].into()),
+            ];
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        })
+    }
+
+    /// A client certificate with one SPIFFE ID.
+    pub fn client(&self, spiffe: &str) -> Pem {
+        self.issue(|p| {
+            p.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        })
+    }
+}
+
+/// A gateway running in this process on 127.0.0.1 with a fresh PKI and store.
+pub struct TestGateway {
+    pub ca: Ca,
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+    gateway: Option<Gateway>,
+}
+
+impl TestGateway {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with a config adjusted by `f`.
+    pub async fn start_with(f: impl FnOnce(&mut Config)) -> Self {
+        let ca = Ca::new("test client and server CA");
+        let dir = tempfile::tempdir().unwrap();
+        let server = ca.server();
+        write(dir.path(), "server.pem", &server.cert);
+        write(dir.path(), "server-key.pem", &server.key);
+        write(dir.path(), "ca.pem", &ca.cert_pem);
+        let mut config = Config::default();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.tls.cert = dir.path().join("server.pem");
+        config.tls.key = dir.path().join("server-key.pem");
+        config.tls.client_ca = dir.path().join("ca.pem");
+        config.store.path = dir.path().join("store/secretgate.redb");
+        f(&mut config);
+        config.validate().unwrap();
+        let gateway = Gateway::start(&config).await.unwrap();
+        Self { ca, dir, config, gateway: Some(gateway) }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.gateway.as_ref().expect("gateway is running").local_addr()
+    }
+
+    /// Stops the gateway and starts a new one on the same config, store and port.
+    pub async fn restart(&mut self) {
+        let old = self.gateway.take().expect("gateway is running");
+        self.config.listen = old.local_addr();
+        old.shutdown().await;
+        self.gateway = Some(Gateway::start(&self.config).await.unwrap());
+    }
+
+    /// A gRPC client authenticated as `spiffe`.
+    pub async fn client(&self, spiffe: &str) -> SecretsClient<Channel> {
+        SecretsClient::new(self.channel(&self.ca.client(spiffe)).await.unwrap())
+    }
+
+    /// A TLS channel presenting `identity`.
+    pub async fn channel(&self, identity: &Pem) -> Result<Channel, tonic::transport::Error> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca.cert_pem))
+            .identity(Identity::from_pem(&identity.cert, &identity.key));
+        Endpoint::from_shared(format!("https://{}", self.addr()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+    }
+
+    /// Does a raw TLS handshake presenting `identity` (or none) and reports how the server
+    /// answered: `Ok` once it speaks HTTP/2 to us, `Err(text)` with the TLS alert otherwise.
+    pub async fn probe(&self, identity: Option<&Pem>, tls12: bool) -> Result<(), String> {
+        probe(self.addr(), &self.ca.cert_pem, identity, tls12).await
+    }
+}
+
+/// Raw TLS probe, see [`TestGateway::probe`].
+pub async fn probe(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: Option<&Pem>,
+    tls12: bool,
+) -> Result<(), String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+    let versions: &[&rustls::SupportedProtocolVersion] =
+        if tls12 { &[&rustls::version::TLS12] } else { &[&rustls::version::TLS13] };
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(id.cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(id.key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    // In TLS 1.3 the server judges the client certificate after the client has finished
+    // its side of the handshake, so a refusal arrives as an alert on the first read. An
+    // accepted client instead receives the server's HTTP/2 SETTINGS frame.
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+        Err(_) => Err("no answer within 10 s".into()),
+        Ok(Ok(0)) => Err("connection closed without an alert".into()),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
