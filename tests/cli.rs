@@ -1,0 +1,157 @@
+//! The CLI as a new user meets it: `secretgate dev` in one process, client commands in others.
+
+use std::{
+    io::Write,
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_secretgate");
+
+/// A `secretgate dev` child process, killed when dropped.
+struct DevGateway {
+    child: Child,
+    addr: String,
+}
+
+impl DevGateway {
+    fn start(dir: &Path) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(BIN)
+            .args(["dev", "--listen", &addr])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let gw = Self { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&gw.addr).is_err() {
+            assert!(Instant::now() < deadline, "secretgate dev did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gw
+    }
+
+    /// Runs a client command from `dir` (so the dev PKI defaults apply).
+    fn cli(&self, dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .current_dir(dir)
+            .env("SECRETGATE_ADDR", &self.addr)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(bytes) = stdin {
+            input.write_all(bytes).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for DevGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(o.status.success(), "command failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+#[test]
+fn new_user_puts_and_gets_a_secret_with_the_dev_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = DevGateway::start(dir.path());
+    for f in ["ca.pem", "admin.pem", "admin-key.pem", "app.pem", "app-key.pem", "server-key.pem"] {
+        assert!(dir.path().join("certs-dev").join(f).is_file(), "{f}");
+    }
+    assert!(dir.path().join(".secretgate-dev/secretgate.toml").is_file());
+
+    let put = gw.cli(dir.path(), &["put", "/demo/hello", "world"], None);
+    assert_eq!(stdout(&put), "wrote /demo/hello version 1\n");
+    let get = gw.cli(dir.path(), &["get", "/demo/hello"], None);
+    assert_eq!(stdout(&get), "world", "exact bytes when stdout is not a terminal");
+
+    let put = gw.cli(dir.path(), &["put", "/demo/piped", "-"], Some(b"from stdin\n"));
+    stdout(&put);
+    let json = gw.cli(dir.path(), &["get", "/demo/piped", "--output", "json"], None);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
+    assert_eq!(v["value"], "from stdin\n");
+    assert_eq!(v["version"], 1);
+
+    let ls = gw.cli(dir.path(), &["ls", "/demo"], None);
+    assert_eq!(stdout(&ls), "/demo/hello\n/demo/piped\n");
+    let rm = gw.cli(dir.path(), &["rm", "/demo/hello"], None);
+    assert_eq!(stdout(&rm), "deleted /demo/hello version 1\n");
+    let versions = gw.cli(dir.path(), &["versions", "/demo/hello", "-o", "json"], None);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&versions)).unwrap();
+    assert!(v["versions"][0]["deleted_time"].is_string(), "{v}");
+
+    let missing = gw.cli(dir.path(), &["get", "/demo/hello"], None);
+    assert_eq!(missing.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("NotFound") && err.contains("/demo/hello"), "{err}");
+
+    let bad = gw.cli(dir.path(), &["put", "/demo/../etc", "x"], None);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("InvalidArgument"));
+
+    // The second dev identity works too.
+    let app = gw.cli(
+        dir.path(),
+        &["get", "/demo/piped", "--cert", "certs-dev/app.pem", "--key", "certs-dev/app-key.pem"],
+        None,
+    );
+    assert_eq!(stdout(&app), "from stdin\n");
+}
+
+#[test]
+fn client_errors_are_clear_when_the_pki_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["get", "/x", "--addr", "127.0.0.1:1"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certs-dev/ca.pem") && err.contains("secretgate dev"), "{err}");
+}
+
+#[test]
+fn plaintext_addresses_are_refused() {
+    let out =
+        Command::new(BIN).args(["get", "/x", "--addr", "http://127.0.0.1:7443"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plaintext"));
+}
+
+#[test]
+fn serve_with_a_broken_config_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nmax_versions = 0\n[tls]\ncert='a'\nkey='b'\nclient_ca='c'\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["serve", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("limits.max_versions"), "{err}");
+    let missing_tls = dir.path().join("tls.toml");
+    std::fs::write(&missing_tls, "[tls]\ncert='nope.pem'\nkey='b'\nclient_ca='c'\n").unwrap();
+    let out = Command::new(BIN).args(["serve", "--config"]).arg(&missing_tls).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nope.pem") && err.contains("server certificate"), "{err}");
+}
