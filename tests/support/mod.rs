@@ -99,8 +99,7 @@ impl TestGateway {
         write(dir.path(), "server.pem", &server.cert);
         write(dir.path(), "server-key.pem", &server.key);
         write(dir.path(), "ca.pem", &ca.cert_pem);
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
+        let mut config = Config { listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
         config.tls.cert = dir.path().join("server.pem");
         config.tls.key = dir.path().join("server-key.pem");
         config.tls.client_ca = dir.path().join("ca.pem");
