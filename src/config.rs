@@ -74,7 +74,8 @@ pub struct Limits {
     pub max_versions: u32,
     /// Simultaneous client connections (including handshakes in progress). Default 1024.
     pub max_connections: u32,
-    /// Seconds a request may take before it is cancelled with DEADLINE_EXCEEDED. Default 30.
+    /// Seconds a request may take before the gateway cancels it (CANCELLED, "Timeout expired").
+    /// Default 30.
     pub request_timeout_secs: u64,
 }
 

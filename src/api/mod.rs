@@ -49,10 +49,13 @@ impl SecretsService {
             return Err(ApiError::ValueTooLarge { size: value.len(), limit: self.max_value_bytes });
         }
         let info = match req.expected_version {
-            Some(expected) => self.store.put(&path, expected, &value).await,
-            None => self.put_unconditional(&path, &value).await,
-        }
-        .map_err(|e| ApiError::from_store(e, &path))?;
+            Some(expected) => self
+                .store
+                .put(&path, expected, &value)
+                .await
+                .map_err(|e| ApiError::from_store(e, &path))?,
+            None => self.put_unconditional(&path, &value).await?,
+        };
         Ok(v1::PutResponse { version: info.version, created_time: Some(timestamp(info.created)) })
     }
 
@@ -62,16 +65,16 @@ impl SecretsService {
         &self,
         path: &SecretPath,
         value: &[u8],
-    ) -> Result<VersionInfo, StoreError> {
+    ) -> Result<VersionInfo, ApiError> {
+        let store_err = |e| ApiError::from_store(e, path);
         for _ in 0..PUT_RETRIES {
-            let current = self.store.current_version(path).await?;
+            let current = self.store.current_version(path).await.map_err(store_err)?;
             match self.store.put(path, current, value).await {
                 Err(StoreError::Conflict { .. }) => continue,
-                other => return other,
+                other => return other.map_err(store_err),
             }
         }
-        let current = self.store.current_version(path).await?;
-        Err(StoreError::Conflict { expected: current, current })
+        Err(ApiError::Contended(path.clone()))
     }
 
     async fn get_secret(&self, req: v1::GetRequest) -> Result<v1::GetResponse, ApiError> {

@@ -15,6 +15,9 @@ use zeroize::Zeroizing;
 use super::{ClientArgs, Output};
 use crate::proto::v1::{self, secrets_client::SecretsClient};
 
+/// Largest response the CLI accepts.
+const MAX_RESPONSE_BYTES: usize = 17 << 20;
+
 /// Connects to the gateway with the client certificate from `args`.
 async fn connect(args: &ClientArgs) -> anyhow::Result<SecretsClient<Channel>> {
     let addr = normalize_addr(&args.addr)?;
@@ -33,7 +36,8 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<SecretsClient<Channel>> {
         .connect()
         .await
         .with_context(|| format!("cannot connect to {addr}"))?;
-    Ok(SecretsClient::new(channel))
+    // Values may be up to 16 MiB (the largest `limits.max_value_bytes`), above tonic's 4 MiB.
+    Ok(SecretsClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 
 fn normalize_addr(addr: &str) -> anyhow::Result<String> {

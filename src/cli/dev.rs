@@ -72,7 +72,7 @@ pub fn ensure_dev_pki(dir: &Path) -> anyhow::Result<(DevPki, bool)> {
     if pki.is_usable() {
         return Ok((pki, false));
     }
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    create_private_dir(dir)?;
     let now = OffsetDateTime::now_utc();
     let validity = |p: &mut CertificateParams| {
         p.not_before = now - Duration::hours(1);
@@ -116,6 +116,14 @@ fn write_pair(pki: &DevPki, stem: &str, cert_pem: &str, key_pem: &str) -> anyhow
     write_file(&pki.cert(stem), cert_pem.as_bytes(), 0o644)?;
     let key_pem = zeroize::Zeroizing::new(key_pem.to_owned());
     write_file(&pki.key(stem), key_pem.as_bytes(), 0o600)
+}
+
+/// Creates `dir` (and parents) if needed and makes it private to the owner (0700).
+pub(super) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 700 {}", dir.display()))
 }
 
 /// Writes `bytes` to `path` through a fresh file created with `mode`, then renames it into

@@ -20,7 +20,7 @@ pub(super) async fn dev(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Resul
         tracing::info!(dir = %pki.dir.display(), "wrote a new development PKI");
     }
     let state = dir.join(".secretgate-dev");
-    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    super::dev::create_private_dir(&state)?;
     let config_path = state.join("secretgate.toml");
     if !config_path.exists() {
         write_file(&config_path, DEV_CONFIG.as_bytes(), 0o600)?;
