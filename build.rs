@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("secretgate_descriptor.bin"))
         .skip_debug([".secretgate.v1.PutRequest", ".secretgate.v1.GetResponse"])
-        .compile_protos(&["proto/secretgate/v1/secrets.proto"], &["proto"])?;
+        .compile_protos(
+            &["proto/secretgate/v1/secrets.proto", "proto/secretgate/v1/admin.proto"],
+            &["proto"],
+        )?;
     Ok(())
 }

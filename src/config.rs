@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 /// Environment variables with the `SECRETGATE_` prefix that belong to the CLI, not to the
 /// server configuration.
-const CLIENT_VARS: &[&str] = &["ADDR", "CA", "CERT", "KEY", "CONFIG", "LOG", "OUTPUT"];
+const CLIENT_VARS: &[&str] = &["ADDR", "CA", "CERT", "KEY", "CONFIG", "LOG", "OUTPUT", "KEYRING"];
 
 /// Largest `limits.max_value_bytes` accepted (16 MiB).
 pub const MAX_VALUE_LIMIT: u64 = 16 << 20;
@@ -34,6 +34,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Where secrets are kept.
     pub store: StoreConfig,
+    /// The keyring that seals secret values.
+    pub crypto: CryptoConfig,
     /// Sizes, counts and timeouts.
     pub limits: Limits,
 }
@@ -62,6 +64,17 @@ pub struct StoreConfig {
     pub backend: String,
     /// File of the embedded store. Default `data/secretgate.redb`.
     pub path: PathBuf,
+}
+
+/// `[crypto]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CryptoConfig {
+    /// The keyring file (mode 0600; see `secretgate keys init`). Default `keyring.toml`.
+    pub keyring: PathBuf,
+    /// Seconds between checks of the keyring file for changes (also reloaded on SIGHUP).
+    /// Default 2.
+    pub reload_interval_secs: u64,
 }
 
 /// `[limits]`
@@ -122,8 +135,15 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
             tls: TlsConfig::default(),
             store: StoreConfig::default(),
+            crypto: CryptoConfig::default(),
             limits: Limits::default(),
         }
+    }
+}
+
+impl Default for CryptoConfig {
+    fn default() -> Self {
+        Self { keyring: PathBuf::from("keyring.toml"), reload_interval_secs: 2 }
     }
 }
 
@@ -214,9 +234,13 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        for p in
-            [&mut self.tls.cert, &mut self.tls.key, &mut self.tls.client_ca, &mut self.store.path]
-        {
+        for p in [
+            &mut self.tls.cert,
+            &mut self.tls.key,
+            &mut self.tls.client_ca,
+            &mut self.store.path,
+            &mut self.crypto.keyring,
+        ] {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -248,6 +272,12 @@ impl Config {
         if self.store.path.as_os_str().is_empty() {
             return invalid("store.path", "is required for the embedded store");
         }
+        if self.crypto.keyring.as_os_str().is_empty() {
+            return invalid("crypto.keyring", "is required (the keyring file path)");
+        }
+        if !(1..=3600).contains(&self.crypto.reload_interval_secs) {
+            return invalid("crypto.reload_interval_secs", "must be between 1 and 3600");
+        }
         if !(1..=MAX_VALUE_LIMIT).contains(&self.limits.max_value_bytes) {
             return invalid("limits.max_value_bytes", "must be between 1 and 16777216");
         }
@@ -268,6 +298,13 @@ impl TlsConfig {
     /// The handshake timeout as a `Duration`.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
+    }
+}
+
+impl CryptoConfig {
+    /// The reload interval as a `Duration`.
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_secs(self.reload_interval_secs)
     }
 }
 
@@ -347,6 +384,7 @@ mod tests {
         assert_eq!(c.tls.cert, Path::new("/etc/sg/server.pem"));
         assert_eq!(c.tls.client_ca, Path::new("/etc/ca.pem"));
         assert_eq!(c.store.path, Path::new("/etc/sg/data/secretgate.redb"));
+        assert_eq!(c.crypto.keyring, Path::new("/etc/sg/keyring.toml"));
         assert_eq!(c.limits, Limits::default());
         assert_eq!(c.tls.handshake_timeout(), Duration::from_secs(10));
     }

@@ -13,9 +13,11 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod identity;
 pub mod path;
 pub mod proto;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -10,9 +10,14 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Server;
 
 use crate::{
-    api::SecretsService,
+    api::{AdminService, SecretsService},
     config::Config,
-    proto::{FILE_DESCRIPTOR_SET, v1::secrets_server::SecretsServer},
+    crypto::{Keyring, KeyringError, KeyringHandle},
+    proto::{
+        FILE_DESCRIPTOR_SET,
+        v1::{admin_server::AdminServer, secrets_server::SecretsServer},
+    },
+    reload::Reloadable,
     store::{EmbeddedStore, Store, StoreError},
     tls::{self, TlsError, TlsIncoming},
 };
@@ -28,6 +33,9 @@ pub enum StartError {
     /// The TLS files are missing or unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The keyring cannot be loaded.
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
     /// The store cannot be opened.
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
@@ -46,12 +54,14 @@ pub struct Gateway {
     addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    watchers: Vec<JoinHandle<()>>,
 }
 
 impl Gateway {
     /// Starts serving according to `config`.
     pub async fn start(config: &Config) -> Result<Self, StartError> {
         let tls = tls::server_config(&config.tls)?;
+        let keys = load_keyring(config)?;
         let store: Arc<dyn Store> =
             Arc::new(EmbeddedStore::open(&config.store.path, config.limits.max_versions)?);
         let listener = TcpListener::bind(config.listen)
@@ -68,23 +78,34 @@ impl Gateway {
         );
 
         let max_message = config.limits.max_value_bytes as usize + REQUEST_OVERHEAD_BYTES;
-        let secrets = SecretsServer::new(SecretsService::new(store, config.limits.max_value_bytes))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
+        let secrets = SecretsServer::new(SecretsService::new(
+            Arc::clone(&store),
+            keys.clone(),
+            config.limits.max_value_bytes,
+        ))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        let admin = AdminServer::new(AdminService::new(store, keys.clone()));
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<SecretsServer<SecretsService>>().await;
+        health_reporter.set_serving::<AdminServer<AdminService>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| TlsError::Rustls(format!("reflection descriptors: {e}")))?;
 
+        let keyring_watcher =
+            keys.watch(config.crypto.reload_interval(), Keyring::load, |r: &Keyring| {
+                format!("{} (primary {})", r.version(), r.primary().id)
+            });
         let (tx, rx) = oneshot::channel::<()>();
         let router = Server::builder()
             .timeout(config.limits.request_timeout())
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(secrets)
+            .add_service(admin)
             .add_service(health)
             .add_service(reflection);
         let task = tokio::spawn(async move {
@@ -95,7 +116,7 @@ impl Gateway {
                 .await
         });
         tracing::info!(%addr, store = %config.store.path.display(), "secretgate serving");
-        Ok(Self { addr, shutdown: Some(tx), task })
+        Ok(Self { addr, shutdown: Some(tx), task, watchers: vec![keyring_watcher] })
     }
 
     /// The address the gateway listens on.
@@ -106,6 +127,9 @@ impl Gateway {
     /// Stops accepting, lets open requests finish (up to a grace period) and releases the
     /// store.
     pub async fn shutdown(mut self) {
+        for w in self.watchers.drain(..) {
+            w.abort();
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -132,4 +156,12 @@ impl Gateway {
         self.shutdown().await;
         Ok(())
     }
+}
+
+/// Loads the keyring (watched for changes once the gateway is up).
+fn load_keyring(config: &Config) -> Result<KeyringHandle, StartError> {
+    let path = &config.crypto.keyring;
+    let ring = Keyring::load(path)?;
+    tracing::info!(keyring = %path.display(), version = ring.version(), primary = %ring.primary().id, "keyring loaded");
+    Ok(Reloadable::new(ring, path, "keyring"))
 }

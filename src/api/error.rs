@@ -65,6 +65,19 @@ pub enum ApiError {
     /// An unconditional write kept losing races with other writers.
     #[error("secret {0} is being written concurrently; retry")]
     Contended(SecretPath),
+    /// The stored value does not decrypt: altered, moved, or its key is gone.
+    #[error(
+        "stored value of {path} version {version} cannot be decrypted; it was altered or its key is unavailable"
+    )]
+    Undecryptable {
+        /// The secret.
+        path: SecretPath,
+        /// The version read.
+        version: u64,
+    },
+    /// Another rewrap is already running on this gateway.
+    #[error("a rewrap is already running on this gateway")]
+    RewrapRunning,
     /// The store cannot answer now.
     #[error("secret store unavailable")]
     Unavailable,
@@ -121,7 +134,8 @@ impl ApiError {
             Self::NotFound(_) | Self::VersionNotFound { .. } | Self::VersionDeleted { .. } => {
                 Code::NotFound
             }
-            Self::Conflict { .. } => Code::FailedPrecondition,
+            Self::Conflict { .. } | Self::RewrapRunning => Code::FailedPrecondition,
+            Self::Undecryptable { .. } => Code::DataLoss,
             Self::Contended(_) => Code::Aborted,
             Self::Unavailable => Code::Unavailable,
             Self::Internal | Self::NoIdentity => Code::Internal,

@@ -6,6 +6,7 @@
 //! returns `Result`, so a request that fails one never reaches the next. Every error leaves
 //! through [`ApiError`] and its single mapping to `tonic::Status`.
 
+mod admin;
 mod error;
 
 use std::{sync::Arc, time::Instant};
@@ -13,9 +14,11 @@ use std::{sync::Arc, time::Instant};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
+pub use admin::AdminService;
 pub use error::ApiError;
 
 use crate::{
+    crypto::{self, KeyringHandle},
     path::{PathPrefix, SecretPath},
     proto::v1::{self, secrets_server::Secrets},
     store::{Store, StoreError, UnixMillis, VersionInfo},
@@ -33,13 +36,23 @@ const PUT_RETRIES: usize = 16;
 #[derive(Clone)]
 pub struct SecretsService {
     store: Arc<dyn Store>,
+    keys: KeyringHandle,
     max_value_bytes: u64,
 }
 
 impl SecretsService {
-    /// A service over `store` that refuses values larger than `max_value_bytes`.
-    pub fn new(store: Arc<dyn Store>, max_value_bytes: u64) -> Self {
-        Self { store, max_value_bytes }
+    /// A service over `store`, sealing values with `keys`, refusing values larger than
+    /// `max_value_bytes`.
+    pub fn new(store: Arc<dyn Store>, keys: KeyringHandle, max_value_bytes: u64) -> Self {
+        Self { store, keys, max_value_bytes }
+    }
+
+    /// Seals `value` for `path` at `version` under the primary key in force.
+    fn seal(&self, path: &SecretPath, version: u64, value: &[u8]) -> Result<Vec<u8>, ApiError> {
+        crypto::seal(self.keys.current().primary(), path, version, value).map_err(|e| {
+            tracing::error!(%path, version, error = %e, "cannot seal a value");
+            ApiError::Internal
+        })
     }
 
     async fn put_secret(&self, req: v1::PutRequest) -> Result<v1::PutResponse, ApiError> {
@@ -49,11 +62,13 @@ impl SecretsService {
             return Err(ApiError::ValueTooLarge { size: value.len(), limit: self.max_value_bytes });
         }
         let info = match req.expected_version {
-            Some(expected) => self
-                .store
-                .put(&path, expected, &value)
-                .await
-                .map_err(|e| ApiError::from_store(e, &path))?,
+            Some(expected) => {
+                let sealed = self.seal(&path, expected.saturating_add(1), &value)?;
+                self.store
+                    .put(&path, expected, &sealed)
+                    .await
+                    .map_err(|e| ApiError::from_store(e, &path))?
+            }
             None => self.put_unconditional(&path, &value).await?,
         };
         Ok(v1::PutResponse { version: info.version, created_time: Some(timestamp(info.created)) })
@@ -69,7 +84,8 @@ impl SecretsService {
         let store_err = |e| ApiError::from_store(e, path);
         for _ in 0..PUT_RETRIES {
             let current = self.store.current_version(path).await.map_err(store_err)?;
-            match self.store.put(path, current, value).await {
+            let sealed = self.seal(path, current + 1, value)?;
+            match self.store.put(path, current, &sealed).await {
                 Err(StoreError::Conflict { .. }) => continue,
                 other => return other.map_err(store_err),
             }
@@ -80,11 +96,16 @@ impl SecretsService {
     async fn get_secret(&self, req: v1::GetRequest) -> Result<v1::GetResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
         let version = req.version.filter(|v| *v != 0);
-        let mut entry =
+        let entry =
             self.store.get(&path, version).await.map_err(|e| ApiError::from_store(e, &path))?;
+        let mut value = crypto::open(&self.keys.current(), &path, entry.version, &entry.value)
+            .map_err(|e| {
+                tracing::error!(%path, version = entry.version, error = %e, "stored value does not open");
+                ApiError::Undecryptable { path: path.clone(), version: entry.version }
+            })?;
         Ok(v1::GetResponse {
             path: path.as_str().to_owned(),
-            value: std::mem::take(&mut *entry.value),
+            value: std::mem::take(&mut *value),
             version: entry.version,
             created_time: Some(timestamp(entry.created)),
             current_version: entry.current_version,
@@ -153,7 +174,7 @@ impl SecretsService {
 }
 
 /// Per-request context: who, what, when — for the log line every request ends with.
-struct Call {
+pub(crate) struct Call {
     method: &'static str,
     conn: Option<ConnInfo>,
     path: String,

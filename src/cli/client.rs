@@ -18,8 +18,14 @@ use crate::proto::v1::{self, secrets_client::SecretsClient};
 /// Largest response the CLI accepts.
 const MAX_RESPONSE_BYTES: usize = 17 << 20;
 
-/// Connects to the gateway with the client certificate from `args`.
+/// Connects to the gateway's `Secrets` service.
 async fn connect(args: &ClientArgs) -> anyhow::Result<SecretsClient<Channel>> {
+    // Values may be up to 16 MiB (the largest `limits.max_value_bytes`), above tonic's 4 MiB.
+    Ok(SecretsClient::new(channel(args).await?).max_decoding_message_size(MAX_RESPONSE_BYTES))
+}
+
+/// Opens a channel to the gateway with the client certificate from `args`.
+pub(super) async fn channel(args: &ClientArgs) -> anyhow::Result<Channel> {
     let addr = normalize_addr(&args.addr)?;
     let ca = read(&args.ca, "CA certificate")?;
     let cert = read(&args.cert, "client certificate")?;
@@ -36,8 +42,7 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<SecretsClient<Channel>> {
         .connect()
         .await
         .with_context(|| format!("cannot connect to {addr}"))?;
-    // Values may be up to 16 MiB (the largest `limits.max_value_bytes`), above tonic's 4 MiB.
-    Ok(SecretsClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
+    Ok(channel)
 }
 
 fn normalize_addr(addr: &str) -> anyhow::Result<String> {
@@ -55,7 +60,7 @@ fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
 
 /// A failed RPC as a one-line error: code and the gateway's message, plus the transport
 /// cause when there is one (e.g. a TLS alert).
-fn rpc_error(status: tonic::Status) -> anyhow::Error {
+pub(super) fn rpc_error(status: tonic::Status) -> anyhow::Error {
     use std::error::Error;
     let mut text = format!("{:?}: {}", status.code(), status.message());
     let mut source = status.source();

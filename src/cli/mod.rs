@@ -1,10 +1,12 @@
 //! The `secretgate` command line: one file per command group.
 //!
 //! - `serve`, `dev` ([`serve`]): run a gateway;
-//! - `put`, `get`, `ls`, `rm`, `versions` ([`client`]): talk to one over mTLS.
+//! - `put`, `get`, `ls`, `rm`, `versions` ([`client`]): talk to one over mTLS;
+//! - `keys …` ([`keys`]): the key rotation lifecycle.
 
 mod client;
 mod dev;
+mod keys;
 mod serve;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
@@ -87,6 +89,19 @@ enum Command {
         #[command(flatten)]
         conn: ClientArgs,
     },
+    /// Manage encryption keys: init, add, promote, status, rewrap, retire.
+    Keys {
+        /// The keyring file.
+        #[arg(
+            long,
+            global = true,
+            env = "SECRETGATE_KEYRING",
+            default_value = ".secretgate-dev/keyring.toml"
+        )]
+        keyring: PathBuf,
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
 }
 
 /// How client commands reach a gateway. Defaults point at `secretgate dev`.
@@ -151,6 +166,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Ls { prefix, conn } => client::ls(&conn, prefix).await,
         Command::Rm { path, conn } => client::rm(&conn, path).await,
         Command::Versions { path, conn } => client::versions(&conn, path).await,
+        Command::Keys { keyring, command } => keys::run(&keyring, command).await,
     }
 }
 

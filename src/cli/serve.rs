@@ -26,6 +26,11 @@ pub(super) async fn dev(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Resul
         write_file(&config_path, DEV_CONFIG.as_bytes(), 0o600)?;
     }
     let mut config = Config::load(&config_path)?;
+    if !config.crypto.keyring.exists() {
+        let ring = crate::crypto::Keyring::generate()?;
+        ring.save(&config.crypto.keyring)?;
+        tracing::info!(keyring = %config.crypto.keyring.display(), primary = %ring.primary().id, "wrote a new development keyring");
+    }
     if let Some(listen) = listen {
         config.listen = listen;
     }
@@ -56,4 +61,7 @@ client_ca = "../certs-dev/ca.pem"
 [store]
 backend = "embedded"
 path = "store.redb"
+
+[crypto]
+keyring = "keyring.toml"
 "#;

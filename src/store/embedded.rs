@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use zeroize::Zeroizing;
 
-use super::{Entry, SecretMeta, Store, StoreError, UnixMillis, VersionInfo};
+use super::{Entry, Record, SecretMeta, Store, StoreError, UnixMillis, VersionInfo};
 use crate::path::{PathPrefix, SecretPath};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -219,6 +219,70 @@ impl Store for EmbeddedStore {
             let txn = db.begin_read().map_err(backend)?;
             let meta = txn.open_table(META).map_err(backend)?;
             read_meta(&meta, &key)?.ok_or(StoreError::NotFound)
+        })
+        .await
+    }
+
+    async fn scan(
+        &self,
+        after: Option<(&SecretPath, u64)>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        let after = after.map(|(p, v)| (p.as_str().to_owned(), v));
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let values = txn.open_table(VALUES).map_err(backend)?;
+            let range = match &after {
+                Some((p, v)) => values.range((p.as_str(), *v)..).map_err(backend)?,
+                None => values.range::<(&str, u64)>(..).map_err(backend)?,
+            };
+            let mut out = Vec::new();
+            for item in range {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item.map_err(backend)?;
+                let (path, version) = k.value();
+                if after.as_ref().is_some_and(|(p, av)| p == path && *av == version) {
+                    continue;
+                }
+                let path = SecretPath::parse(path)
+                    .map_err(|e| StoreError::Corrupt(format!("stored path {path:?}: {e}")))?;
+                let bytes = v.value();
+                let mut value = Zeroizing::new(Vec::with_capacity(bytes.len()));
+                value.extend_from_slice(bytes);
+                out.push(Record { path, version, value });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn replace(
+        &self,
+        path: &SecretPath,
+        version: u64,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        let key = path.as_str().to_owned();
+        let old = Zeroizing::new(old.to_vec());
+        let new = Zeroizing::new(new.to_vec());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut values = txn.open_table(VALUES).map_err(backend)?;
+                let same = values
+                    .get((key.as_str(), version))
+                    .map_err(backend)?
+                    .is_some_and(|v| v.value() == old.as_slice());
+                if !same {
+                    return Ok(false);
+                }
+                values.insert((key.as_str(), version), new.as_slice()).map_err(backend)?;
+            }
+            txn.commit().map_err(backend)?;
+            Ok(true)
         })
         .await
     }

@@ -68,6 +68,16 @@ pub struct Entry {
     pub value: Zeroizing<Vec<u8>>,
 }
 
+/// One stored version of one secret, as raw bytes: what key rotation walks over.
+pub struct Record {
+    /// The secret.
+    pub path: SecretPath,
+    /// The version.
+    pub version: u64,
+    /// The stored bytes (an envelope).
+    pub value: Zeroizing<Vec<u8>>,
+}
+
 /// Why a store operation failed. `Display` texts may carry backend detail for the internal
 /// log; they never contain a stored value.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +143,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// The secret's metadata, deleted or not. `NotFound` only if it never existed.
     async fn versions(&self, path: &SecretPath) -> Result<SecretMeta, StoreError>;
+
+    /// Up to `limit` stored versions of all secrets, live or deleted, in (path, version)
+    /// order, strictly after `after` when given.
+    async fn scan(
+        &self,
+        after: Option<(&SecretPath, u64)>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError>;
+
+    /// Replaces the stored bytes of one kept version, only if they are still exactly `old`
+    /// (compare-and-set on the value). Returns `false`, changing nothing, if they differ or
+    /// the version is gone. Versions, times and the current version are unchanged.
+    async fn replace(
+        &self,
+        path: &SecretPath,
+        version: u64,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, StoreError>;
 }
 
 impl UnixMillis {

@@ -32,6 +32,8 @@ const CASES: &[Case] = cases![
     list_is_segment_wise_sorted_and_paginated,
     values_are_opaque_bytes,
     paths_are_case_sensitive,
+    scan_walks_every_kept_version_in_order,
+    replace_is_compare_and_set_on_the_value,
 ];
 
 /// Runs every case, each on a fresh store from `make`.
@@ -206,4 +208,44 @@ async fn paths_are_case_sensitive(s: Arc<dyn Store>) {
     s.put(&p("/case"), 0, b"lower").await.unwrap();
     assert_eq!(s.get(&p("/Case"), None).await.unwrap().value.as_slice(), b"upper");
     assert_eq!(s.get(&p("/case"), None).await.unwrap().value.as_slice(), b"lower");
+}
+
+async fn scan_walks_every_kept_version_in_order(s: Arc<dyn Store>) {
+    for v in 1..=4u64 {
+        s.put(&p("/b"), v - 1, format!("b{v}").as_bytes()).await.unwrap();
+    }
+    s.put(&p("/a"), 0, b"a1").await.unwrap();
+    s.put(&p("/c"), 0, b"c1").await.unwrap();
+    s.delete(&p("/c")).await.unwrap();
+    let expected = [("/a", 1), ("/b", 2), ("/b", 3), ("/b", 4), ("/c", 1)];
+    let all = s.scan(None, 100).await.unwrap();
+    let got: Vec<(String, u64)> = all.iter().map(|r| (r.path.to_string(), r.version)).collect();
+    let want: Vec<(String, u64)> = expected.iter().map(|(p, v)| (p.to_string(), *v)).collect();
+    assert_eq!(got, want, "pruned versions are gone, deleted ones are included");
+    assert_eq!(all[1].value.as_slice(), b"b2");
+    // Paging with limit 2 visits the same records once each.
+    let mut paged = Vec::new();
+    let mut after: Option<(SecretPath, u64)> = None;
+    loop {
+        let page = s.scan(after.as_ref().map(|(p, v)| (p, *v)), 2).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some((last.path.clone(), last.version));
+        paged.extend(page.into_iter().map(|r| (r.path.to_string(), r.version)));
+    }
+    assert_eq!(paged, want);
+}
+
+async fn replace_is_compare_and_set_on_the_value(s: Arc<dyn Store>) {
+    s.put(&p("/r"), 0, b"old1").await.unwrap();
+    s.put(&p("/r"), 1, b"old2").await.unwrap();
+    let before = s.versions(&p("/r")).await.unwrap();
+    assert!(s.replace(&p("/r"), 1, b"old1", b"new1").await.unwrap());
+    assert_eq!(s.get(&p("/r"), Some(1)).await.unwrap().value.as_slice(), b"new1");
+    assert_eq!(s.get(&p("/r"), None).await.unwrap().value.as_slice(), b"old2");
+    assert_eq!(s.versions(&p("/r")).await.unwrap(), before, "metadata unchanged");
+    assert!(!s.replace(&p("/r"), 1, b"old1", b"again").await.unwrap(), "stale old value");
+    assert_eq!(s.get(&p("/r"), Some(1)).await.unwrap().value.as_slice(), b"new1");
+    assert!(!s.replace(&p("/r"), 9, b"x", b"y").await.unwrap(), "missing version");
+    assert!(!s.replace(&p("/none"), 1, b"x", b"y").await.unwrap(), "missing secret");
+    assert!(s.get(&p("/r"), Some(9)).await.is_err());
 }

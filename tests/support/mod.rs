@@ -104,6 +104,9 @@ impl TestGateway {
         config.tls.key = dir.path().join("server-key.pem");
         config.tls.client_ca = dir.path().join("ca.pem");
         config.store.path = dir.path().join("store/secretgate.redb");
+        config.crypto.keyring = dir.path().join("keyring.toml");
+        config.crypto.reload_interval_secs = 1;
+        secretgate::crypto::Keyring::generate().unwrap().save(&config.crypto.keyring).unwrap();
         f(&mut config);
         config.validate().unwrap();
         let gateway = Gateway::start(&config).await.unwrap();

@@ -1,0 +1,162 @@
+//! The `secretgate.v1.Admin` service: key status and online rewrap.
+
+use std::{ops::ControlFlow, sync::Arc, time::Instant};
+
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{ApiError, Call};
+use crate::{
+    crypto::{
+        KeyState, KeyringHandle,
+        rotation::{self, RewrapProgress},
+    },
+    proto::v1::{self, admin_server::Admin},
+    store::Store,
+};
+
+/// Progress messages are sent at most this often (in records), plus the final one.
+const PROGRESS_EVERY: u64 = 64;
+
+/// The `Admin` service.
+#[derive(Clone)]
+pub struct AdminService {
+    store: Arc<dyn Store>,
+    keys: KeyringHandle,
+    rewrap: Arc<Mutex<()>>,
+}
+
+impl AdminService {
+    /// An admin service over `store` and `keys`.
+    pub fn new(store: Arc<dyn Store>, keys: KeyringHandle) -> Self {
+        Self { store, keys, rewrap: Arc::new(Mutex::new(())) }
+    }
+
+    async fn key_status(&self) -> Result<v1::KeyStatusResponse, ApiError> {
+        let usage = rotation::key_usage(&*self.store).await.map_err(ApiError::from_store_fault)?;
+        let ring = self.keys.current();
+        let mut keys: Vec<v1::KeyInfo> = ring
+            .keys()
+            .iter()
+            .map(|k| v1::KeyInfo {
+                id: k.id.to_string(),
+                state: state_name(k.state).into(),
+                records: usage.records.get(k.id.as_str()).copied().unwrap_or(0),
+                created: k.created.clone(),
+            })
+            .collect();
+        for (id, n) in &usage.records {
+            if !ring.keys().iter().any(|k| k.id.as_str() == id) {
+                keys.push(v1::KeyInfo {
+                    id: id.clone(),
+                    state: "unknown".into(),
+                    records: *n,
+                    created: String::new(),
+                });
+            }
+        }
+        Ok(v1::KeyStatusResponse {
+            keyring_version: ring.version().to_owned(),
+            keys,
+            unreadable_records: usage.unreadable,
+            total_records: usage.total,
+        })
+    }
+}
+
+fn state_name(s: KeyState) -> &'static str {
+    match s {
+        KeyState::Primary => "primary",
+        KeyState::Active => "active",
+        KeyState::Retired => "retired",
+    }
+}
+
+fn progress_message(to_rewrap: u64, p: &RewrapProgress, done: bool) -> v1::RewrapProgress {
+    v1::RewrapProgress {
+        to_rewrap,
+        scanned: p.scanned,
+        rewrapped: p.rewrapped,
+        current: p.current,
+        skipped: p.skipped,
+        failed: p.failed,
+        done,
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn key_status(
+        &self,
+        request: Request<v1::KeyStatusRequest>,
+    ) -> Result<Response<v1::KeyStatusResponse>, Status> {
+        let call = Call::new("KeyStatus", &request, "");
+        let result = match call.identity() {
+            Ok(()) => AdminService::key_status(self).await,
+            Err(e) => Err(e),
+        };
+        call.finish(result)
+    }
+
+    type RewrapStream = ReceiverStream<Result<v1::RewrapProgress, Status>>;
+
+    async fn rewrap(
+        &self,
+        request: Request<v1::RewrapRequest>,
+    ) -> Result<Response<Self::RewrapStream>, Status> {
+        let call = Call::new("Rewrap", &request, "");
+        let guard = match call.identity().and_then(|()| {
+            Arc::clone(&self.rewrap).try_lock_owned().map_err(|_| ApiError::RewrapRunning)
+        }) {
+            Ok(g) => g,
+            Err(e) => return call.finish(Err(e)),
+        };
+        let usage = match rotation::key_usage(&*self.store).await {
+            Ok(u) => u,
+            Err(e) => return call.finish(Err(ApiError::from_store_fault(e))),
+        };
+        let primary = self.keys.current().primary().id.to_string();
+        let to_rewrap = usage.total - usage.records.get(&primary).copied().unwrap_or(0);
+        let (tx, rx) = mpsc::channel(16);
+        let (store, keys) = (Arc::clone(&self.store), self.keys.clone());
+        tokio::spawn(async move {
+            let _running = guard;
+            let started = Instant::now();
+            let progress_tx = tx.clone();
+            let result = rotation::rewrap(&*store, &keys, |p| {
+                // A closed stream means the caller cancelled: stop, resumable later.
+                if progress_tx.is_closed() {
+                    return ControlFlow::Break(());
+                }
+                if p.scanned % PROGRESS_EVERY == 0 {
+                    // Lossy on purpose: a slow reader only misses intermediate counts.
+                    let _ = progress_tx.try_send(Ok(progress_message(to_rewrap, p, false)));
+                }
+                ControlFlow::Continue(())
+            })
+            .await;
+            match result {
+                Ok(p) => {
+                    let done = !tx.is_closed();
+                    tracing::info!(
+                        scanned = p.scanned,
+                        rewrapped = p.rewrapped,
+                        current = p.current,
+                        skipped = p.skipped,
+                        failed = p.failed,
+                        done,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "rewrap finished"
+                    );
+                    let _ = tx.send(Ok(progress_message(to_rewrap, &p, done))).await;
+                }
+                Err(e) => {
+                    let err = ApiError::from_store_fault(e);
+                    let _ = tx.send(Err(Status::from(&err))).await;
+                }
+            }
+        });
+        call.finish(Ok(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,17 @@
+//! Application-layer encryption: every secret value is sealed by the gateway before it
+//! reaches the store, so the store (and its backups, and anyone who can read etcd) never
+//! holds a plaintext value.
+//!
+//! - [`keyring`]: the keys and their lifecycle (primary / active / retired);
+//! - [`envelope`]: the sealed format and its associated data (path, version, key id);
+//! - [`rotation`]: which keys the stored records use, and online rewrap to the primary key.
+
+pub mod envelope;
+pub mod keyring;
+pub mod rotation;
+
+pub use envelope::{EnvelopeError, open, parse_header, seal};
+pub use keyring::{Key, KeyId, KeyMaterial, KeyState, Keyring, KeyringError};
+
+/// The keyring in force in a running gateway, reloaded when its file changes.
+pub type KeyringHandle = std::sync::Arc<crate::reload::Reloadable<Keyring>>;
