@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 /// A value loaded from a file, swapped atomically on reload.
 pub struct Reloadable<T> {
     current: RwLock<Arc<T>>,
+    last_error: RwLock<Option<String>>,
     path: PathBuf,
     what: &'static str,
 }
@@ -25,7 +26,12 @@ pub struct Reloadable<T> {
 impl<T: Send + Sync + 'static> Reloadable<T> {
     /// Wraps an initial value loaded from `path`.
     pub fn new(value: T, path: &Path, what: &'static str) -> Arc<Self> {
-        Arc::new(Self { current: RwLock::new(Arc::new(value)), path: path.to_owned(), what })
+        Arc::new(Self {
+            current: RwLock::new(Arc::new(value)),
+            last_error: RwLock::new(None),
+            path: path.to_owned(),
+            what,
+        })
     }
 
     /// The value in force.
@@ -34,11 +40,27 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Loads the file again with `load`; on success the new value is in force.
+    /// Why the newest version of the file was refused, if it was (cleared by a good reload).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Loads the file again with `load`; on success the new value is in force, on failure
+    /// the error is kept for [`Reloadable::last_error`] and the old value stays.
     pub fn reload<E: Display>(&self, load: impl Fn(&Path) -> Result<T, E>) -> Result<Arc<T>, E> {
-        let value = Arc::new(load(&self.path)?);
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&value);
-        Ok(value)
+        let mut last_error = self.last_error.write().unwrap_or_else(|e| e.into_inner());
+        match load(&self.path) {
+            Ok(value) => {
+                let value = Arc::new(value);
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&value);
+                *last_error = None;
+                Ok(value)
+            }
+            Err(e) => {
+                *last_error = Some(e.to_string());
+                Err(e)
+            }
+        }
     }
 
     /// Spawns the watcher: reload when the file's contents change (polled every `interval`)

@@ -76,6 +76,9 @@ fn new_user_puts_and_gets_a_secret_with_the_dev_gateway() {
         assert!(dir.path().join("certs-dev").join(f).is_file(), "{f}");
     }
     assert!(dir.path().join(".secretgate-dev/secretgate.toml").is_file());
+    let keyring = dir.path().join(".secretgate-dev/keyring.toml");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&keyring).unwrap().permissions().mode() & 0o777, 0o600);
 
     let put = gw.cli(dir.path(), &["put", "/demo/hello", "world"], None);
     assert_eq!(stdout(&put), "wrote /demo/hello version 1\n");

@@ -61,6 +61,7 @@ impl AdminService {
             keys,
             unreadable_records: usage.unreadable,
             total_records: usage.total,
+            reload_error: self.keys.last_error().unwrap_or_default(),
         })
     }
 }

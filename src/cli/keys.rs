@@ -128,7 +128,7 @@ async fn status(keyring: &Path, conn: &ClientArgs) -> anyhow::Result<()> {
                 json!({
                     "keyring_version": resp.keyring_version, "file_version": file.version(),
                     "in_sync": in_sync, "keys": keys, "total_records": resp.total_records,
-                    "unreadable_records": resp.unreadable_records,
+                    "unreadable_records": resp.unreadable_records, "reload_error": resp.reload_error,
                 })
             );
         }

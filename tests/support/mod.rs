@@ -17,7 +17,10 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
-use secretgate::{Config, Gateway, proto::v1::secrets_client::SecretsClient};
+use secretgate::{
+    Config, Gateway,
+    proto::v1::{admin_client::AdminClient, secrets_client::SecretsClient},
+};
 use time::OffsetDateTime;
 use tokio::{io::AsyncReadExt, net::TcpStream};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -119,10 +122,46 @@ impl TestGateway {
 
     /// Stops the gateway and starts a new one on the same config, store and port.
     pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start_again().await;
+    }
+
+    /// Stops the gateway (releasing the store) until [`TestGateway::start_again`].
+    pub async fn stop(&mut self) {
         let old = self.gateway.take().expect("gateway is running");
         self.config.listen = old.local_addr();
         old.shutdown().await;
+    }
+
+    /// Starts the gateway again on the same config, store and port.
+    pub async fn start_again(&mut self) {
+        assert!(self.gateway.is_none(), "gateway is already running");
         self.gateway = Some(Gateway::start(&self.config).await.unwrap());
+    }
+
+    /// An `Admin` client authenticated as `spiffe`.
+    pub async fn admin(&self, spiffe: &str) -> AdminClient<Channel> {
+        AdminClient::new(self.channel(&self.ca.client(spiffe)).await.unwrap())
+    }
+
+    /// Writes a client certificate and key for `spiffe` into the test directory, for the
+    /// CLI; returns the CLI's connection arguments.
+    pub fn cli_args(&self, spiffe: &str) -> Vec<String> {
+        let id = self.ca.client(spiffe);
+        let stem = spiffe.rsplit('/').next().unwrap_or("client");
+        let cert = write(self.dir.path(), &format!("{stem}.pem"), &id.cert);
+        let key = write(self.dir.path(), &format!("{stem}-key.pem"), &id.key);
+        let ca = self.dir.path().join("ca.pem");
+        vec![
+            "--addr".into(),
+            self.addr().to_string(),
+            "--ca".into(),
+            ca.display().to_string(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+        ]
     }
 
     /// A gRPC client authenticated as `spiffe`.
