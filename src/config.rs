@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 /// Environment variables with the `SECRETGATE_` prefix that belong to the CLI, not to the
 /// server configuration.
-const CLIENT_VARS: &[&str] = &["ADDR", "CA", "CERT", "KEY", "CONFIG", "LOG", "OUTPUT", "KEYRING"];
+const CLIENT_VARS: &[&str] =
+    &["ADDR", "CA", "CERT", "KEY", "CONFIG", "LOG", "OUTPUT", "KEYRING", "POLICIES"];
 
 /// Largest `limits.max_value_bytes` accepted (16 MiB).
 pub const MAX_VALUE_LIMIT: u64 = 16 << 20;
@@ -36,6 +37,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// The keyring that seals secret values.
     pub crypto: CryptoConfig,
+    /// The casbin policies that authorize requests.
+    pub authz: AuthzConfig,
     /// Sizes, counts and timeouts.
     pub limits: Limits,
 }
@@ -73,6 +76,17 @@ pub struct CryptoConfig {
     /// The keyring file (mode 0600; see `secretgate keys init`). Default `keyring.toml`.
     pub keyring: PathBuf,
     /// Seconds between checks of the keyring file for changes (also reloaded on SIGHUP).
+    /// Default 2.
+    pub reload_interval_secs: u64,
+}
+
+/// `[authz]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthzConfig {
+    /// Directory with `model.conf`, `policy.csv` and `tests/*.toml`. Default `policies`.
+    pub policies: PathBuf,
+    /// Seconds between checks of the policy files for changes (also reloaded on SIGHUP).
     /// Default 2.
     pub reload_interval_secs: u64,
 }
@@ -136,8 +150,15 @@ impl Default for Config {
             tls: TlsConfig::default(),
             store: StoreConfig::default(),
             crypto: CryptoConfig::default(),
+            authz: AuthzConfig::default(),
             limits: Limits::default(),
         }
+    }
+}
+
+impl Default for AuthzConfig {
+    fn default() -> Self {
+        Self { policies: PathBuf::from("policies"), reload_interval_secs: 2 }
     }
 }
 
@@ -240,6 +261,7 @@ impl Config {
             &mut self.tls.client_ca,
             &mut self.store.path,
             &mut self.crypto.keyring,
+            &mut self.authz.policies,
         ] {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
@@ -278,6 +300,12 @@ impl Config {
         if !(1..=3600).contains(&self.crypto.reload_interval_secs) {
             return invalid("crypto.reload_interval_secs", "must be between 1 and 3600");
         }
+        if self.authz.policies.as_os_str().is_empty() {
+            return invalid("authz.policies", "is required (the policy directory)");
+        }
+        if !(1..=3600).contains(&self.authz.reload_interval_secs) {
+            return invalid("authz.reload_interval_secs", "must be between 1 and 3600");
+        }
         if !(1..=MAX_VALUE_LIMIT).contains(&self.limits.max_value_bytes) {
             return invalid("limits.max_value_bytes", "must be between 1 and 16777216");
         }
@@ -298,6 +326,13 @@ impl TlsConfig {
     /// The handshake timeout as a `Duration`.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
+    }
+}
+
+impl AuthzConfig {
+    /// The reload interval as a `Duration`.
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_secs(self.reload_interval_secs)
     }
 }
 

@@ -108,9 +108,31 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
     }
 }
 
-/// SHA-256 of the file's bytes, or `None` if it cannot be read (a missing file is a change
-/// the reload then reports).
+/// SHA-256 of the file's bytes — or, for a directory, of the names and bytes of every file
+/// below it in sorted order — or `None` if it cannot be read (a missing file is a change the
+/// reload then reports).
 fn digest(path: &Path) -> Option<[u8; 32]> {
-    let bytes = zeroize::Zeroizing::new(std::fs::read(path).ok()?);
-    Some(Sha256::digest(&*bytes).into())
+    let mut h = Sha256::new();
+    feed(&mut h, path, 0)?;
+    Some(h.finalize().into())
+}
+
+fn feed(h: &mut Sha256, path: &Path, depth: usize) -> Option<()> {
+    if path.is_dir() {
+        // Policy directories are shallow; the bound keeps a symlink loop from recursing.
+        if depth > 4 {
+            return Some(());
+        }
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(path).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for e in entries {
+            h.update(e.as_os_str().as_encoded_bytes());
+            feed(h, &e, depth + 1)?;
+        }
+    } else {
+        let bytes = zeroize::Zeroizing::new(std::fs::read(path).ok()?);
+        h.update(&*bytes);
+    }
+    Some(())
 }

@@ -10,7 +10,8 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Server;
 
 use crate::{
-    api::{AdminService, SecretsService},
+    api::{AdminService, SecretsService, Vault},
+    authz::{Authorizer, Policy, PolicyError},
     config::Config,
     crypto::{Keyring, KeyringError, KeyringHandle},
     proto::{
@@ -33,6 +34,9 @@ pub enum StartError {
     /// The TLS files are missing or unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The policy cannot be loaded.
+    #[error("cannot load the policy: {0}")]
+    Policy(#[from] PolicyError),
     /// The keyring cannot be loaded.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
@@ -62,6 +66,13 @@ impl Gateway {
     pub async fn start(config: &Config) -> Result<Self, StartError> {
         let tls = tls::server_config(&config.tls)?;
         let keys = load_keyring(config)?;
+        let authz = Authorizer::load(&config.authz.policies)?;
+        tracing::info!(
+            policies = %config.authz.policies.display(),
+            version = authz.handle().current().version(),
+            rules = authz.handle().current().rule_count(),
+            "policy loaded"
+        );
         let store: Arc<dyn Store> =
             Arc::new(EmbeddedStore::open(&config.store.path, config.limits.max_versions)?);
         let listener = TcpListener::bind(config.listen)
@@ -78,14 +89,15 @@ impl Gateway {
         );
 
         let max_message = config.limits.max_value_bytes as usize + REQUEST_OVERHEAD_BYTES;
+        let vault = Vault::new(store, keys.clone());
         let secrets = SecretsServer::new(SecretsService::new(
-            Arc::clone(&store),
-            keys.clone(),
+            vault.clone(),
+            authz.clone(),
             config.limits.max_value_bytes,
         ))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-        let admin = AdminServer::new(AdminService::new(store, keys.clone()));
+        let admin = AdminServer::new(AdminService::new(vault, authz.clone()));
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<SecretsServer<SecretsService>>().await;
         health_reporter.set_serving::<AdminServer<AdminService>>().await;
@@ -98,6 +110,10 @@ impl Gateway {
         let keyring_watcher =
             keys.watch(config.crypto.reload_interval(), Keyring::load, |r: &Keyring| {
                 format!("{} (primary {})", r.version(), r.primary().id)
+            });
+        let policy_watcher =
+            authz.handle().watch(config.authz.reload_interval(), Policy::load, |p: &Policy| {
+                format!("{} ({} rules)", p.version(), p.rule_count())
             });
         let (tx, rx) = oneshot::channel::<()>();
         let router = Server::builder()
@@ -116,7 +132,7 @@ impl Gateway {
                 .await
         });
         tracing::info!(%addr, store = %config.store.path.display(), "secretgate serving");
-        Ok(Self { addr, shutdown: Some(tx), task, watchers: vec![keyring_watcher] })
+        Ok(Self { addr, shutdown: Some(tx), task, watchers: vec![keyring_watcher, policy_watcher] })
     }
 
     /// The address the gateway listens on.

@@ -80,7 +80,7 @@ async fn compare_and_set_lets_exactly_one_concurrent_writer_win() {
 
     let mut tasks = Vec::new();
     for i in 0..8 {
-        let mut c = gw.client(&format!("spiffe://test.example/writer{i}")).await;
+        let mut c = gw.client(ADMIN).await;
         tasks.push(tokio::spawn(async move {
             c.put(put("/cas", format!("writer {i}").as_bytes(), Some(1))).await
         }));

@@ -6,36 +6,41 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, Call};
+use super::{ApiError, Call, Vault};
 use crate::{
+    authz::{Action, Authorizer, Permit},
     crypto::{
-        KeyState, KeyringHandle,
+        KeyState,
         rotation::{self, RewrapProgress},
     },
     proto::v1::{self, admin_server::Admin},
-    store::Store,
 };
 
 /// Progress messages are sent at most this often (in records), plus the final one.
 const PROGRESS_EVERY: u64 = 64;
 
-/// The `Admin` service.
+/// The `Admin` service. Every call needs the `admin` action on `/`.
 #[derive(Clone)]
 pub struct AdminService {
-    store: Arc<dyn Store>,
-    keys: KeyringHandle,
+    vault: Vault,
+    authz: Authorizer,
     rewrap: Arc<Mutex<()>>,
 }
 
 impl AdminService {
-    /// An admin service over `store` and `keys`.
-    pub fn new(store: Arc<dyn Store>, keys: KeyringHandle) -> Self {
-        Self { store, keys, rewrap: Arc::new(Mutex::new(())) }
+    /// An admin service over `vault`, deciding with `authz`.
+    pub fn new(vault: Vault, authz: Authorizer) -> Self {
+        Self { vault, authz, rewrap: Arc::new(Mutex::new(())) }
     }
 
-    async fn key_status(&self) -> Result<v1::KeyStatusResponse, ApiError> {
-        let usage = rotation::key_usage(&*self.store).await.map_err(ApiError::from_store_fault)?;
-        let ring = self.keys.current();
+    fn permit(&self, call: &Call) -> Result<Permit, ApiError> {
+        let id = call.identity()?;
+        Ok(self.authz.authorize(&id.principal, "/", Action::Admin)?)
+    }
+
+    async fn key_status(&self, permit: &Permit) -> Result<v1::KeyStatusResponse, ApiError> {
+        let usage = self.vault.key_usage(permit).await?;
+        let ring = self.vault.keys().current();
         let mut keys: Vec<v1::KeyInfo> = ring
             .keys()
             .iter()
@@ -61,7 +66,7 @@ impl AdminService {
             keys,
             unreadable_records: usage.unreadable,
             total_records: usage.total,
-            reload_error: self.keys.last_error().unwrap_or_default(),
+            reload_error: self.vault.keys().last_error().unwrap_or_default(),
         })
     }
 }
@@ -92,9 +97,9 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::KeyStatusRequest>,
     ) -> Result<Response<v1::KeyStatusResponse>, Status> {
-        let call = Call::new("KeyStatus", &request, "");
-        let result = match call.identity() {
-            Ok(()) => AdminService::key_status(self).await,
+        let call = Call::new("KeyStatus", &request, "/");
+        let result = match self.permit(&call) {
+            Ok(permit) => AdminService::key_status(self, &permit).await,
             Err(e) => Err(e),
         };
         call.finish(result)
@@ -106,21 +111,27 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RewrapRequest>,
     ) -> Result<Response<Self::RewrapStream>, Status> {
-        let call = Call::new("Rewrap", &request, "");
-        let guard = match call.identity().and_then(|()| {
-            Arc::clone(&self.rewrap).try_lock_owned().map_err(|_| ApiError::RewrapRunning)
-        }) {
-            Ok(g) => g,
+        let call = Call::new("Rewrap", &request, "/");
+        let permit = match self.permit(&call) {
+            Ok(p) => p,
             Err(e) => return call.finish(Err(e)),
         };
-        let usage = match rotation::key_usage(&*self.store).await {
-            Ok(u) => u,
-            Err(e) => return call.finish(Err(ApiError::from_store_fault(e))),
+        let Ok(guard) = Arc::clone(&self.rewrap).try_lock_owned() else {
+            return call.finish(Err(ApiError::RewrapRunning));
         };
-        let primary = self.keys.current().primary().id.to_string();
+        let (usage, store) = match self
+            .vault
+            .key_usage(&permit)
+            .await
+            .and_then(|u| Ok((u, self.vault.store_for_rewrap(&permit)?)))
+        {
+            Ok(x) => x,
+            Err(e) => return call.finish(Err(e)),
+        };
+        let keys = self.vault.keys().clone();
+        let primary = keys.current().primary().id.to_string();
         let to_rewrap = usage.total - usage.records.get(&primary).copied().unwrap_or(0);
         let (tx, rx) = mpsc::channel(16);
-        let (store, keys) = (Arc::clone(&self.store), self.keys.clone());
         tokio::spawn(async move {
             let _running = guard;
             let started = Instant::now();

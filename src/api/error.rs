@@ -31,6 +31,9 @@ pub enum ApiError {
     /// A page token that did not come from a List over the same prefix.
     #[error("page_token is not valid for this prefix")]
     InvalidPageToken,
+    /// The policy does not allow it. Names the action and path, never the policy.
+    #[error(transparent)]
+    Denied(#[from] crate::authz::Denied),
     /// No such secret, or its current version is deleted.
     #[error("secret {0} not found")]
     NotFound(SecretPath),
@@ -134,6 +137,7 @@ impl ApiError {
             Self::NotFound(_) | Self::VersionNotFound { .. } | Self::VersionDeleted { .. } => {
                 Code::NotFound
             }
+            Self::Denied(_) => Code::PermissionDenied,
             Self::Conflict { .. } | Self::RewrapRunning => Code::FailedPrecondition,
             Self::Undecryptable { .. } => Code::DataLoss,
             Self::Contended(_) => Code::Aborted,
@@ -163,6 +167,19 @@ mod tests {
         let err =
             ApiError::from_store(StoreError::Unavailable("10.0.0.1:2379 refused".into()), &path);
         assert!(!Status::from(&err).message().contains("10.0.0.1"));
+    }
+
+    #[test]
+    fn denials_name_action_and_path_but_not_the_rule() {
+        let err = ApiError::from(crate::authz::Denied {
+            principal: "spiffe://x/app".into(),
+            action: crate::authz::Action::Write,
+            target: "/apps/x".into(),
+            rule_line: Some(42),
+        });
+        let status = Status::from(&err);
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(status.message(), "permission denied: spiffe://x/app may not write /apps/x");
     }
 
     #[test]

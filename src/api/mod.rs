@@ -1,13 +1,15 @@
-//! The gRPC services: `secretgate.v1.Secrets`, in front of the store.
+//! The gRPC services: `secretgate.v1.Secrets` and `secretgate.v1.Admin`.
 //!
-//! Each RPC follows the pipeline of DESIGN.md: the connection's identity (set by the TLS
-//! acceptor) → parse the request into domain types (`SecretPath`, limits) → store → respond.
-//! Authorization, audit and encryption slot in between parse and store; each is a step that
-//! returns `Result`, so a request that fails one never reaches the next. Every error leaves
-//! through [`ApiError`] and its single mapping to `tonic::Status`.
+//! Each RPC follows the pipeline of DESIGN.md, one `Result`-returning step after another,
+//! so a request that fails a step never reaches the next: the connection's identity (set by
+//! the TLS acceptor) → parse the request into domain types (`SecretPath`, limits) →
+//! authorize (a [`Permit`](crate::authz::Permit), or PERMISSION_DENIED) → the [`Vault`]
+//! (seal/open and store, which demand the permit) → respond. Every error leaves through
+//! [`ApiError`] and its single mapping to `tonic::Status`.
 
 mod admin;
 mod error;
+mod vault;
 
 use std::{sync::Arc, time::Instant};
 
@@ -16,12 +18,14 @@ use zeroize::Zeroizing;
 
 pub use admin::AdminService;
 pub use error::ApiError;
+pub use vault::Vault;
 
 use crate::{
-    crypto::{self, KeyringHandle},
+    authz::{Action, Authorizer},
+    identity::PeerIdentity,
     path::{PathPrefix, SecretPath},
     proto::v1::{self, secrets_server::Secrets},
-    store::{Store, StoreError, UnixMillis, VersionInfo},
+    store::UnixMillis,
     tls::ConnInfo,
 };
 
@@ -29,103 +33,80 @@ use crate::{
 pub const MAX_PAGE_SIZE: u32 = 1000;
 /// `page_size` used when a List asks for 0.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
-/// How often an unconditional Put retries after losing a race to another writer.
-const PUT_RETRIES: usize = 16;
+/// Paths a List looks at per call, as a multiple of the page size, before it returns a
+/// short page: bounds the work one request can cause when most paths are hidden from it.
+const LIST_SCAN_FACTOR: usize = 10;
 
 /// The `Secrets` service.
 #[derive(Clone)]
 pub struct SecretsService {
-    store: Arc<dyn Store>,
-    keys: KeyringHandle,
+    vault: Vault,
+    authz: Authorizer,
     max_value_bytes: u64,
 }
 
 impl SecretsService {
-    /// A service over `store`, sealing values with `keys`, refusing values larger than
+    /// A service over `vault`, deciding with `authz`, refusing values larger than
     /// `max_value_bytes`.
-    pub fn new(store: Arc<dyn Store>, keys: KeyringHandle, max_value_bytes: u64) -> Self {
-        Self { store, keys, max_value_bytes }
+    pub fn new(vault: Vault, authz: Authorizer, max_value_bytes: u64) -> Self {
+        Self { vault, authz, max_value_bytes }
     }
 
-    /// Seals `value` for `path` at `version` under the primary key in force.
-    fn seal(&self, path: &SecretPath, version: u64, value: &[u8]) -> Result<Vec<u8>, ApiError> {
-        crypto::seal(self.keys.current().primary(), path, version, value).map_err(|e| {
-            tracing::error!(%path, version, error = %e, "cannot seal a value");
-            ApiError::Internal
-        })
-    }
-
-    async fn put_secret(&self, req: v1::PutRequest) -> Result<v1::PutResponse, ApiError> {
+    async fn put_secret(
+        &self,
+        id: &PeerIdentity,
+        req: v1::PutRequest,
+    ) -> Result<v1::PutResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
         let value = Zeroizing::new(req.value);
         if value.len() as u64 > self.max_value_bytes {
             return Err(ApiError::ValueTooLarge { size: value.len(), limit: self.max_value_bytes });
         }
-        let info = match req.expected_version {
-            Some(expected) => {
-                let sealed = self.seal(&path, expected.saturating_add(1), &value)?;
-                self.store
-                    .put(&path, expected, &sealed)
-                    .await
-                    .map_err(|e| ApiError::from_store(e, &path))?
-            }
-            None => self.put_unconditional(&path, &value).await?,
-        };
+        let permit = self.authz.authorize(&id.principal, path.as_str(), Action::Write)?;
+        let info = self.vault.write(&permit, &path, req.expected_version, &value).await?;
         Ok(v1::PutResponse { version: info.version, created_time: Some(timestamp(info.created)) })
     }
 
-    /// A write without a version guard is still compare-and-set underneath, so the version
-    /// is known before the write; losing a race to another writer just means trying again.
-    async fn put_unconditional(
+    async fn get_secret(
         &self,
-        path: &SecretPath,
-        value: &[u8],
-    ) -> Result<VersionInfo, ApiError> {
-        let store_err = |e| ApiError::from_store(e, path);
-        for _ in 0..PUT_RETRIES {
-            let current = self.store.current_version(path).await.map_err(store_err)?;
-            let sealed = self.seal(path, current + 1, value)?;
-            match self.store.put(path, current, &sealed).await {
-                Err(StoreError::Conflict { .. }) => continue,
-                other => return other.map_err(store_err),
-            }
-        }
-        Err(ApiError::Contended(path.clone()))
-    }
-
-    async fn get_secret(&self, req: v1::GetRequest) -> Result<v1::GetResponse, ApiError> {
+        id: &PeerIdentity,
+        req: v1::GetRequest,
+    ) -> Result<v1::GetResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
-        let version = req.version.filter(|v| *v != 0);
-        let entry =
-            self.store.get(&path, version).await.map_err(|e| ApiError::from_store(e, &path))?;
-        let mut value = crypto::open(&self.keys.current(), &path, entry.version, &entry.value)
-            .map_err(|e| {
-                tracing::error!(%path, version = entry.version, error = %e, "stored value does not open");
-                ApiError::Undecryptable { path: path.clone(), version: entry.version }
-            })?;
+        let permit = self.authz.authorize(&id.principal, path.as_str(), Action::Read)?;
+        let mut opened = self.vault.read(&permit, &path, req.version.filter(|v| *v != 0)).await?;
         Ok(v1::GetResponse {
             path: path.as_str().to_owned(),
-            value: std::mem::take(&mut *value),
-            version: entry.version,
-            created_time: Some(timestamp(entry.created)),
-            current_version: entry.current_version,
+            value: std::mem::take(&mut *opened.value),
+            version: opened.entry.version,
+            created_time: Some(timestamp(opened.entry.created)),
+            current_version: opened.entry.current_version,
         })
     }
 
-    async fn delete_secret(&self, req: v1::DeleteRequest) -> Result<v1::DeleteResponse, ApiError> {
+    async fn delete_secret(
+        &self,
+        id: &PeerIdentity,
+        req: v1::DeleteRequest,
+    ) -> Result<v1::DeleteResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
-        let info = self.store.delete(&path).await.map_err(|e| ApiError::from_store(e, &path))?;
+        let permit = self.authz.authorize(&id.principal, path.as_str(), Action::Delete)?;
+        let info = self.vault.delete(&permit, &path).await?;
         Ok(v1::DeleteResponse { version: info.version, deleted_time: info.deleted.map(timestamp) })
     }
 
-    async fn list_secrets(&self, req: v1::ListRequest) -> Result<v1::ListResponse, ApiError> {
+    async fn list_secrets(
+        &self,
+        id: &PeerIdentity,
+        req: v1::ListRequest,
+    ) -> Result<v1::ListResponse, ApiError> {
         let prefix = PathPrefix::parse(&req.prefix)?;
         let size = match req.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n if n > MAX_PAGE_SIZE => return Err(ApiError::InvalidPageSize(n)),
             n => n,
         } as usize;
-        let after = match req.page_token.as_str() {
+        let mut after = match req.page_token.as_str() {
             "" => None,
             token => {
                 let p = SecretPath::parse(token).map_err(|_| ApiError::InvalidPageToken)?;
@@ -135,29 +116,51 @@ impl SecretsService {
                 Some(p)
             }
         };
-        let mut paths = self
-            .store
-            .list(&prefix, after.as_ref(), size + 1)
-            .await
-            .map_err(ApiError::from_store_fault)?;
-        let more = paths.len() > size;
-        paths.truncate(size);
-        let next_page_token = match paths.last() {
-            Some(last) if more => last.as_str().to_owned(),
+        // Only names the caller may list or read leave the gateway. Hidden names are
+        // skipped; after scanning a bounded number, return what we have and a token.
+        let mut visible = Vec::with_capacity(size);
+        let mut scanned = 0;
+        let budget = size * LIST_SCAN_FACTOR;
+        let exhausted = loop {
+            let batch = self.vault.list_names(&prefix, after.as_ref(), size).await?;
+            let done = batch.len() < size;
+            for p in batch {
+                scanned += 1;
+                let keep =
+                    self.authz.allows_any(&id.principal, p.as_str(), &[Action::List, Action::Read]);
+                after = Some(p.clone());
+                if keep {
+                    visible.push(p);
+                    if visible.len() == size {
+                        break;
+                    }
+                }
+            }
+            if done && visible.len() < size {
+                break true;
+            }
+            if visible.len() == size || scanned >= budget {
+                break false;
+            }
+        };
+        let next_page_token = match (&after, exhausted) {
+            (Some(last), false) => last.as_str().to_owned(),
             _ => String::new(),
         };
         Ok(v1::ListResponse {
-            paths: paths.into_iter().map(|p| p.as_str().to_owned()).collect(),
+            paths: visible.into_iter().map(|p| p.as_str().to_owned()).collect(),
             next_page_token,
         })
     }
 
     async fn secret_versions(
         &self,
+        id: &PeerIdentity,
         req: v1::VersionsRequest,
     ) -> Result<v1::VersionsResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
-        let meta = self.store.versions(&path).await.map_err(|e| ApiError::from_store(e, &path))?;
+        let permit = self.authz.authorize(&id.principal, path.as_str(), Action::Read)?;
+        let meta = self.vault.versions(&permit, &path).await?;
         Ok(v1::VersionsResponse {
             current_version: meta.current_version,
             versions: meta
@@ -171,6 +174,21 @@ impl SecretsService {
                 .collect(),
         })
     }
+
+    async fn who_am_i(
+        &self,
+        id: &PeerIdentity,
+        _req: v1::WhoAmIRequest,
+    ) -> Result<v1::WhoAmIResponse, ApiError> {
+        let (roles, policy_version) = self.authz.roles(&id.principal);
+        Ok(v1::WhoAmIResponse {
+            principal: id.principal.to_string(),
+            roles,
+            certificate_fingerprint: id.fingerprint.clone(),
+            certificate_serial: id.serial.clone(),
+            policy_version,
+        })
+    }
 }
 
 /// Per-request context: who, what, when — for the log line every request ends with.
@@ -182,7 +200,7 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    fn new<T>(method: &'static str, req: &Request<T>, path: &str) -> Self {
+    pub(crate) fn new<T>(method: &'static str, req: &Request<T>, path: &str) -> Self {
         // Paths are attacker-controlled text: keep a bounded excerpt for the log.
         let path = path.chars().take(600).collect();
         Self {
@@ -193,11 +211,12 @@ impl Call {
         }
     }
 
-    fn identity(&self) -> Result<(), ApiError> {
-        self.conn.as_ref().map(|_| ()).ok_or(ApiError::NoIdentity)
+    /// The caller's verified identity.
+    pub(crate) fn identity(&self) -> Result<Arc<PeerIdentity>, ApiError> {
+        self.conn.as_ref().map(|c| Arc::clone(&c.identity)).ok_or(ApiError::NoIdentity)
     }
 
-    fn finish<T>(self, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
+    pub(crate) fn finish<T>(self, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
         let principal =
             self.conn.as_ref().map(|c| c.identity.principal.to_string()).unwrap_or_default();
         let peer = self.conn.as_ref().map(|c| c.peer_addr.to_string()).unwrap_or_default();
@@ -209,9 +228,16 @@ impl Call {
             }
             Err(err) => {
                 let status = Status::from(&err);
+                let rule = match &err {
+                    ApiError::Denied(d) => d
+                        .rule_line
+                        .map(|l| format!("policy.csv:{l}"))
+                        .unwrap_or_else(|| "no rule (default deny)".into()),
+                    _ => String::new(),
+                };
                 tracing::info!(
                     method = self.method, %principal, %peer, path = ?self.path, latency_us,
-                    code = ?status.code(), error = %err, "refused"
+                    code = ?status.code(), error = %err, %rule, "refused"
                 );
                 Err(status)
             }
@@ -220,10 +246,11 @@ impl Call {
 }
 
 macro_rules! rpc {
-    ($self:ident, $name:literal, $request:ident, $inner:ident, $path:ident) => {{
-        let call = Call::new($name, &$request, &$request.get_ref().$path);
+    ($self:ident, $name:literal, $request:ident, $inner:ident, $path:expr) => {{
+        let path: String = $path(&$request);
+        let call = Call::new($name, &$request, &path);
         let result = match call.identity() {
-            Ok(()) => $self.$inner($request.into_inner()).await,
+            Ok(id) => $self.$inner(&id, $request.into_inner()).await,
             Err(e) => Err(e),
         };
         call.finish(result)
@@ -236,35 +263,57 @@ impl Secrets for SecretsService {
         &self,
         request: Request<v1::PutRequest>,
     ) -> Result<Response<v1::PutResponse>, Status> {
-        rpc!(self, "Put", request, put_secret, path)
+        rpc!(self, "Put", request, put_secret, |r: &Request<v1::PutRequest>| r
+            .get_ref()
+            .path
+            .clone())
     }
 
     async fn get(
         &self,
         request: Request<v1::GetRequest>,
     ) -> Result<Response<v1::GetResponse>, Status> {
-        rpc!(self, "Get", request, get_secret, path)
+        rpc!(self, "Get", request, get_secret, |r: &Request<v1::GetRequest>| r
+            .get_ref()
+            .path
+            .clone())
     }
 
     async fn delete(
         &self,
         request: Request<v1::DeleteRequest>,
     ) -> Result<Response<v1::DeleteResponse>, Status> {
-        rpc!(self, "Delete", request, delete_secret, path)
+        rpc!(self, "Delete", request, delete_secret, |r: &Request<v1::DeleteRequest>| r
+            .get_ref()
+            .path
+            .clone())
     }
 
     async fn list(
         &self,
         request: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListResponse>, Status> {
-        rpc!(self, "List", request, list_secrets, prefix)
+        rpc!(self, "List", request, list_secrets, |r: &Request<v1::ListRequest>| r
+            .get_ref()
+            .prefix
+            .clone())
     }
 
     async fn versions(
         &self,
         request: Request<v1::VersionsRequest>,
     ) -> Result<Response<v1::VersionsResponse>, Status> {
-        rpc!(self, "Versions", request, secret_versions, path)
+        rpc!(self, "Versions", request, secret_versions, |r: &Request<v1::VersionsRequest>| r
+            .get_ref()
+            .path
+            .clone())
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<v1::WhoAmIRequest>,
+    ) -> Result<Response<v1::WhoAmIResponse>, Status> {
+        rpc!(self, "WhoAmI", request, who_am_i, |_: &Request<v1::WhoAmIRequest>| String::new())
     }
 }
 

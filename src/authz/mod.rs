@@ -116,6 +116,25 @@ pub struct Denied {
     pub rule_line: Option<usize>,
 }
 
+/// A request target: a canonical secret path, or `/` for whole-store actions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretPathOrRoot(String);
+
+impl SecretPathOrRoot {
+    /// Parses `/` or a canonical secret path.
+    pub fn parse(s: &str) -> Result<Self, crate::path::PathError> {
+        if s == "/" {
+            return Ok(Self(s.to_owned()));
+        }
+        crate::SecretPath::parse(s).map(|p| Self(p.as_str().to_owned()))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// The policy in force, reloaded when its files change.
 pub type PolicyHandle = Arc<Reloadable<Policy>>;
 

@@ -218,3 +218,28 @@ fn rfc3339(t: Option<&prost_types::Timestamp>) -> String {
         .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default()
 }
+
+pub(super) async fn whoami(args: &ClientArgs) -> anyhow::Result<()> {
+    let mut client = connect(args).await?;
+    let resp = client.who_am_i(v1::WhoAmIRequest {}).await.map_err(rpc_error)?.into_inner();
+    match args.output {
+        Output::Human => {
+            println!("principal:      {}", resp.principal);
+            println!(
+                "roles:          {}",
+                if resp.roles.is_empty() { "(none)".into() } else { resp.roles.join(", ") }
+            );
+            println!(
+                "certificate:    sha256 {} serial {}",
+                resp.certificate_fingerprint, resp.certificate_serial
+            );
+            println!("policy version: {}", resp.policy_version);
+        }
+        Output::Json => print_json(&json!({
+            "principal": resp.principal, "roles": resp.roles,
+            "certificate_fingerprint": resp.certificate_fingerprint,
+            "certificate_serial": resp.certificate_serial, "policy_version": resp.policy_version,
+        })),
+    }
+    Ok(())
+}

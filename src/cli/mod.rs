@@ -2,11 +2,13 @@
 //!
 //! - `serve`, `dev` ([`serve`]): run a gateway;
 //! - `put`, `get`, `ls`, `rm`, `versions` ([`client`]): talk to one over mTLS;
-//! - `keys …` ([`keys`]): the key rotation lifecycle.
+//! - `keys …` ([`keys`]): the key rotation lifecycle;
+//! - `policy …` ([`policy`]): check, test and explain policies; `whoami` asks the gateway.
 
 mod client;
 mod dev;
 mod keys;
+mod policy;
 mod serve;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
@@ -89,6 +91,19 @@ enum Command {
         #[command(flatten)]
         conn: ClientArgs,
     },
+    /// Show who the gateway thinks you are: principal, roles, certificate, policy version.
+    Whoami {
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+    /// Check, test and explain authorization policies (offline, from the policy directory).
+    Policy {
+        /// The policy directory.
+        #[arg(long, global = true, env = "SECRETGATE_POLICIES", default_value = "policies")]
+        dir: PathBuf,
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
     /// Manage encryption keys: init, add, promote, status, rewrap, retire.
     Keys {
         /// The keyring file.
@@ -167,6 +182,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Rm { path, conn } => client::rm(&conn, path).await,
         Command::Versions { path, conn } => client::versions(&conn, path).await,
         Command::Keys { keyring, command } => keys::run(&keyring, command).await,
+        Command::Whoami { conn } => client::whoami(&conn).await,
+        Command::Policy { dir, command } => policy::run(&dir, command).await,
     }
 }
 

@@ -23,7 +23,15 @@ pub(super) async fn dev(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Resul
     super::dev::create_private_dir(&state)?;
     let config_path = state.join("secretgate.toml");
     if !config_path.exists() {
-        write_file(&config_path, DEV_CONFIG.as_bytes(), 0o600)?;
+        // Use the checkout's policies/ when there is one; otherwise a copy of the example.
+        let policies = if dir.join("policies/model.conf").is_file() {
+            "../policies"
+        } else {
+            write_example_policies(&state.join("policies"))?;
+            "policies"
+        };
+        let text = DEV_CONFIG.replace("@POLICIES@", policies);
+        write_file(&config_path, text.as_bytes(), 0o600)?;
     }
     let mut config = Config::load(&config_path)?;
     if !config.crypto.keyring.exists() {
@@ -64,4 +72,28 @@ path = "store.redb"
 
 [crypto]
 keyring = "keyring.toml"
+
+[authz]
+policies = "@POLICIES@"
 "#;
+
+/// The example policies shipped in `policies/`, for a dev gateway outside a checkout.
+const EXAMPLE_POLICIES: &[(&str, &str)] = &[
+    ("model.conf", include_str!("../../policies/model.conf")),
+    ("policy.csv", include_str!("../../policies/policy.csv")),
+    ("tests/example.toml", include_str!("../../policies/tests/example.toml")),
+];
+
+fn write_example_policies(dir: &Path) -> anyhow::Result<()> {
+    for (name, text) in EXAMPLE_POLICIES {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        if !path.exists() {
+            write_file(&path, text.as_bytes(), 0o644)?;
+        }
+    }
+    Ok(())
+}

@@ -110,6 +110,9 @@ impl TestGateway {
         config.crypto.keyring = dir.path().join("keyring.toml");
         config.crypto.reload_interval_secs = 1;
         secretgate::crypto::Keyring::generate().unwrap().save(&config.crypto.keyring).unwrap();
+        config.authz.policies = dir.path().join("policies");
+        config.authz.reload_interval_secs = 1;
+        write_policy(&config.authz.policies, TEST_POLICY);
         f(&mut config);
         config.validate().unwrap();
         let gateway = Gateway::start(&config).await.unwrap();
@@ -231,6 +234,27 @@ pub async fn probe(
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
     }
+}
+
+/// The policy every test gateway starts with: principals under `spiffe://test.example/`
+/// named `admin*` (and the conformance writers) may do everything; `reader` may read and
+/// list `/shared`; everyone else nothing.
+pub const TEST_POLICY: &str = "\
+p, role:admin, /**, *, allow
+p, spiffe://test.example/reader, /shared/**, read, allow
+p, spiffe://test.example/reader, /shared/**, list, allow
+g, spiffe://test.example/admin, role:admin
+g, spiffe://test.example/writer, role:admin
+";
+
+/// Writes a policy directory with the standard model and `csv`.
+pub fn write_policy(dir: &Path, csv: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("model.conf"), secretgate::authz::policy::MODEL).unwrap();
+    // Write the CSV last, atomically, so a watching gateway never sees half of it.
+    let tmp = dir.join("policy.csv.tmp");
+    std::fs::write(&tmp, csv).unwrap();
+    std::fs::rename(&tmp, dir.join("policy.csv")).unwrap();
 }
 
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

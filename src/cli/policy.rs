@@ -1,0 +1,89 @@
+//! `secretgate policy …`: check, test and explain the policies in a directory, offline.
+
+use std::path::Path;
+
+use anyhow::bail;
+use clap::Subcommand;
+
+use crate::authz::{Action, Policy, SecretPathOrRoot, reference};
+
+/// `secretgate policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub(super) enum PolicyCommand {
+    /// Parse model.conf and policy.csv (here and in casbin itself); report errors by file and line.
+    Check,
+    /// Run the table tests in tests/*.toml; exit non-zero on any failure.
+    Test,
+    /// Show the decision for SUBJECT doing ACTION on PATH, and the rule that decided it.
+    Explain {
+        /// Principal (spiffe://…, dns:…, cn:…) or role.
+        subject: String,
+        /// Secret path, or / for whole-store actions.
+        path: String,
+        /// read, write, delete, list or admin.
+        action: String,
+    },
+}
+
+pub(super) async fn run(dir: &Path, command: PolicyCommand) -> anyhow::Result<()> {
+    let policy = Policy::load_untested(dir)?;
+    match command {
+        PolicyCommand::Check => {
+            let csv = std::fs::read_to_string(dir.join("policy.csv"))?;
+            reference::enforcer(&csv).await.map_err(|e| {
+                anyhow::anyhow!("casbin refuses {}: {e}", dir.join("policy.csv").display())
+            })?;
+            println!(
+                "{}: OK — {} rules, {} role links, {} tests, version {}",
+                dir.display(),
+                policy.rule_count(),
+                policy.link_count(),
+                policy.test_count(),
+                policy.version()
+            );
+        }
+        PolicyCommand::Test => {
+            let failures = policy.run_tests();
+            for f in &failures {
+                println!("FAIL {f}");
+            }
+            if !failures.is_empty() {
+                bail!("{} of {} policy tests failed", failures.len(), policy.test_count());
+            }
+            if policy.test_count() == 0 {
+                bail!("no tests found in {}", dir.join("tests").display());
+            }
+            println!(
+                "{} policy tests passed (policy version {})",
+                policy.test_count(),
+                policy.version()
+            );
+        }
+        PolicyCommand::Explain { subject, path, action } => {
+            let Some(act) = Action::parse(&action) else {
+                bail!("unknown action {action:?}; use read, write, delete, list or admin");
+            };
+            let target = SecretPathOrRoot::parse(&path)?;
+            let d = policy.decide(&subject, target.as_str(), act);
+            let roles = policy.roles_of(&subject);
+            println!(
+                "{} {subject} {action} {}",
+                if d.allowed { "ALLOW" } else { "DENY" },
+                target.as_str()
+            );
+            if roles.is_empty() {
+                println!("roles: (none)");
+            } else {
+                println!("roles: {}", roles.join(", "));
+            }
+            match d.rule_line {
+                Some(line) => println!(
+                    "decided by policy.csv:{line}: {}",
+                    policy.line_text(line).unwrap_or_default()
+                ),
+                None => println!("decided by: no matching rule (deny by default)"),
+            }
+        }
+    }
+    Ok(())
+}
