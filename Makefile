@@ -16,6 +16,7 @@ test: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test
+	$(CARGO) run -q --bin secretgate -- policy test --dir policies
 
 build:
 	$(CARGO) build --bin secretgate

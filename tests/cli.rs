@@ -158,3 +158,57 @@ fn serve_with_a_broken_config_names_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nope.pem") && err.contains("server certificate"), "{err}");
 }
+
+fn policy_cmd(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN).args(["policy", "--dir"]).arg(dir).args(args).output().unwrap()
+}
+
+#[test]
+fn the_shipped_policies_check_and_pass_their_tests() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let check = stdout(&policy_cmd(&dir, &["check"]));
+    assert!(check.contains("OK") && check.contains("rules"), "{check}");
+    let test = stdout(&policy_cmd(&dir, &["test"]));
+    assert!(test.contains("policy tests passed"), "{test}");
+    let explain = stdout(&policy_cmd(
+        &dir,
+        &["explain", "cn:payments-dev", "/apps/payments/prod/db", "write"],
+    ));
+    assert!(explain.starts_with("DENY cn:payments-dev write /apps/payments/prod/db"), "{explain}");
+    assert!(explain.contains("role:payments-team"), "{explain}");
+    assert!(explain.contains("/apps/payments/prod/**, write, deny"), "{explain}");
+    let explain = stdout(&policy_cmd(&dir, &["explain", "spiffe://nobody/x", "/demo/a", "read"]));
+    assert!(explain.contains("deny by default"), "{explain}");
+}
+
+#[test]
+fn broken_policies_are_reported_by_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    std::fs::copy(shipped.join("model.conf"), dir.path().join("model.conf")).unwrap();
+    std::fs::write(
+        dir.path().join("policy.csv"),
+        "p, a, /x, read, allow\np, b, /y*, read, allow\n",
+    )
+    .unwrap();
+    let out = policy_cmd(dir.path(), &["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("policy.csv:2:"), "{err}");
+
+    std::fs::write(dir.path().join("policy.csv"), "p, a, /x, read, allow\n").unwrap();
+    std::fs::create_dir(dir.path().join("tests")).unwrap();
+    std::fs::write(
+        dir.path().join("tests/t.toml"),
+        "[[case]]\nsubject = \"a\"\npath = \"/x\"\naction = \"write\"\nexpect = \"allow\"\n",
+    )
+    .unwrap();
+    let out = policy_cmd(dir.path(), &["test"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("FAIL") && text.contains("t.toml case 1"), "{text}");
+
+    std::fs::write(dir.path().join("model.conf"), "[request_definition]\nr = sub, obj\n").unwrap();
+    let out = policy_cmd(dir.path(), &["check"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not the secretgate model"));
+}

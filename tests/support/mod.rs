@@ -96,6 +96,11 @@ impl TestGateway {
 
     /// Starts with a config adjusted by `f`.
     pub async fn start_with(f: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_policy(TEST_POLICY, f).await
+    }
+
+    /// Starts with the policy `csv` and a config adjusted by `f`.
+    pub async fn start_with_policy(csv: &str, f: impl FnOnce(&mut Config)) -> Self {
         let ca = Ca::new("test client and server CA");
         let dir = tempfile::tempdir().unwrap();
         let server = ca.server();
@@ -112,7 +117,7 @@ impl TestGateway {
         secretgate::crypto::Keyring::generate().unwrap().save(&config.crypto.keyring).unwrap();
         config.authz.policies = dir.path().join("policies");
         config.authz.reload_interval_secs = 1;
-        write_policy(&config.authz.policies, TEST_POLICY);
+        write_policy(&config.authz.policies, csv);
         f(&mut config);
         config.validate().unwrap();
         let gateway = Gateway::start(&config).await.unwrap();
