@@ -13,7 +13,7 @@ use crate::{
     api::SecretsService,
     config::Config,
     proto::{FILE_DESCRIPTOR_SET, v1::secrets_server::SecretsServer},
-    store::{EmbeddedStore, Store, StoreError},
+    store::{EmbeddedStore, EtcdStore, Store, StoreError},
     tls::{self, TlsError, TlsIncoming},
 };
 
@@ -52,8 +52,7 @@ impl Gateway {
     /// Starts serving according to `config`.
     pub async fn start(config: &Config) -> Result<Self, StartError> {
         let tls = tls::server_config(&config.tls)?;
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&config.store.path, config.limits.max_versions)?);
+        let store = open_store(config).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -94,7 +93,7 @@ impl Gateway {
                 })
                 .await
         });
-        tracing::info!(%addr, store = %config.store.path.display(), "secretgate serving");
+        tracing::info!(%addr, store = %config.store.describe(), "secretgate serving");
         Ok(Self { addr, shutdown: Some(tx), task })
     }
 
@@ -132,4 +131,13 @@ impl Gateway {
         self.shutdown().await;
         Ok(())
     }
+}
+
+/// Opens the configured backend (`store.backend`, checked by `Config::validate`).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    let keep = config.limits.max_versions;
+    Ok(match config.store.backend.as_str() {
+        "etcd" => Arc::new(EtcdStore::connect(&config.store, keep).await?),
+        _ => Arc::new(EmbeddedStore::open(&config.store.path, keep)?),
+    })
 }

@@ -16,6 +16,7 @@
 //! The store never sees a caller, a policy or a key. What it holds as a value is opaque bytes.
 
 mod embedded;
+mod etcd;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +26,7 @@ use zeroize::Zeroizing;
 use crate::path::{PathPrefix, SecretPath};
 
 pub use embedded::EmbeddedStore;
+pub use etcd::EtcdStore;
 
 /// Default number of versions kept per secret.
 pub const DEFAULT_MAX_VERSIONS: u32 = 10;
@@ -92,6 +94,14 @@ pub enum StoreError {
     /// The store cannot be reached or cannot answer now; retrying later may succeed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The replicated store has no leader (too few members reachable to form a quorum), so it
+    /// can neither read linearizably nor write; retrying later may succeed.
+    #[error("store has no quorum: {0}")]
+    NoQuorum(String),
+    /// A write was sent but not confirmed in time: it may or may not take effect. The caller
+    /// must read before retrying, and must not report the write as failed.
+    #[error("write outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// Stored data does not decode: the store was altered outside the gateway, or a bug.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
