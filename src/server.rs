@@ -137,7 +137,7 @@ impl Gateway {
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     let keep = config.limits.max_versions;
     Ok(match config.store.backend.as_str() {
-        "etcd" => Arc::new(EtcdStore::connect(&config.store, keep).await?),
+        "etcd" => Arc::new(EtcdStore::connect(&config.store, keep)?),
         _ => Arc::new(EmbeddedStore::open(&config.store.path, keep)?),
     })
 }

@@ -33,8 +33,7 @@ async fn etcd_store_conforms() {
         let mut config = Config::default();
         cluster.configure(&mut config, &format!("/conformance-{n}/"), 5000);
         async move {
-            Arc::new(EtcdStore::connect(&config.store, MAX_VERSIONS).await.unwrap())
-                as Arc<dyn Store>
+            Arc::new(EtcdStore::connect(&config.store, MAX_VERSIONS).unwrap()) as Arc<dyn Store>
         }
     })
     .await;

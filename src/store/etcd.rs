@@ -26,17 +26,16 @@
 //! write was sent and nothing settles it, the error is [`StoreError::OutcomeUnknown`], never
 //! a plain failure: the write may still commit.
 
-use std::{fmt, future::Future, path::Path, time::Duration};
+mod members;
+
+use std::{fmt, future::Future, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, GetResponse, Identity,
-    KvClient, TlsOptions, Txn, TxnOp,
-};
+use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp};
 use tokio::time::Instant;
-use tonic::Code;
 use zeroize::Zeroizing;
 
+use self::members::{Failure, Members, Trouble};
 use super::{Entry, SecretMeta, Store, StoreError, UnixMillis, VersionInfo};
 use crate::{
     config::StoreConfig,
@@ -45,16 +44,11 @@ use crate::{
 
 /// Most meta keys fetched by one range request of `list`.
 pub const LIST_PAGE: usize = 256;
-/// Largest etcd response accepted (a value is at most 16 MiB, see `limits.max_value_bytes`).
-const MAX_RESPONSE_BYTES: usize = 32 << 20;
-/// Pause before the first retry; it doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(25);
-const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
 /// A [`Store`] in an etcd cluster.
 #[derive(Clone)]
 pub struct EtcdStore {
-    kv: KvClient,
+    members: Arc<Members>,
     prefix: String,
     timeout: Duration,
     max_versions: u32,
@@ -70,18 +64,6 @@ impl fmt::Debug for EtcdStore {
     }
 }
 
-/// Why one try failed, and what that means for retrying.
-enum Failure {
-    /// The member has no leader: nothing was applied; the cluster has no quorum right now.
-    NoLeader(String),
-    /// The request certainly did not reach etcd (or was refused unapplied); retry.
-    NotSent(String),
-    /// The request may have reached etcd; a write may or may not apply. Retry.
-    Unknown(String),
-    /// A final answer: not retried.
-    Done(StoreError),
-}
-
 /// Where one try of a write left it.
 enum PutStep {
     /// This write committed (in this try or an earlier one).
@@ -94,50 +76,13 @@ enum PutStep {
     Again,
 }
 
-/// What the failed tries of one operation have shown so far.
-#[derive(Default)]
-struct Trouble {
-    no_leader: bool,
-    maybe_applied: bool,
-    tries: u32,
-    last: String,
-}
-
 impl EtcdStore {
-    /// Connects to the cluster named by `config` (TLS with its CA and client certificate,
-    /// and its user if one is set). Without a user the connection is lazy: an unreachable
-    /// cluster shows up as `Unavailable` on the first operation, not here.
-    pub async fn connect(config: &StoreConfig, max_versions: u32) -> Result<Self, StoreError> {
-        let mut tls =
-            TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem(&config.ca)?));
-        if !config.cert.as_os_str().is_empty() {
-            let key = Zeroizing::new(read_pem(&config.key)?);
-            tls = tls.identity(Identity::from_pem(read_pem(&config.cert)?, key.as_slice()));
-        }
-        let timeout = config.timeout();
-        let tick = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let mut options = ConnectOptions::new()
-            .with_tls(tls)
-            .with_connect_timeout(tick)
-            .with_keep_alive(tick, tick)
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true)
-            .with_auto_token_refresh(true);
-        if let Some(password) = config.password.expose() {
-            options = options.with_user(config.username.as_str(), password);
-        }
-        // Never format `options`: its Debug output includes the password.
-        let client =
-            tokio::time::timeout(timeout, Client::connect(&config.endpoints, Some(options)))
-                .await
-                .map_err(|_| {
-                    StoreError::Unavailable(format!(
-                        "etcd did not authenticate us within {timeout:?}"
-                    ))
-                })?
-                .map_err(|e| StoreError::Unavailable(format!("connecting to etcd: {e}")))?;
-        let kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
-        Ok(Self { kv, prefix: config.prefix.clone(), timeout, max_versions })
+    /// Prepares connections to the cluster named by `config` (TLS with its CA and client
+    /// certificate, and its user if one is set). Connections open on first use, so an
+    /// unreachable cluster shows up as `Unavailable` on the first operation, not here.
+    pub fn connect(config: &StoreConfig, max_versions: u32) -> Result<Self, StoreError> {
+        let members = Arc::new(Members::new(config)?);
+        Ok(Self { members, prefix: config.prefix.clone(), timeout: config.timeout(), max_versions })
     }
 
     fn meta_key(&self, path: &str) -> String {
@@ -146,21 +91,6 @@ impl EtcdStore {
 
     fn data_key(&self, path: &SecretPath, version: u64) -> String {
         format!("{}data{path}@{version:020}", self.prefix)
-    }
-
-    /// One request, bounded by a share of the operation's time and by its deadline.
-    async fn attempt<T>(
-        &self,
-        deadline: Instant,
-        request: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, Failure> {
-        let share = (self.timeout / 3).max(Duration::from_millis(100));
-        let until = deadline.min(Instant::now() + share);
-        match tokio::time::timeout_at(until, request).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(e)) => Err(classify(e)),
-            Err(_) => Err(Failure::Unknown(format!("no answer within {share:?}"))),
-        }
     }
 
     /// Runs `once` until it succeeds, fails for good, or the operation's time is up.
@@ -177,7 +107,7 @@ impl EtcdStore {
                 Ok(v) => return Ok(v),
                 Err(f) => trouble.note(f, write)?,
             }
-            trouble.pause(deadline).await.map_err(|t| t.give_up(op, self.timeout))?;
+            trouble.pause(deadline).await.map_err(|()| trouble.give_up(op, self.timeout))?;
         }
     }
 
@@ -189,7 +119,8 @@ impl EtcdStore {
         deadline: Instant,
     ) -> Result<(Option<SecretMeta>, i64, i64), Failure> {
         let key = self.meta_key(path.as_str());
-        let resp = self.attempt(deadline, self.kv.clone().get(key, None)).await?;
+        let resp =
+            self.members.attempt(deadline, |mut kv| async move { kv.get(key, None).await }).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let (meta, mod_revision) = decode_first(path.as_str(), &resp)?;
         Ok((meta, mod_revision, revision))
@@ -206,7 +137,10 @@ impl EtcdStore {
         let info = meta.readable(version).map_err(Failure::Done)?;
         let options = GetOptions::new().with_revision(revision);
         let key = self.data_key(path, info.version);
-        let mut resp = self.attempt(deadline, self.kv.clone().get(key, Some(options))).await?;
+        let mut resp = self
+            .members
+            .attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await })
+            .await?;
         let Some(kv) = resp.take_kvs().pop() else {
             let what = format!("value of {path} version {} missing", info.version);
             return Err(Failure::Done(StoreError::Corrupt(what)));
@@ -238,7 +172,8 @@ impl EtcdStore {
             return Ok(Some(false));
         }
         let key = self.data_key(path, info.version);
-        let resp = self.attempt(deadline, self.kv.clone().get(key, None)).await?;
+        let resp =
+            self.members.attempt(deadline, |mut kv| async move { kv.get(key, None).await }).await?;
         Ok(Some(resp.kvs().first().is_some_and(|kv| kv.value() == value)))
     }
 
@@ -277,7 +212,7 @@ impl EtcdStore {
         let txn = Txn::new()
             .when([Compare::mod_revision(meta_key.as_str(), CompareOp::Equal, mod_revision)])
             .and_then(ops);
-        match self.attempt(deadline, self.kv.clone().txn(txn)).await {
+        match self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await {
             Ok(resp) if resp.succeeded() => Ok(PutStep::Written),
             // Someone else changed the secret; the next read tells how.
             Ok(_) => Ok(PutStep::Again),
@@ -301,7 +236,10 @@ impl EtcdStore {
             PathPrefix::Path(p) => {
                 if after.is_none_or(|a| a < p) {
                     let key = self.meta_key(p.as_str());
-                    let resp = self.attempt(deadline, self.kv.clone().get(key, None)).await?;
+                    let resp = self
+                        .members
+                        .attempt(deadline, |mut kv| async move { kv.get(key, None).await })
+                        .await?;
                     revision = resp.header().map_or(0, |h| h.revision());
                     if decode_first(p.as_str(), &resp)?.0.is_some_and(|m| m.is_live()) {
                         out.push(p.clone());
@@ -322,8 +260,11 @@ impl EtcdStore {
             if revision > 0 {
                 options = options.with_revision(revision);
             }
-            let mut kv = self.kv.clone();
-            let resp = self.attempt(deadline, kv.get(start.as_str(), Some(options))).await?;
+            let from = start.as_str();
+            let resp = self
+                .members
+                .attempt(deadline, |mut kv| async move { kv.get(from, Some(options)).await })
+                .await?;
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -371,11 +312,12 @@ impl EtcdStore {
         let txn = Txn::new()
             .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)])
             .and_then([TxnOp::put(key.as_str(), encode_meta(&meta)?, None)]);
-        let resp = self.attempt(deadline, self.kv.clone().txn(txn)).await?;
+        let resp =
+            self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await?;
         if resp.succeeded() {
             Ok(info)
         } else {
-            Err(Failure::NotSent("metadata changed during delete".into()))
+            Err(Failure::Refused("metadata changed during delete".into()))
         }
     }
 }
@@ -415,7 +357,10 @@ impl Store for EtcdStore {
                 Ok(PutStep::Again) => return Err(trouble.give_up("put", self.timeout)),
                 Err((failure, sent)) => {
                     trouble.note(failure, sent)?;
-                    trouble.pause(deadline).await.map_err(|t| t.give_up("put", self.timeout))?;
+                    trouble
+                        .pause(deadline)
+                        .await
+                        .map_err(|()| trouble.give_up("put", self.timeout))?;
                 }
             }
         }
@@ -450,97 +395,6 @@ impl Store for EtcdStore {
     }
 }
 
-impl Trouble {
-    /// Records a failed try (`sent`: it was a write that may have reached etcd); a final
-    /// failure is returned as the operation's error.
-    fn note(&mut self, failure: Failure, sent: bool) -> Result<(), StoreError> {
-        self.tries += 1;
-        self.last = match failure {
-            Failure::Done(e) => return Err(e),
-            Failure::NoLeader(m) => {
-                self.no_leader = true;
-                m
-            }
-            Failure::NotSent(m) => m,
-            Failure::Unknown(m) => {
-                self.maybe_applied |= sent;
-                m
-            }
-        };
-        Ok(())
-    }
-
-    /// Waits before the next try; `Err(self)` if the deadline leaves no time for one.
-    async fn pause(&mut self, deadline: Instant) -> Result<(), &mut Self> {
-        let backoff = FIRST_BACKOFF.saturating_mul(1 << self.tries.min(4)).min(MAX_BACKOFF);
-        if Instant::now() + backoff >= deadline {
-            return Err(self);
-        }
-        tokio::time::sleep(backoff).await;
-        Ok(())
-    }
-
-    fn give_up(&self, op: &str, timeout: Duration) -> StoreError {
-        let (tries, last) = (self.tries, &self.last);
-        if self.maybe_applied {
-            StoreError::OutcomeUnknown(format!(
-                "etcd {op}: no confirmation within {timeout:?} after {tries} tries; the write \
-                 may still be applied (last error: {last})"
-            ))
-        } else if self.no_leader {
-            StoreError::NoQuorum(format!(
-                "etcd {op}: the cluster has no leader, so the store has no quorum ({last})"
-            ))
-        } else {
-            StoreError::Unavailable(format!(
-                "etcd {op}: no answer within {timeout:?} after {tries} tries; unreachable or \
-                 without quorum (last error: {last})"
-            ))
-        }
-    }
-}
-
-/// Sorts an etcd client error by what it means for a retry.
-fn classify(e: etcd_client::Error) -> Failure {
-    use etcd_client::Error as E;
-    match e {
-        E::GRpcStatus(s) => classify_status(&s),
-        E::TransportError(t) => Failure::NotSent(format!("transport: {t}")),
-        E::IoError(io) => Failure::Unknown(format!("I/O: {io}")),
-        other => Failure::Done(StoreError::Backend(format!("etcd client: {other}"))),
-    }
-}
-
-fn classify_status(s: &tonic::Status) -> Failure {
-    let msg = s.message();
-    let text = format!("{:?}: {msg}", s.code());
-    if msg.contains("no leader") {
-        return Failure::NoLeader(text);
-    }
-    match s.code() {
-        Code::Unauthenticated | Code::PermissionDenied => Failure::Done(StoreError::Backend(
-            format!("etcd refused the gateway's credentials: {text}"),
-        )),
-        Code::InvalidArgument | Code::FailedPrecondition | Code::Unimplemented => {
-            Failure::Done(StoreError::Backend(text))
-        }
-        Code::ResourceExhausted if msg.contains("space") => Failure::Done(StoreError::Unavailable(
-            format!("etcd is out of space (NOSPACE alarm): {text}"),
-        )),
-        // "too many requests" and "revision compacted" are refusals before anything applied.
-        Code::ResourceExhausted | Code::OutOfRange => Failure::NotSent(text),
-        Code::Unavailable if is_connect_error(msg) => Failure::NotSent(text),
-        _ => Failure::Unknown(text),
-    }
-}
-
-/// Whether tonic failed to open a connection (so the request was never sent).
-fn is_connect_error(msg: &str) -> bool {
-    ["error trying to connect", "tcp connect error", "Connection refused", "connection refused"]
-        .iter()
-        .any(|m| msg.contains(m))
-}
-
 fn decode_first(path: &str, resp: &GetResponse) -> Result<(Option<SecretMeta>, i64), Failure> {
     match resp.kvs().first() {
         None => Ok((None, 0)),
@@ -558,8 +412,4 @@ fn encode_meta(meta: &SecretMeta) -> Result<Vec<u8>, Failure> {
 
 fn corrupt(what: String) -> Failure {
     Failure::Done(StoreError::Corrupt(what))
-}
-
-fn read_pem(path: &Path) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path).map_err(|e| StoreError::Backend(format!("reading {}: {e}", path.display())))
 }

@@ -20,7 +20,7 @@ use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, Tls
 use rcgen::{ExtendedKeyUsagePurpose, SanType};
 use secretgate::Config;
 
-use super::{Ca, Pem, write};
+use super::{Ca, Pem, TestGateway, write};
 
 /// Members in a test cluster.
 pub const MEMBERS: usize = 3;
@@ -110,6 +110,16 @@ impl EtcdCluster {
         config.store.key = self.dir.path().join("client-key.pem");
         config.store.prefix = prefix.into();
         config.store.timeout_ms = timeout_ms;
+    }
+
+    /// A gateway in this process using this cluster as its store, under `prefix`.
+    pub async fn gateway(&self, prefix: &str, timeout_ms: u64) -> TestGateway {
+        TestGateway::start_with(|c| {
+            self.configure(c, prefix, timeout_ms);
+            // Keep every version, so a test can read back each write it saw acknowledged.
+            c.limits.max_versions = 1000;
+        })
+        .await
     }
 
     /// A direct etcd client (for tests that inspect raw keys), to every member or to one.
@@ -261,10 +271,15 @@ impl Drop for EtcdCluster {
 
 /// Panics with the install command if `etcd` cannot be run.
 pub fn require_etcd() {
-    match Command::new("etcd").arg("--version").stdout(Stdio::null()).status() {
+    require_binary("etcd");
+}
+
+/// Panics with the etcd install command if `binary` cannot be run.
+pub fn require_binary(binary: &str) {
+    match Command::new(binary).arg("--version").stdout(Stdio::null()).status() {
         Ok(s) if s.success() => {}
-        Ok(s) => panic!("`etcd --version` failed ({s}); {INSTALL_HINT}"),
-        Err(e) => panic!("cannot run etcd ({e}); {INSTALL_HINT}"),
+        Ok(s) => panic!("`{binary} --version` failed ({s}); {INSTALL_HINT}"),
+        Err(e) => panic!("cannot run {binary} ({e}); {INSTALL_HINT}"),
     }
 }
 
