@@ -177,6 +177,21 @@ async fn member_killed_under_load_loses_no_acknowledged_write() {
     eprintln!("{} acknowledged writes read back", acked.len());
 }
 
+/// Writes versions 1, 2, 3, … of `path` until one fails; returns the path, the last version
+/// acknowledged, the error, and how long the failing request took.
+async fn write_until_error(
+    mut c: SecretsClient<Channel>,
+    path: String,
+) -> (String, u64, Status, Duration) {
+    for v in 1..100_000u64 {
+        let started = Instant::now();
+        if let Err(e) = put(&mut c, &path, format!("w{v}").as_bytes(), Some(v - 1)).await {
+            return (path, v - 1, e, started.elapsed());
+        }
+    }
+    panic!("{path}: no error while the quorum was lost");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_lost_fails_fast_without_stale_reads_and_recovers_without_restart() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -185,11 +200,27 @@ async fn quorum_lost_fails_fast_without_stale_reads_and_recovers_without_restart
     let mut c = gw.client("spiffe://test.example/app").await;
     assert_eq!(put(&mut c, "/q/a", b"before", Some(0)).await.unwrap(), 1);
 
+    // Writers busy when the quorum goes: their writes in flight must end UNAVAILABLE too.
+    let writers: Vec<_> =
+        (0..3).map(|w| tokio::spawn(write_until_error(c.clone(), format!("/q/w{w}")))).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Keep the leader running alone: it must not go on serving reads as if it still led.
     let leader = cluster.leader().await.expect("a leader");
     let paused: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     for &i in &paused {
         cluster.pause(i);
+    }
+    let mut in_flight = Vec::new();
+    for w in writers {
+        let (path, acked, err, took) = w.await.unwrap();
+        eprintln!(
+            "writer {path}: {acked} acked, then {:?} after {took:?}: {}",
+            err.code(),
+            err.message()
+        );
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(took <= STORE_TIMEOUT + MARGIN, "{path}: {took:?}");
+        in_flight.push((path, acked, err.message().contains("outcome is unknown")));
     }
     let mut outcome_unknown = false;
     for round in 0..2 {
@@ -228,6 +259,15 @@ async fn quorum_lost_fails_fast_without_stale_reads_and_recovers_without_restart
     eprintln!("reads resumed after {:?} (version {version})", started.elapsed());
     // A write whose outcome was unknown may have committed once the quorum returned.
     assert!(version == 1 || outcome_unknown, "version {version} without an unknown outcome");
+    // Every acknowledged write is there. The write that failed is there only if its outcome
+    // was reported unknown: a write reported as "no quorum" was never applied.
+    for (path, acked, unknown) in &in_flight {
+        let (current, _) = get(&mut c, path, None).await.unwrap();
+        assert!(current == *acked || (*unknown && current == acked + 1), "{path}: {current}");
+        for v in 1..=*acked {
+            assert_eq!(get(&mut c, path, Some(v)).await.unwrap().1, format!("w{v}").into_bytes());
+        }
+    }
     let v = eventually(Duration::from_secs(10), &c, |mut c| async move {
         put(&mut c, "/q/a", b"after", Some(version)).await
     })
