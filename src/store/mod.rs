@@ -1,7 +1,7 @@
 //! The secret store: one trait, several backends.
 //!
 //! The gateway talks to its store only through [`Store`]. Every backend (the embedded redb
-//! file today, etcd next) keeps the same model and passes the same conformance suite
+//! file, and etcd for production) keeps the same model and passes the same conformance suite
 //! (`tests/support/conformance.rs`):
 //!
 //! - a secret is a [`SecretPath`] with numbered versions 1, 2, 3, … and a current version;
