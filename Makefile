@@ -2,12 +2,22 @@
 #   make run    development gateway on 127.0.0.1:7443 (dev PKI, embedded store)
 #   make test   fmt check, clippy -D warnings, every test
 # Both install what they need (protoc, etcd) with apt-get when it is missing.
+#
+# Against a local 3-member etcd cluster (TLS everywhere), see docs/etcd.md:
+#   make etcd-cluster   in one terminal (Ctrl-C stops all three members)
+#   make run-etcd       in another: the development gateway with the etcd store
 
 SHELL := /bin/bash
 CARGO ?= cargo
 CARGO_BIN ?= $(if $(CARGO_HOME),$(CARGO_HOME),$(HOME)/.cargo)/bin
 
-.PHONY: run test deps build fmt lint install-link
+.PHONY: run test deps build fmt lint install-link etcd-cluster etcd-pki run-etcd
+
+# The local etcd cluster: state (PKI, data, logs) in .secretgate-dev/etcd/; delete it to
+# start over. Client ports 12379, 22379, 32379; peer ports one above each.
+ETCD_DIR := .secretgate-dev/etcd
+ETCD_PORTS := 12379 22379 32379
+ETCD_ENDPOINTS := https://127.0.0.1:12379,https://127.0.0.1:22379,https://127.0.0.1:32379
 
 run: deps build install-link
 	./target/debug/secretgate dev
@@ -49,3 +59,56 @@ fmt:
 
 lint:
 	$(CARGO) clippy --all-targets -- -D warnings
+
+# A throw-away PKI for the local cluster: a CA, one member certificate (server and client
+# use, for client and peer TLS) and the gateway's client certificate. Development only.
+etcd-pki:
+	@mkdir -p $(ETCD_DIR)/pki && chmod 700 $(ETCD_DIR) $(ETCD_DIR)/pki
+	@cd $(ETCD_DIR)/pki && if [ ! -f gateway.pem ]; then \
+	  set -e; umask 077; ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"; \
+	  openssl req -x509 $$ec -keyout ca-key.pem -out ca.pem -days 365 \
+	    -subj "/CN=secretgate dev etcd CA" 2>/dev/null; \
+	  openssl req -new $$ec -keyout member-key.pem -out member.csr -subj "/CN=etcd member" 2>/dev/null; \
+	  openssl x509 -req -in member.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 365 \
+	    -out member.pem -extfile <(printf "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n") 2>/dev/null; \
+	  openssl req -new $$ec -keyout gateway-key.pem -out gateway.csr -subj "/CN=secretgate" 2>/dev/null; \
+	  openssl x509 -req -in gateway.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 365 \
+	    -out gateway.pem -extfile <(printf "extendedKeyUsage=clientAuth\n") 2>/dev/null; \
+	  rm -f *.csr; echo "wrote the dev etcd PKI in $(ETCD_DIR)/pki"; \
+	fi
+
+# Three members in the foreground with the production flags of docs/etcd.md (TLS for
+# clients and peers, client certificates required, quota, auto-compaction).
+etcd-cluster: deps etcd-pki
+	@pki="$(CURDIR)/$(ETCD_DIR)/pki"; cluster=""; \
+	for p in $(ETCD_PORTS); do cluster="$$cluster,m$$p=https://127.0.0.1:$$((p + 1))"; done; \
+	trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT INT TERM; \
+	for p in $(ETCD_PORTS); do \
+	  etcd --name m$$p --data-dir $(ETCD_DIR)/m$$p \
+	    --listen-client-urls https://127.0.0.1:$$p --advertise-client-urls https://127.0.0.1:$$p \
+	    --listen-peer-urls https://127.0.0.1:$$((p + 1)) \
+	    --initial-advertise-peer-urls https://127.0.0.1:$$((p + 1)) \
+	    --initial-cluster "$${cluster#,}" --initial-cluster-state new \
+	    --initial-cluster-token secretgate-dev \
+	    --cert-file $$pki/member.pem --key-file $$pki/member-key.pem \
+	    --trusted-ca-file $$pki/ca.pem --client-cert-auth \
+	    --peer-cert-file $$pki/member.pem --peer-key-file $$pki/member-key.pem \
+	    --peer-trusted-ca-file $$pki/ca.pem --peer-client-cert-auth \
+	    --quota-backend-bytes 2147483648 \
+	    --auto-compaction-mode periodic --auto-compaction-retention 1h \
+	    --logger zap --log-outputs $(ETCD_DIR)/m$$p.log & \
+	done; \
+	echo "etcd cluster: $(ETCD_ENDPOINTS) (logs in $(ETCD_DIR)/*.log; Ctrl-C stops it)"; \
+	echo "health:  ETCDCTL_API=3 etcdctl --endpoints $(ETCD_ENDPOINTS) --cacert $$pki/ca.pem \
+	  --cert $$pki/gateway.pem --key $$pki/gateway-key.pem endpoint health"; \
+	wait
+
+# The development gateway (`secretgate dev`) with its store in the cluster above. The
+# variables override the dev config; relative paths resolve against .secretgate-dev/.
+run-etcd: deps build install-link etcd-pki
+	SECRETGATE_STORE_BACKEND=etcd \
+	SECRETGATE_STORE_ENDPOINTS=$(ETCD_ENDPOINTS) \
+	SECRETGATE_STORE_CA=etcd/pki/ca.pem \
+	SECRETGATE_STORE_CERT=etcd/pki/gateway.pem \
+	SECRETGATE_STORE_KEY=etcd/pki/gateway-key.pem \
+	./target/debug/secretgate dev

@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 const CLIENT_VARS: &[&str] =
     &["ADDR", "CA", "CERT", "KEY", "CONFIG", "LOG", "OUTPUT", "KEYRING", "POLICIES"];
 
+/// The environment variable that may hold the etcd password (instead of `store.password_file`).
+pub const STORE_PASSWORD_VAR: &str = "SECRETGATE_STORE_PASSWORD";
+
 /// Largest `limits.max_value_bytes` accepted (16 MiB).
 pub const MAX_VALUE_LIMIT: u64 = 16 << 20;
 
@@ -63,10 +66,30 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Backend: `"embedded"` (default; one local redb file).
+    /// Backend: `"embedded"` (default; one local redb file) or `"etcd"`.
     pub backend: String,
     /// File of the embedded store. Default `data/secretgate.redb`.
     pub path: PathBuf,
+    /// etcd: client URLs of the members, `https://host:port`. Environment: comma-separated.
+    pub endpoints: Vec<String>,
+    /// etcd: PEM bundle of the CAs that sign the members' certificates. Required for etcd.
+    pub ca: PathBuf,
+    /// etcd: PEM client certificate the gateway presents to etcd (with `key`).
+    pub cert: PathBuf,
+    /// etcd: PEM private key for `cert`.
+    pub key: PathBuf,
+    /// etcd: every key the gateway writes starts with this. Default `/secretgate/`.
+    pub prefix: String,
+    /// etcd: milliseconds one store operation may take, retries included. Default 5000.
+    pub timeout_ms: u64,
+    /// etcd: user name for etcd authentication; empty (default) for none.
+    pub username: String,
+    /// etcd: file holding the password for `username` (or set `SECRETGATE_STORE_PASSWORD`).
+    pub password_file: PathBuf,
+    /// etcd: the password, from `password_file` or `SECRETGATE_STORE_PASSWORD`; never in the
+    /// file itself, never serialized, redacted in `Debug`.
+    #[serde(skip)]
+    pub password: StorePassword,
 }
 
 /// `[crypto]`
@@ -90,6 +113,9 @@ pub struct AuthzConfig {
     /// Default 2.
     pub reload_interval_secs: u64,
 }
+/// The etcd password. Wiped from memory on drop; `Debug` shows only whether it is set.
+#[derive(Clone, Default, PartialEq)]
+pub struct StorePassword(Option<zeroize::Zeroizing<String>>);
 
 /// `[limits]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -182,7 +208,19 @@ impl Default for TlsConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { backend: "embedded".into(), path: PathBuf::from("data/secretgate.redb") }
+        Self {
+            backend: "embedded".into(),
+            path: PathBuf::from("data/secretgate.redb"),
+            endpoints: vec!["https://127.0.0.1:2379".into()],
+            ca: PathBuf::new(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            prefix: "/secretgate/".into(),
+            timeout_ms: 5000,
+            username: String::new(),
+            password_file: PathBuf::new(),
+            password: StorePassword::default(),
+        }
     }
 }
 
@@ -216,8 +254,17 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let parsed: Config = toml::from_str(text)
             .map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        let mut password = None;
+        let env = env.into_iter().filter_map(|(var, value)| {
+            if var == STORE_PASSWORD_VAR {
+                password = Some(zeroize::Zeroizing::new(value));
+                return None;
+            }
+            Some((var, value))
+        });
         let mut config = parsed.with_env(env)?;
         config.resolve_paths(base_dir);
+        config.store.password = StorePassword::load(password, &config.store.password_file)?;
         config.validate()?;
         Ok(config)
     }
@@ -262,6 +309,10 @@ impl Config {
             &mut self.store.path,
             &mut self.crypto.keyring,
             &mut self.authz.policies,
+            &mut self.store.ca,
+            &mut self.store.cert,
+            &mut self.store.key,
+            &mut self.store.password_file,
         ] {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
@@ -288,11 +339,13 @@ impl Config {
         if !(1..=300).contains(&self.tls.handshake_timeout_secs) {
             return invalid("tls.handshake_timeout_secs", "must be between 1 and 300");
         }
-        if self.store.backend != "embedded" {
-            return invalid("store.backend", "must be \"embedded\"");
-        }
-        if self.store.path.as_os_str().is_empty() {
-            return invalid("store.path", "is required for the embedded store");
+        match self.store.backend.as_str() {
+            "embedded" if self.store.path.as_os_str().is_empty() => {
+                return invalid("store.path", "is required for the embedded store");
+            }
+            "embedded" => {}
+            "etcd" => self.store.validate_etcd(self.limits.request_timeout())?,
+            _ => return invalid("store.backend", "must be \"embedded\" or \"etcd\""),
         }
         if self.crypto.keyring.as_os_str().is_empty() {
             return invalid("crypto.keyring", "is required (the keyring file path)");
@@ -340,6 +393,104 @@ impl CryptoConfig {
     /// The reload interval as a `Duration`.
     pub fn reload_interval(&self) -> Duration {
         Duration::from_secs(self.reload_interval_secs)
+    }
+}
+
+impl StoreConfig {
+    /// The etcd store timeout as a `Duration`.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Where the store is, for the log: the file, or the etcd endpoints and prefix.
+    pub fn describe(&self) -> String {
+        match self.backend.as_str() {
+            "etcd" => format!("etcd {} prefix {}", self.endpoints.join(","), self.prefix),
+            _ => self.path.display().to_string(),
+        }
+    }
+
+    fn validate_etcd(&self, request_timeout: Duration) -> Result<(), ConfigError> {
+        let invalid =
+            |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        if self.endpoints.is_empty() {
+            return invalid("store.endpoints", "needs at least one etcd client URL");
+        }
+        for e in &self.endpoints {
+            let host = e.strip_prefix("https://").unwrap_or_default();
+            if host.is_empty() || host.contains('/') || !host.contains(':') {
+                return Err(ConfigError::Invalid {
+                    field: "store.endpoints",
+                    reason: format!("{e:?} is not of the form https://host:port (TLS is required)"),
+                });
+            }
+        }
+        if self.ca.as_os_str().is_empty() {
+            return invalid("store.ca", "is required for etcd (the CA of the etcd members)");
+        }
+        if self.cert.as_os_str().is_empty() != self.key.as_os_str().is_empty() {
+            let field = if self.cert.as_os_str().is_empty() { "store.cert" } else { "store.key" };
+            return invalid(field, "store.cert and store.key must be given together");
+        }
+        let p = &self.prefix;
+        if !p.starts_with('/') || !p.ends_with('/') || !p.bytes().all(|b| b.is_ascii_graphic()) {
+            return invalid("store.prefix", "must start and end with '/' and be printable ASCII");
+        }
+        if !(100..=60_000).contains(&self.timeout_ms) {
+            return invalid("store.timeout_ms", "must be between 100 and 60000");
+        }
+        if self.timeout() >= request_timeout {
+            return invalid("store.timeout_ms", "must be less than limits.request_timeout_secs");
+        }
+        match (self.username.is_empty(), self.password.is_set()) {
+            (true, true) => invalid("store.username", "is required when a password is given"),
+            (false, false) => invalid(
+                "store.password_file",
+                "a password (password_file or SECRETGATE_STORE_PASSWORD) is required with username",
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl StorePassword {
+    /// The password, if one is configured.
+    pub fn expose(&self) -> Option<&str> {
+        self.0.as_ref().map(|p| p.as_str())
+    }
+
+    /// Whether a password is configured.
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// From the environment variable or the file (one of them, or neither).
+    fn load(
+        from_env: Option<zeroize::Zeroizing<String>>,
+        file: &Path,
+    ) -> Result<Self, ConfigError> {
+        let invalid =
+            |reason: String| ConfigError::Invalid { field: "store.password_file", reason };
+        if file.as_os_str().is_empty() {
+            return Ok(Self(from_env));
+        }
+        if from_env.is_some() {
+            return Err(invalid(format!("set it or {STORE_PASSWORD_VAR}, not both")));
+        }
+        let text = std::fs::read_to_string(file)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| invalid(format!("cannot read {}: {e}", file.display())))?;
+        let password = text.trim_end_matches(['\r', '\n']);
+        if password.is_empty() {
+            return Err(invalid(format!("{} is empty", file.display())));
+        }
+        Ok(Self(Some(zeroize::Zeroizing::new(password.to_owned()))))
+    }
+}
+
+impl std::fmt::Debug for StorePassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_set() { "StorePassword(<redacted>)" } else { "StorePassword(None)" })
     }
 }
 
@@ -392,6 +543,13 @@ fn typed_like(current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
             .parse::<bool>()
             .map(toml::Value::Boolean)
             .map_err(|_| format!("expected true or false, got {raw:?}")),
+        toml::Value::Array(_) => Ok(toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        )),
         _ => Ok(toml::Value::String(raw.to_owned())),
     }
 }
@@ -455,12 +613,78 @@ mod tests {
             (format!("{MINIMAL}\n[limits]\nmax_versions = 0\n"), "limits.max_versions"),
             (format!("{MINIMAL}min_version = \"1.1\"\n"), "tls.min_version"),
             (format!("{MINIMAL}\n[store]\nbackend = \"s3\"\n"), "store.backend"),
+            (format!("{MINIMAL}\n[store]\npath = \"\"\n"), "store.path"),
             ("[tls]\ncert = \"a\"\n".to_owned(), "tls.key"),
         ];
         for (text, field) in cases {
             let err = load(&text, &[]).unwrap_err().to_string();
             assert!(err.contains(field), "{field}: {err}");
         }
+    }
+
+    const ETCD: &str = r#"
+        [store]
+        backend = "etcd"
+        endpoints = ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
+        ca = "etcd/ca.pem"
+        cert = "etcd/client.pem"
+        key = "etcd/client-key.pem"
+    "#;
+
+    #[test]
+    fn etcd_store_defaults_and_relative_paths() {
+        let c = load(&format!("{MINIMAL}{ETCD}"), &[]).unwrap();
+        assert_eq!(c.store.endpoints.len(), 2);
+        assert_eq!(c.store.ca, Path::new("/etc/sg/etcd/ca.pem"));
+        assert_eq!(c.store.key, Path::new("/etc/sg/etcd/client-key.pem"));
+        assert_eq!(c.store.prefix, "/secretgate/");
+        assert_eq!(c.store.timeout(), Duration::from_secs(5));
+        assert!(!c.store.password.is_set());
+    }
+
+    #[test]
+    fn etcd_endpoints_from_the_environment_are_comma_separated() {
+        let env = [("SECRETGATE_STORE_ENDPOINTS", "https://a:2379, https://b:2379,")];
+        let c = load(&format!("{MINIMAL}{ETCD}"), &env).unwrap();
+        assert_eq!(c.store.endpoints, ["https://a:2379", "https://b:2379"]);
+    }
+
+    #[test]
+    fn etcd_errors_name_the_field() {
+        let etcd = format!("{MINIMAL}{ETCD}");
+        let cases = [
+            (etcd.replace("https://10.0.0.1:2379", "http://10.0.0.1:2379"), "store.endpoints"),
+            (etcd.replace("ca = \"etcd/ca.pem\"", ""), "store.ca"),
+            (etcd.replace("key = \"etcd/client-key.pem\"", ""), "store.key"),
+            (format!("{etcd}prefix = \"secretgate\"\n"), "store.prefix"),
+            (format!("{etcd}timeout_ms = 30000\n"), "store.timeout_ms"),
+            (format!("{etcd}username = \"gw\"\n"), "store.password_file"),
+        ];
+        for (text, field) in cases {
+            let err = load(&text, &[]).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn etcd_password_comes_from_env_or_file_and_never_shows() {
+        let text = format!("{MINIMAL}{ETCD}username = \"gw\"\n");
+        let c = load(&text, &[(STORE_PASSWORD_VAR, "hunter2-secret")]).unwrap();
+        assert_eq!(c.store.password.expose(), Some("hunter2-secret"));
+        assert!(!format!("{c:?}").contains("hunter2"), "Debug shows the password");
+        assert!(!toml::to_string(&c).unwrap().contains("hunter2"), "serialized password");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("etcd-password");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let with_file = format!("{text}password_file = \"{}\"\n", file.display());
+        let c = load(&with_file, &[]).unwrap();
+        assert_eq!(c.store.password.expose(), Some("from-file"));
+        let err = load(&with_file, &[(STORE_PASSWORD_VAR, "x")]).unwrap_err().to_string();
+        assert!(err.contains("store.password_file"), "{err}");
+        let missing = format!("{text}password_file = \"/nonexistent/pw\"\n");
+        let err = load(&missing, &[]).unwrap_err().to_string();
+        assert!(err.contains("store.password_file"), "{err}");
     }
 
     #[test]

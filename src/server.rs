@@ -19,7 +19,7 @@ use crate::{
         v1::{admin_server::AdminServer, secrets_server::SecretsServer},
     },
     reload::Reloadable,
-    store::{EmbeddedStore, Store, StoreError},
+    store::{EmbeddedStore, EtcdStore, Store, StoreError},
     tls::{self, TlsError, TlsIncoming},
 };
 
@@ -73,8 +73,7 @@ impl Gateway {
             rules = authz.handle().current().rule_count(),
             "policy loaded"
         );
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&config.store.path, config.limits.max_versions)?);
+        let store = open_store(config).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -131,7 +130,7 @@ impl Gateway {
                 })
                 .await
         });
-        tracing::info!(%addr, store = %config.store.path.display(), "secretgate serving");
+        tracing::info!(%addr, store = %config.store.describe(), "secretgate serving");
         Ok(Self { addr, shutdown: Some(tx), task, watchers: vec![keyring_watcher, policy_watcher] })
     }
 
@@ -180,4 +179,13 @@ fn load_keyring(config: &Config) -> Result<KeyringHandle, StartError> {
     let ring = Keyring::load(path)?;
     tracing::info!(keyring = %path.display(), version = ring.version(), primary = %ring.primary().id, "keyring loaded");
     Ok(Reloadable::new(ring, path, "keyring"))
+}
+
+/// Opens the configured backend (`store.backend`, checked by `Config::validate`).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    let keep = config.limits.max_versions;
+    Ok(match config.store.backend.as_str() {
+        "etcd" => Arc::new(EtcdStore::connect(&config.store, keep)?),
+        _ => Arc::new(EmbeddedStore::open(&config.store.path, keep)?),
+    })
 }

@@ -1,11 +1,15 @@
-//! The store conformance suite against the embedded (redb) backend.
+//! The store conformance suite against both backends: the embedded (redb) store and a real
+//! 3-member etcd cluster.
 
 mod support;
 
 use std::sync::Arc;
 
-use secretgate::{EmbeddedStore, Store};
-use support::conformance::{MAX_VERSIONS, run_all};
+use secretgate::{Config, EmbeddedStore, Store, store::EtcdStore};
+use support::{
+    conformance::{MAX_VERSIONS, run_all},
+    etcd::EtcdCluster,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_store_conforms() {
@@ -15,6 +19,22 @@ async fn embedded_store_conforms() {
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = dir.path().join(format!("store-{n}.redb"));
         async move { Arc::new(EmbeddedStore::open(&path, MAX_VERSIONS).unwrap()) as Arc<dyn Store> }
+    })
+    .await;
+}
+
+/// Every case gets a fresh prefix on one shared cluster, so cases cannot see each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_conforms() {
+    let cluster = EtcdCluster::start().await;
+    let counter = std::sync::atomic::AtomicUsize::new(0);
+    run_all(|| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut config = Config::default();
+        cluster.configure(&mut config, &format!("/conformance-{n}/"), 5000);
+        async move {
+            Arc::new(EtcdStore::connect(&config.store, MAX_VERSIONS).unwrap()) as Arc<dyn Store>
+        }
     })
     .await;
 }

@@ -84,6 +84,16 @@ pub enum ApiError {
     /// The store cannot answer now.
     #[error("secret store unavailable")]
     Unavailable,
+    /// The replicated store has lost its quorum: nothing can be read or written until enough
+    /// of its members return.
+    #[error("secret store unavailable: it has no quorum (too few store members reachable)")]
+    NoQuorum,
+    /// A write was sent to the store but not confirmed in time; it may still take effect.
+    #[error(
+        "secret store did not confirm the write in time: its outcome is unknown (it may still \
+         take effect); read the secret before retrying"
+    )]
+    OutcomeUnknown,
     /// A fault inside the gateway. Detail is logged, not returned.
     #[error("internal error")]
     Internal,
@@ -120,6 +130,14 @@ impl ApiError {
                 tracing::warn!(%detail, "store unavailable");
                 Self::Unavailable
             }
+            StoreError::NoQuorum(detail) => {
+                tracing::warn!(%detail, "store has no quorum");
+                Self::NoQuorum
+            }
+            StoreError::OutcomeUnknown(detail) => {
+                tracing::warn!(%detail, "store write outcome unknown");
+                Self::OutcomeUnknown
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 Self::Internal
@@ -141,7 +159,7 @@ impl ApiError {
             Self::Conflict { .. } | Self::RewrapRunning => Code::FailedPrecondition,
             Self::Undecryptable { .. } => Code::DataLoss,
             Self::Contended(_) => Code::Aborted,
-            Self::Unavailable => Code::Unavailable,
+            Self::Unavailable | Self::NoQuorum | Self::OutcomeUnknown => Code::Unavailable,
             Self::Internal | Self::NoIdentity => Code::Internal,
         }
     }
@@ -180,6 +198,24 @@ mod tests {
         let status = Status::from(&err);
         assert_eq!(status.code(), Code::PermissionDenied);
         assert_eq!(status.message(), "permission denied: spiffe://x/app may not write /apps/x");
+    }
+
+    #[test]
+    fn quorum_loss_and_unknown_outcomes_are_unavailable_and_say_so() {
+        let path = SecretPath::parse("/a").unwrap();
+        let status = Status::from(&ApiError::from_store(
+            StoreError::NoQuorum("https://10.0.0.1:2379: no leader".into()),
+            &path,
+        ));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("no quorum"), "{}", status.message());
+        assert!(!status.message().contains("10.0.0.1"));
+        let status = Status::from(&ApiError::from_store(
+            StoreError::OutcomeUnknown("timed out".into()),
+            &path,
+        ));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("outcome is unknown"), "{}", status.message());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The secret store: one trait, several backends.
 //!
 //! The gateway talks to its store only through [`Store`]. Every backend (the embedded redb
-//! file today, etcd next) keeps the same model and passes the same conformance suite
+//! file, and etcd for production) keeps the same model and passes the same conformance suite
 //! (`tests/support/conformance.rs`):
 //!
 //! - a secret is a [`SecretPath`] with numbered versions 1, 2, 3, … and a current version;
@@ -16,6 +16,7 @@
 //! The store never sees a caller, a policy or a key. What it holds as a value is opaque bytes.
 
 mod embedded;
+mod etcd;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +26,7 @@ use zeroize::Zeroizing;
 use crate::path::{PathPrefix, SecretPath};
 
 pub use embedded::EmbeddedStore;
+pub use etcd::EtcdStore;
 
 /// Default number of versions kept per secret.
 pub const DEFAULT_MAX_VERSIONS: u32 = 10;
@@ -102,6 +104,14 @@ pub enum StoreError {
     /// The store cannot be reached or cannot answer now; retrying later may succeed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The replicated store has no leader (too few members reachable to form a quorum), so it
+    /// can neither read linearizably nor write; retrying later may succeed.
+    #[error("store has no quorum: {0}")]
+    NoQuorum(String),
+    /// A write was sent but not confirmed in time: it may or may not take effect. The caller
+    /// must read before retrying, and must not report the write as failed.
+    #[error("write outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// Stored data does not decode: the store was altered outside the gateway, or a bug.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -144,8 +154,10 @@ pub trait Store: Send + Sync + 'static {
     /// The secret's metadata, deleted or not. `NotFound` only if it never existed.
     async fn versions(&self, path: &SecretPath) -> Result<SecretMeta, StoreError>;
 
-    /// Up to `limit` stored versions of all secrets, live or deleted, in (path, version)
-    /// order, strictly after `after` when given.
+    /// Up to `limit` stored versions of all secrets, live or deleted, strictly after `after`
+    /// when given, in the backend's stable key order: by path then version within one
+    /// secret, but a secret's subtree may sort before it (etcd: `/a/b@…` < `/a@…`). Paging
+    /// with the last record as `after` visits every record exactly once.
     async fn scan(
         &self,
         after: Option<(&SecretPath, u64)>,

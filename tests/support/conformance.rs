@@ -217,12 +217,21 @@ async fn scan_walks_every_kept_version_in_order(s: Arc<dyn Store>) {
     s.put(&p("/a"), 0, b"a1").await.unwrap();
     s.put(&p("/c"), 0, b"c1").await.unwrap();
     s.delete(&p("/c")).await.unwrap();
-    let expected = [("/a", 1), ("/b", 2), ("/b", 3), ("/b", 4), ("/c", 1)];
+    s.put(&p("/b/x"), 0, b"bx1").await.unwrap();
+    s.put(&p("/b-y"), 0, b"by1").await.unwrap();
     let all = s.scan(None, 100).await.unwrap();
     let got: Vec<(String, u64)> = all.iter().map(|r| (r.path.to_string(), r.version)).collect();
+    let mut sorted = got.clone();
+    sorted.sort();
+    let expected =
+        [("/a", 1), ("/b", 2), ("/b", 3), ("/b", 4), ("/b-y", 1), ("/b/x", 1), ("/c", 1)];
     let want: Vec<(String, u64)> = expected.iter().map(|(p, v)| (p.to_string(), *v)).collect();
-    assert_eq!(got, want, "pruned versions are gone, deleted ones are included");
-    assert_eq!(all[1].value.as_slice(), b"b2");
+    assert_eq!(sorted, want, "pruned versions are gone, deleted ones are included");
+    let b: Vec<u64> = all.iter().filter(|r| r.path.as_str() == "/b").map(|r| r.version).collect();
+    assert_eq!(b, [2, 3, 4], "versions of one secret in order");
+    let b2 = all.iter().find(|r| r.path.as_str() == "/b" && r.version == 2).unwrap();
+    assert_eq!(b2.value.as_slice(), b"b2");
+    let want = got;
     // Paging with limit 2 visits the same records once each.
     let mut paged = Vec::new();
     let mut after: Option<(SecretPath, u64)> = None;

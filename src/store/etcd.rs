@@ -1,0 +1,504 @@
+//! The etcd backend: the replicated store for production (a 3- or 5-member Raft cluster).
+//!
+//! **Key layout.** Every key starts with the configured prefix `P` (default `/secretgate/`);
+//! nothing is ever written outside it:
+//!
+//! - `P` `meta` *path* → JSON [`SecretMeta`], e.g. `/secretgate/meta/app/db`;
+//! - `P` `data` *path* `@` *version* (20 digits, zero-padded) → the stored bytes, e.g.
+//!   `/secretgate/data/app/db@00000000000000000003`.
+//!
+//! `@` cannot occur in a [`SecretPath`], so the mapping is unambiguous, and meta keys sort
+//! exactly like paths, so `list` is a key range read in pages of at most [`LIST_PAGE`] keys.
+//!
+//! **Guarantees.** Every write is one etcd transaction: it compares the meta key's
+//! `mod_revision` with the one read (0 for "never existed") and then puts the meta and the
+//! value and deletes pruned versions together, so concurrent writers and crashes never leave
+//! half a write, and a lost compare is a [`StoreError::Conflict`] with the current version
+//! read back. Reads are linearizable (etcd's default), and a value is read at the revision
+//! of its metadata. Requests carry etcd's `hasleader` flag, so a member without a leader
+//! refuses at once instead of hanging.
+//!
+//! **Time bounds.** One operation, retries included, takes at most `store.timeout_ms`. Each
+//! try gets a share of it, so a request stuck on a paused member is retried on another.
+//! Retrying a write is safe: the retry compares the same revision, so at most one of the
+//! tries can apply, and a retry that loses the compare checks whether the secret now holds
+//! *this* write (same version, creation time and value). If the deadline passes after a
+//! write was sent and nothing settles it, the error is [`StoreError::OutcomeUnknown`], never
+//! a plain failure: the write may still commit.
+
+mod members;
+
+use std::{fmt, future::Future, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp};
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use self::members::{Failure, Members, Trouble};
+use super::{Entry, Record, SecretMeta, Store, StoreError, UnixMillis, VersionInfo};
+use crate::{
+    config::StoreConfig,
+    path::{PathPrefix, SecretPath},
+};
+
+/// Most meta keys fetched by one range request of `list`.
+pub const LIST_PAGE: usize = 256;
+
+/// A [`Store`] in an etcd cluster.
+#[derive(Clone)]
+pub struct EtcdStore {
+    members: Arc<Members>,
+    prefix: String,
+    timeout: Duration,
+    max_versions: u32,
+}
+
+impl fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("max_versions", &self.max_versions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where one try of a write left it.
+enum PutStep {
+    /// This write committed (in this try or an earlier one).
+    Written,
+    /// The secret is at another version, not written by this write.
+    Conflict(u64),
+    /// An earlier try may have committed, but the evidence has been pruned.
+    Unsure,
+    /// Another writer changed the metadata (not the version) in between: try again.
+    Again,
+}
+
+impl EtcdStore {
+    /// Prepares connections to the cluster named by `config` (TLS with its CA and client
+    /// certificate, and its user if one is set). Connections open on first use, so an
+    /// unreachable cluster shows up as `Unavailable` on the first operation, not here.
+    pub fn connect(config: &StoreConfig, max_versions: u32) -> Result<Self, StoreError> {
+        let members = Arc::new(Members::new(config)?);
+        Ok(Self { members, prefix: config.prefix.clone(), timeout: config.timeout(), max_versions })
+    }
+
+    fn meta_key(&self, path: &str) -> String {
+        format!("{}meta{path}", self.prefix)
+    }
+
+    fn data_key(&self, path: &SecretPath, version: u64) -> String {
+        format!("{}data{path}@{version:020}", self.prefix)
+    }
+
+    /// Runs `once` until it succeeds, fails for good, or the operation's time is up.
+    /// `write`: a try that may have reached etcd may have applied.
+    async fn retry<T, F, Fut>(&self, op: &str, write: bool, mut once: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Instant) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut trouble = Trouble::default();
+        loop {
+            match once(deadline).await {
+                Ok(v) => return Ok(v),
+                Err(f) => trouble.note(f, write)?,
+            }
+            trouble.pause(deadline).await.map_err(|()| trouble.give_up(op, self.timeout))?;
+        }
+    }
+
+    /// The secret's metadata and its `mod_revision` (0 if it never existed), read at the
+    /// revision returned with it.
+    async fn meta(
+        &self,
+        path: &SecretPath,
+        deadline: Instant,
+    ) -> Result<(Option<SecretMeta>, i64, i64), Failure> {
+        let key = self.meta_key(path.as_str());
+        let resp =
+            self.members.attempt(deadline, |mut kv| async move { kv.get(key, None).await }).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let (meta, mod_revision) = decode_first(path.as_str(), &resp)?;
+        Ok((meta, mod_revision, revision))
+    }
+
+    async fn get_once(
+        &self,
+        path: &SecretPath,
+        version: Option<u64>,
+        deadline: Instant,
+    ) -> Result<Entry, Failure> {
+        let (meta, _, revision) = self.meta(path, deadline).await?;
+        let meta = meta.ok_or(Failure::Done(StoreError::NotFound))?;
+        let info = meta.readable(version).map_err(Failure::Done)?;
+        let options = GetOptions::new().with_revision(revision);
+        let key = self.data_key(path, info.version);
+        let mut resp = self
+            .members
+            .attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await })
+            .await?;
+        let Some(kv) = resp.take_kvs().pop() else {
+            let what = format!("value of {path} version {} missing", info.version);
+            return Err(Failure::Done(StoreError::Corrupt(what)));
+        };
+        let (_, value) = kv.into_key_value();
+        Ok(Entry {
+            version: info.version,
+            created: info.created,
+            current_version: meta.current_version,
+            value: Zeroizing::new(value),
+        })
+    }
+
+    /// Whether the secret holds `info`'s version with `info`'s creation time and `value`:
+    /// how a retried write recognizes that an earlier, unanswered try of it committed.
+    /// `None` if that version is no longer kept, so nobody can tell.
+    async fn holds(
+        &self,
+        path: &SecretPath,
+        meta: &SecretMeta,
+        info: &VersionInfo,
+        value: &[u8],
+        deadline: Instant,
+    ) -> Result<Option<bool>, Failure> {
+        let Some(kept) = meta.versions.iter().find(|v| v.version == info.version) else {
+            return Ok(None);
+        };
+        if kept.created != info.created {
+            return Ok(Some(false));
+        }
+        let key = self.data_key(path, info.version);
+        let resp =
+            self.members.attempt(deadline, |mut kv| async move { kv.get(key, None).await }).await?;
+        Ok(Some(resp.kvs().first().is_some_and(|kv| kv.value() == value)))
+    }
+
+    /// One try of a write: read the metadata, then one compare-and-set transaction. `retried`:
+    /// an earlier try may have committed, so a moved version may be this write's own.
+    /// An error carries whether the request may have reached etcd as a write.
+    async fn put_once(
+        &self,
+        path: &SecretPath,
+        expected: u64,
+        value: &[u8],
+        info: &VersionInfo,
+        retried: bool,
+        deadline: Instant,
+    ) -> Result<PutStep, (Failure, bool)> {
+        let (meta, mod_revision, _) = self.meta(path, deadline).await.map_err(|f| (f, false))?;
+        let mut meta = meta.unwrap_or(SecretMeta { current_version: 0, versions: Vec::new() });
+        if meta.current_version != expected {
+            if !retried {
+                return Ok(PutStep::Conflict(meta.current_version));
+            }
+            return match self.holds(path, &meta, info, value, deadline).await {
+                Ok(Some(true)) => Ok(PutStep::Written),
+                Ok(Some(false)) => Ok(PutStep::Conflict(meta.current_version)),
+                Ok(None) => Ok(PutStep::Unsure),
+                Err(f) => Err((f, false)),
+            };
+        }
+        let meta_key = self.meta_key(path.as_str());
+        let mut ops = Vec::new();
+        for pruned in meta.push_version(info.clone(), self.max_versions) {
+            ops.push(TxnOp::delete(self.data_key(path, pruned.version), None));
+        }
+        ops.push(TxnOp::put(self.data_key(path, info.version), value, None));
+        ops.push(TxnOp::put(meta_key.as_str(), encode_meta(&meta).map_err(|f| (f, false))?, None));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(meta_key.as_str(), CompareOp::Equal, mod_revision)])
+            .and_then(ops);
+        match self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await {
+            Ok(resp) if resp.succeeded() => Ok(PutStep::Written),
+            // Someone else changed the secret; the next read tells how.
+            Ok(_) => Ok(PutStep::Again),
+            Err(f) => Err((f, true)),
+        }
+    }
+
+    /// One try of a list, all pages read at the revision of the first.
+    async fn list_once(
+        &self,
+        prefix: &PathPrefix,
+        after: Option<&SecretPath>,
+        limit: usize,
+        deadline: Instant,
+    ) -> Result<Vec<SecretPath>, Failure> {
+        let mut out = Vec::new();
+        let mut revision = 0;
+        // Paths sort bytewise and `p` < `p/…` < `p0`: the prefix itself, then its subtree.
+        let (lower, upper) = match prefix {
+            PathPrefix::Root => ("/".to_owned(), "0".to_owned()),
+            PathPrefix::Path(p) => {
+                if after.is_none_or(|a| a < p) {
+                    let key = self.meta_key(p.as_str());
+                    let resp = self
+                        .members
+                        .attempt(deadline, |mut kv| async move { kv.get(key, None).await })
+                        .await?;
+                    revision = resp.header().map_or(0, |h| h.revision());
+                    if decode_first(p.as_str(), &resp)?.0.is_some_and(|m| m.is_live()) {
+                        out.push(p.clone());
+                    }
+                }
+                (format!("{p}/"), format!("{p}0"))
+            }
+        };
+        let mut start = match after {
+            Some(a) if a.as_str() >= lower.as_str() => self.meta_key(&format!("{a}\0")),
+            _ => self.meta_key(&lower),
+        };
+        let end = self.meta_key(&upper);
+        let base = self.meta_key("");
+        while out.len() < limit && start < end {
+            let page = (limit - out.len()).clamp(16, LIST_PAGE);
+            let mut options = GetOptions::new().with_range(end.as_str()).with_limit(page as i64);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let from = start.as_str();
+            let resp = self
+                .members
+                .attempt(deadline, |mut kv| async move { kv.get(from, Some(options)).await })
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                let key = kv.key_str().map_err(|e| corrupt(format!("meta key: {e}")))?;
+                let path = key.strip_prefix(base.as_str()).unwrap_or(key);
+                if decode_meta(path, kv.value())?.is_live() && out.len() < limit {
+                    let path = SecretPath::parse(path)
+                        .map_err(|e| corrupt(format!("stored path {path:?}: {e}")))?;
+                    out.push(path);
+                }
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    let mut next = last.key().to_vec();
+                    next.push(0);
+                    start = String::from_utf8(next).map_err(|e| corrupt(e.to_string()))?;
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Soft-deletes the current version in one compare-and-set transaction, retrying when
+    /// the metadata changed between the read and the write.
+    async fn delete_once(
+        &self,
+        path: &SecretPath,
+        deadline: Instant,
+    ) -> Result<VersionInfo, Failure> {
+        let key = self.meta_key(path.as_str());
+        let (meta, mod_revision, _) = self.meta(path, deadline).await?;
+        let mut meta = meta.ok_or(Failure::Done(StoreError::NotFound))?;
+        let current = meta.current_version;
+        let Some(info) = meta.versions.iter_mut().find(|v| v.version == current) else {
+            return Err(Failure::Done(StoreError::NotFound));
+        };
+        if info.deleted.is_some() {
+            // Deleting again changes nothing: also how a retry sees its own earlier try.
+            return Ok(info.clone());
+        }
+        info.deleted = Some(UnixMillis::now());
+        let info = info.clone();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::put(key.as_str(), encode_meta(&meta)?, None)]);
+        let resp =
+            self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await?;
+        if resp.succeeded() {
+            Ok(info)
+        } else {
+            Err(Failure::Refused("metadata changed during delete".into()))
+        }
+    }
+}
+
+impl EtcdStore {
+    /// One try of a scan: one range read over the data keys (a single revision).
+    async fn scan_once(
+        &self,
+        after: Option<(&SecretPath, u64)>,
+        limit: usize,
+        deadline: Instant,
+    ) -> Result<Vec<Record>, Failure> {
+        let base = format!("{}data", self.prefix);
+        let start = match after {
+            Some((path, version)) => format!("{}\0", self.data_key(path, version)),
+            None => format!("{base}/"),
+        };
+        let end = format!("{base}0");
+        let page = i64::try_from(limit.min(LIST_PAGE)).unwrap_or(1);
+        let options = GetOptions::new().with_range(end.as_str()).with_limit(page);
+        let from = start.as_str();
+        let mut resp = self
+            .members
+            .attempt(deadline, |mut kv| async move { kv.get(from, Some(options)).await })
+            .await?;
+        let mut out = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.take_kvs() {
+            let (key, value) = kv.into_key_value();
+            let value = Zeroizing::new(value);
+            let key = String::from_utf8(key).map_err(|e| corrupt(format!("data key: {e}")))?;
+            let rest = key.strip_prefix(base.as_str()).unwrap_or(&key);
+            let parsed = rest.rsplit_once('@').and_then(|(path, version)| {
+                Some((SecretPath::parse(path).ok()?, version.parse::<u64>().ok()?))
+            });
+            let Some((path, version)) = parsed else {
+                return Err(corrupt(format!("stored data key {key:?}")));
+            };
+            out.push(Record { path, version, value });
+        }
+        Ok(out)
+    }
+
+    /// One try of a replace: a transaction comparing the stored value. A try that finds `new`
+    /// already stored counts as done: an earlier, unanswered try applied it (the bytes of a
+    /// fresh envelope never repeat, so nobody else wrote them).
+    async fn replace_once(
+        &self,
+        key: &str,
+        old: &[u8],
+        new: &[u8],
+        deadline: Instant,
+    ) -> Result<bool, Failure> {
+        let txn = Txn::new()
+            .when([Compare::value(key, CompareOp::Equal, old)])
+            .and_then([TxnOp::put(key, new, None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp =
+            self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await?;
+        if resp.succeeded() {
+            return Ok(true);
+        }
+        let current = resp.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => {
+                get.kvs().first().map(|kv| Zeroizing::new(kv.value().to_vec()))
+            }
+            _ => None,
+        });
+        Ok(current.is_some_and(|v| v.as_slice() == new))
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn current_version(&self, path: &SecretPath) -> Result<u64, StoreError> {
+        self.retry("current_version", false, |deadline| async move {
+            let (meta, _, _) = self.meta(path, deadline).await?;
+            Ok(meta.map_or(0, |m| m.current_version))
+        })
+        .await
+    }
+
+    async fn put(
+        &self,
+        path: &SecretPath,
+        expected: u64,
+        value: &[u8],
+    ) -> Result<VersionInfo, StoreError> {
+        let deadline = Instant::now() + self.timeout;
+        let info = VersionInfo { version: expected + 1, created: UnixMillis::now(), deleted: None };
+        let mut trouble = Trouble::default();
+        loop {
+            match self.put_once(path, expected, value, &info, trouble.maybe_applied, deadline).await
+            {
+                Ok(PutStep::Written) => return Ok(info),
+                Ok(PutStep::Conflict(current)) => {
+                    return Err(StoreError::Conflict { expected, current });
+                }
+                Ok(PutStep::Unsure) => {
+                    let why = "an earlier try may have written a version since pruned";
+                    trouble.note(Failure::Unknown(why.into()), true)?;
+                    return Err(trouble.give_up("put", self.timeout));
+                }
+                Ok(PutStep::Again) if Instant::now() < deadline => {}
+                Ok(PutStep::Again) => return Err(trouble.give_up("put", self.timeout)),
+                Err((failure, sent)) => {
+                    trouble.note(failure, sent)?;
+                    trouble
+                        .pause(deadline)
+                        .await
+                        .map_err(|()| trouble.give_up("put", self.timeout))?;
+                }
+            }
+        }
+    }
+
+    async fn get(&self, path: &SecretPath, version: Option<u64>) -> Result<Entry, StoreError> {
+        self.retry("get", false, |deadline| self.get_once(path, version, deadline)).await
+    }
+
+    async fn delete(&self, path: &SecretPath) -> Result<VersionInfo, StoreError> {
+        // A retried delete is idempotent: it finds the version already deleted and returns it.
+        self.retry("delete", true, |deadline| self.delete_once(path, deadline)).await
+    }
+
+    async fn list(
+        &self,
+        prefix: &PathPrefix,
+        after: Option<&SecretPath>,
+        limit: usize,
+    ) -> Result<Vec<SecretPath>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.retry("list", false, |deadline| self.list_once(prefix, after, limit, deadline)).await
+    }
+
+    async fn versions(&self, path: &SecretPath) -> Result<SecretMeta, StoreError> {
+        self.retry("versions", false, |deadline| async move {
+            self.meta(path, deadline).await?.0.ok_or(Failure::Done(StoreError::NotFound))
+        })
+        .await
+    }
+
+    async fn scan(
+        &self,
+        after: Option<(&SecretPath, u64)>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.retry("scan", false, |deadline| self.scan_once(after, limit, deadline)).await
+    }
+
+    async fn replace(
+        &self,
+        path: &SecretPath,
+        version: u64,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        let key = self.data_key(path, version);
+        self.retry("replace", true, |deadline| self.replace_once(&key, old, new, deadline)).await
+    }
+}
+
+fn decode_first(path: &str, resp: &GetResponse) -> Result<(Option<SecretMeta>, i64), Failure> {
+    match resp.kvs().first() {
+        None => Ok((None, 0)),
+        Some(kv) => Ok((Some(decode_meta(path, kv.value())?), kv.mod_revision())),
+    }
+}
+
+fn decode_meta(path: &str, bytes: &[u8]) -> Result<SecretMeta, Failure> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(format!("metadata of {path}: {e}")))
+}
+
+fn encode_meta(meta: &SecretMeta) -> Result<Vec<u8>, Failure> {
+    serde_json::to_vec(meta).map_err(|e| Failure::Done(StoreError::Backend(e.to_string())))
+}
+
+fn corrupt(what: String) -> Failure {
+    Failure::Done(StoreError::Corrupt(what))
+}
