@@ -1,0 +1,203 @@
+//! One audit record: the JSON object on one line of the log, and the hash chain over lines.
+//!
+//! A record's `prev` is the SHA-256 (hex) of the previous line's exact bytes (without the
+//! newline), so changing, adding, removing or moving any line breaks the chain at the next
+//! one. The first record of a log is a `genesis` record with `prev` all zeros; the first
+//! record of every later file is a `continue` record whose `prev` links to the last line
+//! of the file before it. `checkpoint` records carry an Ed25519 signature over
+//! [`checkpoint_message`], which commits to every line before them.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// `prev` of a genesis record.
+pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What a record records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The first record of a new log: names the log and the signing key.
+    Genesis,
+    /// The first record of a file that continues a log (after rotation or a lost file).
+    Continue,
+    /// One RPC (or, for writes, its intent before the store is touched).
+    Request,
+    /// A refused TLS handshake.
+    Handshake,
+    /// A signed statement of the chain head.
+    Checkpoint,
+    /// The log could not be written for a while; requests were refused meanwhile.
+    Outage,
+}
+
+/// For writes: `intent` is recorded (durably) before the store is touched, `outcome` after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// About to write: the request was authorized and will now be applied.
+    Intent,
+    /// Done: the status says how it ended.
+    Outcome,
+}
+
+/// One line of the audit log. Field order is the serialization order. Fields that do not
+/// apply to a kind are left out of the line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    /// Position in the log, from 0 (the genesis record), without gaps across files.
+    pub seq: u64,
+    /// When the record was written (RFC 3339, UTC, milliseconds).
+    pub ts: String,
+    /// What the record records.
+    pub kind: Option<Kind>,
+    /// The log's id (genesis, continue and checkpoint records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<String>,
+    /// Request id, also sent to the client in the `x-request-id` response header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Intent or outcome (requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The caller (`spiffe://…`, `dns:…`, `cn:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+    /// SHA-256 of the client certificate (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_fingerprint: Option<String>,
+    /// Serial number of the client certificate (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_serial: Option<String>,
+    /// The TCP peer, `ip:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// RPC method, e.g. `secretgate.v1.Secrets/Get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Secret path or List prefix, as sent (bounded to 600 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `read`, `write`, `delete`, `list` or `admin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// `allow` or `deny`, once authorization decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// The deciding rule: `policy.csv:LINE`, or `default deny`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The policy version that decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<String>,
+    /// gRPC status code name (`OK`, `PERMISSION_DENIED`, …) of an outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The status message sent to the client (never a secret value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Secret version written, read or deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Key id that sealed (write) or opened (read) the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Microseconds from the request's arrival to this record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
+    /// Why (handshake refusals, outages, continue records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Outage: when the log stopped being writable (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Outage: records that could not be written (their requests were refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<u64>,
+    /// Genesis: the Ed25519 public key that signs checkpoints (base64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pubkey: Option<String>,
+    /// Checkpoint: Ed25519 signature over [`checkpoint_message`] (base64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+    /// SHA-256 (hex) of the previous line's bytes.
+    pub prev: String,
+}
+
+impl Record {
+    /// A record of `kind` with every optional field empty.
+    pub fn new(kind: Kind) -> Self {
+        Self { kind: Some(kind), ..Self::default() }
+    }
+
+    /// The line for this record (no newline).
+    pub fn to_line(&self) -> String {
+        // Serializing a struct of strings and integers cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses one line (without its newline).
+    pub fn parse(line: &[u8]) -> Result<Self, String> {
+        let record: Self = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        if record.kind.is_none() {
+            return Err("missing field `kind`".into());
+        }
+        Ok(record)
+    }
+
+    /// The record's kind (always set on parsed records).
+    pub fn kind(&self) -> Kind {
+        self.kind.unwrap_or(Kind::Request)
+    }
+}
+
+/// SHA-256 (hex) of a line's bytes, without its newline: the next record's `prev`.
+pub fn line_hash(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
+}
+
+/// What a checkpoint signs: the log, its position, and the hash of everything before it.
+pub fn checkpoint_message(log_id: &str, seq: u64, ts: &str, prev: &str) -> Vec<u8> {
+    format!("secretgate audit checkpoint v1\n{log_id}\n{seq}\n{ts}\n{prev}\n").into_bytes()
+}
+
+/// The current time as RFC 3339 UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now);
+    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_round_trip_and_leave_out_empty_fields() {
+        let mut r = Record::new(Kind::Request);
+        r.seq = 7;
+        r.ts = now_rfc3339();
+        r.path = Some("/a/b".into());
+        r.version = Some(3);
+        r.prev = line_hash(b"x");
+        let line = r.to_line();
+        assert!(!line.contains("principal"), "{line}");
+        assert!(line.starts_with("{\"seq\":7,"), "{line}");
+        assert!(line.ends_with(&format!("\"prev\":\"{}\"}}", r.prev)), "{line}");
+        assert_eq!(Record::parse(line.as_bytes()).unwrap(), r);
+    }
+
+    #[test]
+    fn unknown_fields_and_missing_kind_are_refused() {
+        assert!(Record::parse(br#"{"seq":1,"ts":"t","kind":"request","x":1,"prev":""}"#).is_err());
+        assert!(Record::parse(br#"{"seq":1,"ts":"t","prev":""}"#).is_err());
+        assert!(Record::parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn timestamps_are_utc_with_milliseconds() {
+        let ts = now_rfc3339();
+        assert!(ts.ends_with('Z') && ts.len() == "2026-11-24T12:00:00.123Z".len(), "{ts}");
+    }
+}
