@@ -42,6 +42,8 @@ pub struct Config {
     pub crypto: CryptoConfig,
     /// The casbin policies that authorize requests.
     pub authz: AuthzConfig,
+    /// The audit log.
+    pub audit: AuditConfig,
     /// Sizes, counts and timeouts.
     pub limits: Limits,
 }
@@ -117,6 +119,29 @@ pub struct AuthzConfig {
 #[derive(Clone, Default, PartialEq)]
 pub struct StorePassword(Option<zeroize::Zeroizing<String>>);
 
+/// `[audit]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Record every request. Default `true`. `false` is for benchmarks only: the gateway
+    /// then logs a warning at start and records nothing.
+    pub enabled: bool,
+    /// The active log file; rotated files are `<path>.<first seq>`. Default `audit/audit.log`.
+    pub path: PathBuf,
+    /// The Ed25519 checkpoint signing key (mode 0600; `secretgate audit keygen`).
+    /// Default `audit.key`.
+    pub signing_key: PathBuf,
+    /// Write a signed checkpoint after this many records. Default 1000.
+    pub checkpoint_every: u64,
+    /// ... or after this many seconds with new records. Default 10.
+    pub checkpoint_interval_secs: u64,
+    /// Rotate the active file when it reaches this size. Default 104857600 (100 MiB).
+    pub max_file_bytes: u64,
+    /// Milliseconds a request waits for its record to be durable before it fails with
+    /// UNAVAILABLE. Default 2000.
+    pub timeout_ms: u64,
+}
+
 /// `[limits]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -177,6 +202,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             crypto: CryptoConfig::default(),
             authz: AuthzConfig::default(),
+            audit: AuditConfig::default(),
             limits: Limits::default(),
         }
     }
@@ -185,6 +211,20 @@ impl Default for Config {
 impl Default for AuthzConfig {
     fn default() -> Self {
         Self { policies: PathBuf::from("policies"), reload_interval_secs: 2 }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: PathBuf::from("audit/audit.log"),
+            signing_key: PathBuf::from("audit.key"),
+            checkpoint_every: 1000,
+            checkpoint_interval_secs: 10,
+            max_file_bytes: 100 << 20,
+            timeout_ms: 2000,
+        }
     }
 }
 
@@ -309,6 +349,8 @@ impl Config {
             &mut self.store.path,
             &mut self.crypto.keyring,
             &mut self.authz.policies,
+            &mut self.audit.path,
+            &mut self.audit.signing_key,
             &mut self.store.ca,
             &mut self.store.cert,
             &mut self.store.key,
@@ -359,6 +401,9 @@ impl Config {
         if !(1..=3600).contains(&self.authz.reload_interval_secs) {
             return invalid("authz.reload_interval_secs", "must be between 1 and 3600");
         }
+        if self.audit.enabled {
+            self.audit.validate()?;
+        }
         if !(1..=MAX_VALUE_LIMIT).contains(&self.limits.max_value_bytes) {
             return invalid("limits.max_value_bytes", "must be between 1 and 16777216");
         }
@@ -379,6 +424,42 @@ impl TlsConfig {
     /// The handshake timeout as a `Duration`.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
+    }
+}
+
+impl AuditConfig {
+    /// The checkpoint interval as a `Duration`.
+    pub fn checkpoint_interval(&self) -> Duration {
+        Duration::from_secs(self.checkpoint_interval_secs)
+    }
+
+    /// How long a request waits for its record.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        if self.path.as_os_str().is_empty() || self.path.file_name().is_none() {
+            return invalid("audit.path", "is required (the audit log file)");
+        }
+        if self.signing_key.as_os_str().is_empty() {
+            return invalid("audit.signing_key", "is required (see `secretgate audit keygen`)");
+        }
+        if !(1..=1_000_000).contains(&self.checkpoint_every) {
+            return invalid("audit.checkpoint_every", "must be between 1 and 1000000");
+        }
+        if !(1..=3600).contains(&self.checkpoint_interval_secs) {
+            return invalid("audit.checkpoint_interval_secs", "must be between 1 and 3600");
+        }
+        if self.max_file_bytes < 64 * 1024 {
+            return invalid("audit.max_file_bytes", "must be at least 65536");
+        }
+        if !(10..=60_000).contains(&self.timeout_ms) {
+            return invalid("audit.timeout_ms", "must be between 10 and 60000");
+        }
+        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@ use crate::path::{PathPrefix, SecretPath};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VALUES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("values");
+const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_checkpoints");
 
 /// A [`Store`] in one local redb file.
 #[derive(Clone)]
@@ -283,6 +284,33 @@ impl Store for EmbeddedStore {
             }
             txn.commit().map_err(backend)?;
             Ok(true)
+        })
+        .await
+    }
+
+    async fn put_audit_checkpoint(&self, log_id: &str, line: &[u8]) -> Result<(), StoreError> {
+        let (id, line) = (log_id.to_owned(), line.to_vec());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut table = txn.open_table(CHECKPOINTS).map_err(backend)?;
+                table.insert(id.as_str(), line.as_slice()).map_err(backend)?;
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn audit_checkpoint(&self, log_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let id = log_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = match txn.open_table(CHECKPOINTS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(backend(e)),
+            };
+            Ok(table.get(id.as_str()).map_err(backend)?.map(|v| v.value().to_vec()))
         })
         .await
     }

@@ -7,6 +7,8 @@
 //! - `P` `data` *path* `@` *version* (20 digits, zero-padded) → the stored bytes, e.g.
 //!   `/secretgate/data/app/db@00000000000000000003`.
 //!
+//! - `P` `audit/` *log id* → the latest signed checkpoint line of that audit log.
+//!
 //! `@` cannot occur in a [`SecretPath`], so the mapping is unambiguous, and meta keys sort
 //! exactly like paths, so `list` is a key range read in pages of at most [`LIST_PAGE`] keys.
 //!
@@ -481,6 +483,39 @@ impl Store for EtcdStore {
     ) -> Result<bool, StoreError> {
         let key = self.data_key(path, version);
         self.retry("replace", true, |deadline| self.replace_once(&key, old, new, deadline)).await
+    }
+
+    async fn put_audit_checkpoint(&self, log_id: &str, line: &[u8]) -> Result<(), StoreError> {
+        let key = format!("{}audit/{log_id}", self.prefix);
+        self.retry("put_audit_checkpoint", true, |deadline| {
+            let (key, line) = (key.clone(), line.to_vec());
+            async move {
+                let put = |mut kv: etcd_client::KvClient| {
+                    let (key, line) = (key.clone(), line.clone());
+                    async move { kv.put(key, line, None).await }
+                };
+                self.members.attempt(deadline, put).await.map(|_| ())
+            }
+        })
+        .await
+    }
+
+    async fn audit_checkpoint(&self, log_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = format!("{}audit/{log_id}", self.prefix);
+        self.retry("audit_checkpoint", false, |deadline| {
+            let key = key.clone();
+            async move {
+                let resp = self
+                    .members
+                    .attempt(deadline, |mut kv| {
+                        let key = key.clone();
+                        async move { kv.get(key, None).await }
+                    })
+                    .await?;
+                Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+            }
+        })
+        .await
     }
 }
 

@@ -174,6 +174,13 @@ pub trait Store: Send + Sync + 'static {
         old: &[u8],
         new: &[u8],
     ) -> Result<bool, StoreError>;
+
+    /// Stores `line` as the latest signed checkpoint of the audit log `log_id` (gateway
+    /// metadata, outside the secret namespace: no path can name it).
+    async fn put_audit_checkpoint(&self, log_id: &str, line: &[u8]) -> Result<(), StoreError>;
+
+    /// The latest checkpoint stored for the audit log `log_id`.
+    async fn audit_checkpoint(&self, log_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 impl UnixMillis {

@@ -34,6 +34,7 @@ const CASES: &[Case] = cases![
     paths_are_case_sensitive,
     scan_walks_every_kept_version_in_order,
     replace_is_compare_and_set_on_the_value,
+    audit_checkpoints_are_kept_per_log_and_invisible_to_secrets,
 ];
 
 /// Runs every case, each on a fresh store from `make`.
@@ -257,4 +258,15 @@ async fn replace_is_compare_and_set_on_the_value(s: Arc<dyn Store>) {
     assert!(!s.replace(&p("/r"), 9, b"x", b"y").await.unwrap(), "missing version");
     assert!(!s.replace(&p("/none"), 1, b"x", b"y").await.unwrap(), "missing secret");
     assert!(s.get(&p("/r"), Some(9)).await.is_err());
+}
+
+async fn audit_checkpoints_are_kept_per_log_and_invisible_to_secrets(s: Arc<dyn Store>) {
+    assert_eq!(s.audit_checkpoint("log-a").await.unwrap(), None);
+    s.put_audit_checkpoint("log-a", b"{\"seq\":1}").await.unwrap();
+    s.put_audit_checkpoint("log-a", b"{\"seq\":2}").await.unwrap();
+    s.put_audit_checkpoint("log-b", b"{\"seq\":9}").await.unwrap();
+    assert_eq!(s.audit_checkpoint("log-a").await.unwrap().unwrap(), b"{\"seq\":2}");
+    assert_eq!(s.audit_checkpoint("log-b").await.unwrap().unwrap(), b"{\"seq\":9}");
+    assert!(s.list(&PathPrefix::Root, None, 100).await.unwrap().is_empty());
+    assert!(s.scan(None, 100).await.unwrap().is_empty());
 }
