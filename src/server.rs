@@ -11,6 +11,7 @@ use tonic::transport::Server;
 
 use crate::{
     api::{AdminService, SecretsService, Vault},
+    audit::{AuditError, AuditLog, Record, SigningKey, signing::SigningError},
     authz::{Authorizer, Policy, PolicyError},
     config::Config,
     crypto::{Keyring, KeyringError, KeyringHandle},
@@ -43,6 +44,12 @@ pub enum StartError {
     /// The store cannot be opened.
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    /// The audit signing key cannot be loaded.
+    #[error("cannot load the audit signing key: {0}")]
+    AuditKey(#[from] SigningError),
+    /// The audit log cannot be opened, or was cut short.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -59,6 +66,8 @@ pub struct Gateway {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
     watchers: Vec<JoinHandle<()>>,
+    audit: AuditLog,
+    checkpoint_task: Option<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -74,6 +83,7 @@ impl Gateway {
             "policy loaded"
         );
         let store = open_store(config).await?;
+        let (audit, checkpoint_task) = open_audit(config, &store).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
@@ -85,6 +95,7 @@ impl Gateway {
             tls,
             config.tls.handshake_timeout(),
             config.limits.max_connections as usize,
+            audit.clone(),
         );
 
         let max_message = config.limits.max_value_bytes as usize + REQUEST_OVERHEAD_BYTES;
@@ -92,14 +103,19 @@ impl Gateway {
         let secrets = SecretsServer::new(SecretsService::new(
             vault.clone(),
             authz.clone(),
+            audit.clone(),
             config.limits.max_value_bytes,
         ))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-        let admin = AdminServer::new(AdminService::new(vault, authz.clone()));
+        let admin = AdminServer::new(AdminService::new(vault, authz.clone(), audit.clone()));
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<SecretsServer<SecretsService>>().await;
         health_reporter.set_serving::<AdminServer<AdminService>>().await;
+        let mut watchers = vec![];
+        if let Some(health) = audit.watch() {
+            watchers.push(tokio::spawn(report_audit_health(health, health_reporter.clone())));
+        }
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -131,7 +147,8 @@ impl Gateway {
                 .await
         });
         tracing::info!(%addr, store = %config.store.describe(), "secretgate serving");
-        Ok(Self { addr, shutdown: Some(tx), task, watchers: vec![keyring_watcher, policy_watcher] })
+        watchers.extend([keyring_watcher, policy_watcher]);
+        Ok(Self { addr, shutdown: Some(tx), task, watchers, audit, checkpoint_task })
     }
 
     /// The address the gateway listens on.
@@ -139,8 +156,8 @@ impl Gateway {
         self.addr
     }
 
-    /// Stops accepting, lets open requests finish (up to a grace period) and releases the
-    /// store.
+    /// Stops accepting, lets open requests finish (up to a grace period), writes the final
+    /// audit checkpoint (kept in the store too) and releases the store.
     pub async fn shutdown(mut self) {
         for w in self.watchers.drain(..) {
             w.abort();
@@ -156,6 +173,15 @@ impl Gateway {
                 tracing::warn!("open requests did not finish within the grace period; closing");
                 self.task.abort();
                 let _ = (&mut self.task).await;
+            }
+        }
+        if self.audit.close().await.is_none() && self.audit.log_id().is_some() {
+            tracing::error!("the audit log could not be closed with a final checkpoint");
+        }
+        if let Some(task) = self.checkpoint_task.take() {
+            // Ends once the writer is gone, after storing the final checkpoint.
+            if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+                tracing::error!("the final audit checkpoint could not be stored in time");
             }
         }
     }
@@ -188,4 +214,75 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
         "etcd" => Arc::new(EtcdStore::connect(&config.store, keep)?),
         _ => Arc::new(EmbeddedStore::open(&config.store.path, keep)?),
     })
+}
+
+/// Opens the audit log (unless disabled), refuses a log that ends before the checkpoint the
+/// store holds for it, and starts the task that keeps the latest checkpoint in the store.
+async fn open_audit(
+    config: &Config,
+    store: &Arc<dyn Store>,
+) -> Result<(AuditLog, Option<JoinHandle<()>>), StartError> {
+    if !config.audit.enabled {
+        tracing::warn!("audit.enabled = false: NOTHING IS AUDITED; for benchmarks only");
+        return Ok((AuditLog::disabled(), None));
+    }
+    let key = SigningKey::load(&config.audit.signing_key)?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let audit = AuditLog::open(&config.audit, key, tx)?;
+    let log_id = audit.log_id().unwrap_or_default().to_owned();
+    if let Some(stored) = store.audit_checkpoint(&log_id).await? {
+        let stored_seq = Record::parse(&stored).map(|r| r.seq).unwrap_or(0);
+        let next = audit.next_seq_at_open();
+        if stored_seq >= next {
+            audit.close().await;
+            return Err(StartError::Audit(AuditError::Open {
+                path: config.audit.path.display().to_string(),
+                reason: format!(
+                    "the log ends at seq {} but the store holds a checkpoint at seq {stored_seq}: \
+                     it was cut short or replaced. Keep it as evidence, move it aside (with its \
+                     rotated files) and start again to begin a new log",
+                    next.saturating_sub(1)
+                ),
+            }));
+        }
+    }
+    tracing::info!(log = %config.audit.path.display(), %log_id, "audit log open");
+    let store = Arc::clone(store);
+    let task = tokio::spawn(async move {
+        while let Some(mut latest) = rx.recv().await {
+            // Only the newest checkpoint matters; skip any queued behind it.
+            while let Ok(newer) = rx.try_recv() {
+                latest = newer;
+            }
+            if let Err(e) = store.put_audit_checkpoint(&latest.0, latest.1.as_bytes()).await {
+                tracing::warn!(error = %e, "cannot store the audit checkpoint; retried with the next one");
+            }
+        }
+    });
+    Ok((audit, Some(task)))
+}
+
+/// Mirrors the audit log's state into the gRPC health service: NOT_SERVING while records
+/// cannot be written (the reason goes to the log and to `Admin/AuditStatus`).
+async fn report_audit_health(
+    mut health: crate::audit::writer::AuditHealth,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    use tonic_health::ServingStatus;
+    loop {
+        let failure = health.borrow_and_update().clone();
+        let status = match &failure {
+            None => ServingStatus::Serving,
+            Some(reason) => {
+                tracing::error!(%reason, "audit log failing: health NOT_SERVING, requests refused");
+                ServingStatus::NotServing
+            }
+        };
+        for service in ["", "secretgate.v1.Secrets", "secretgate.v1.Admin"] {
+            reporter.set_service_status(service, status).await;
+        }
+        if health.changed().await.is_err() {
+            return;
+        }
+    }
 }

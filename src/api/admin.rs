@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{ApiError, Call, Vault};
 use crate::{
+    audit::AuditLog,
     authz::{Action, Authorizer, Permit},
     crypto::{
         KeyState,
@@ -24,18 +25,18 @@ const PROGRESS_EVERY: u64 = 64;
 pub struct AdminService {
     vault: Vault,
     authz: Authorizer,
+    audit: AuditLog,
     rewrap: Arc<Mutex<()>>,
 }
 
 impl AdminService {
-    /// An admin service over `vault`, deciding with `authz`.
-    pub fn new(vault: Vault, authz: Authorizer) -> Self {
-        Self { vault, authz, rewrap: Arc::new(Mutex::new(())) }
+    /// An admin service over `vault`, deciding with `authz`, recording to `audit`.
+    pub fn new(vault: Vault, authz: Authorizer, audit: AuditLog) -> Self {
+        Self { vault, authz, audit, rewrap: Arc::new(Mutex::new(())) }
     }
 
-    fn permit(&self, call: &Call) -> Result<Permit, ApiError> {
-        let id = call.identity()?;
-        Ok(self.authz.authorize(&id.principal, "/", Action::Admin)?)
+    fn permit(&self, call: &mut Call) -> Result<Permit, ApiError> {
+        call.authorize(&self.authz, "/", Action::Admin)
     }
 
     async fn key_status(&self, permit: &Permit) -> Result<v1::KeyStatusResponse, ApiError> {
@@ -71,6 +72,21 @@ impl AdminService {
     }
 }
 
+impl AdminService {
+    async fn audit_status(&self, permit: &Permit) -> Result<v1::AuditStatusResponse, ApiError> {
+        let Some(log_id) = self.audit.log_id() else {
+            return Ok(v1::AuditStatusResponse { enabled: false, ..Default::default() });
+        };
+        let checkpoint = self.vault.audit_checkpoint(permit, log_id).await?.unwrap_or_default();
+        Ok(v1::AuditStatusResponse {
+            enabled: true,
+            log_id: log_id.to_owned(),
+            failure: self.audit.failure().unwrap_or_default(),
+            checkpoint: String::from_utf8_lossy(&checkpoint).into_owned(),
+        })
+    }
+}
+
 fn state_name(s: KeyState) -> &'static str {
     match s {
         KeyState::Primary => "primary",
@@ -97,12 +113,24 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::KeyStatusRequest>,
     ) -> Result<Response<v1::KeyStatusResponse>, Status> {
-        let call = Call::new("KeyStatus", &request, "/");
-        let result = match self.permit(&call) {
+        let mut call = Call::new("secretgate.v1.Admin/KeyStatus", &request, "/", &self.audit);
+        let result = match self.permit(&mut call) {
             Ok(permit) => AdminService::key_status(self, &permit).await,
             Err(e) => Err(e),
         };
-        call.finish(result)
+        call.finish(result).await
+    }
+
+    async fn audit_status(
+        &self,
+        request: Request<v1::AuditStatusRequest>,
+    ) -> Result<Response<v1::AuditStatusResponse>, Status> {
+        let mut call = Call::new("secretgate.v1.Admin/AuditStatus", &request, "/", &self.audit);
+        let result = match self.permit(&mut call) {
+            Ok(permit) => self.audit_status(&permit).await,
+            Err(e) => Err(e),
+        };
+        call.finish(result).await
     }
 
     type RewrapStream = ReceiverStream<Result<v1::RewrapProgress, Status>>;
@@ -111,14 +139,18 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RewrapRequest>,
     ) -> Result<Response<Self::RewrapStream>, Status> {
-        let call = Call::new("Rewrap", &request, "/");
-        let permit = match self.permit(&call) {
+        let mut call = Call::new("secretgate.v1.Admin/Rewrap", &request, "/", &self.audit);
+        let permit = match self.permit(&mut call) {
             Ok(p) => p,
-            Err(e) => return call.finish(Err(e)),
+            Err(e) => return call.finish(Err(e)).await,
         };
         let Ok(guard) = Arc::clone(&self.rewrap).try_lock_owned() else {
-            return call.finish(Err(ApiError::RewrapRunning));
+            return call.finish(Err(ApiError::RewrapRunning)).await;
         };
+        // Rewrap rewrites the store: its intent is recorded before it starts.
+        if let Err(e) = call.intent().await {
+            return call.finish(Err(e)).await;
+        }
         let (usage, store) = match self
             .vault
             .key_usage(&permit)
@@ -126,7 +158,7 @@ impl Admin for AdminService {
             .and_then(|u| Ok((u, self.vault.store_for_rewrap(&permit)?)))
         {
             Ok(x) => x,
-            Err(e) => return call.finish(Err(e)),
+            Err(e) => return call.finish(Err(e)).await,
         };
         let keys = self.vault.keys().clone();
         let primary = keys.current().primary().id.to_string();
@@ -169,6 +201,6 @@ impl Admin for AdminService {
                 }
             }
         });
-        call.finish(Ok(ReceiverStream::new(rx)))
+        call.finish(Ok(ReceiverStream::new(rx))).await
     }
 }

@@ -94,6 +94,10 @@ pub enum ApiError {
          take effect); read the secret before retrying"
     )]
     OutcomeUnknown,
+    /// The audit log cannot record the request, so it is refused (fail closed). The
+    /// reason is in the gateway log and health, not in the message.
+    #[error("audit log unavailable: the request was refused and not carried out")]
+    AuditUnavailable,
     /// A fault inside the gateway. Detail is logged, not returned.
     #[error("internal error")]
     Internal,
@@ -159,7 +163,9 @@ impl ApiError {
             Self::Conflict { .. } | Self::RewrapRunning => Code::FailedPrecondition,
             Self::Undecryptable { .. } => Code::DataLoss,
             Self::Contended(_) => Code::Aborted,
-            Self::Unavailable | Self::NoQuorum | Self::OutcomeUnknown => Code::Unavailable,
+            Self::Unavailable | Self::NoQuorum | Self::OutcomeUnknown | Self::AuditUnavailable => {
+                Code::Unavailable
+            }
             Self::Internal | Self::NoIdentity => Code::Internal,
         }
     }

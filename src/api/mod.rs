@@ -8,25 +8,25 @@
 //! [`ApiError`] and its single mapping to `tonic::Status`.
 
 mod admin;
+mod call;
 mod error;
 mod vault;
-
-use std::{sync::Arc, time::Instant};
 
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 pub use admin::AdminService;
+pub use call::{REQUEST_ID_HEADER, code_name};
 pub use error::ApiError;
 pub use vault::Vault;
 
+use self::call::Call;
 use crate::{
+    audit::AuditLog,
     authz::{Action, Authorizer},
-    identity::PeerIdentity,
     path::{PathPrefix, SecretPath},
     proto::v1::{self, secrets_server::Secrets},
     store::UnixMillis,
-    tls::ConnInfo,
 };
 
 /// Largest `page_size` a List accepts.
@@ -42,19 +42,20 @@ const LIST_SCAN_FACTOR: usize = 10;
 pub struct SecretsService {
     vault: Vault,
     authz: Authorizer,
+    audit: AuditLog,
     max_value_bytes: u64,
 }
 
 impl SecretsService {
-    /// A service over `vault`, deciding with `authz`, refusing values larger than
-    /// `max_value_bytes`.
-    pub fn new(vault: Vault, authz: Authorizer, max_value_bytes: u64) -> Self {
-        Self { vault, authz, max_value_bytes }
+    /// A service over `vault`, deciding with `authz`, recording to `audit`, refusing values
+    /// larger than `max_value_bytes`.
+    pub fn new(vault: Vault, authz: Authorizer, audit: AuditLog, max_value_bytes: u64) -> Self {
+        Self { vault, authz, audit, max_value_bytes }
     }
 
     async fn put_secret(
         &self,
-        id: &PeerIdentity,
+        call: &mut Call,
         req: v1::PutRequest,
     ) -> Result<v1::PutResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
@@ -62,19 +63,24 @@ impl SecretsService {
         if value.len() as u64 > self.max_value_bytes {
             return Err(ApiError::ValueTooLarge { size: value.len(), limit: self.max_value_bytes });
         }
-        let permit = self.authz.authorize(&id.principal, path.as_str(), Action::Write)?;
-        let info = self.vault.write(&permit, &path, req.expected_version, &value).await?;
+        let permit = call.authorize(&self.authz, path.as_str(), Action::Write)?;
+        call.intent().await?;
+        let (info, key_id) = self.vault.write(&permit, &path, req.expected_version, &value).await?;
+        call.version(info.version);
+        call.key_id(&key_id);
         Ok(v1::PutResponse { version: info.version, created_time: Some(timestamp(info.created)) })
     }
 
     async fn get_secret(
         &self,
-        id: &PeerIdentity,
+        call: &mut Call,
         req: v1::GetRequest,
     ) -> Result<v1::GetResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
-        let permit = self.authz.authorize(&id.principal, path.as_str(), Action::Read)?;
+        let permit = call.authorize(&self.authz, path.as_str(), Action::Read)?;
         let mut opened = self.vault.read(&permit, &path, req.version.filter(|v| *v != 0)).await?;
+        call.version(opened.entry.version);
+        call.key_id(&opened.key_id);
         Ok(v1::GetResponse {
             path: path.as_str().to_owned(),
             value: std::mem::take(&mut *opened.value),
@@ -86,21 +92,25 @@ impl SecretsService {
 
     async fn delete_secret(
         &self,
-        id: &PeerIdentity,
+        call: &mut Call,
         req: v1::DeleteRequest,
     ) -> Result<v1::DeleteResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
-        let permit = self.authz.authorize(&id.principal, path.as_str(), Action::Delete)?;
+        let permit = call.authorize(&self.authz, path.as_str(), Action::Delete)?;
+        call.intent().await?;
         let info = self.vault.delete(&permit, &path).await?;
+        call.version(info.version);
         Ok(v1::DeleteResponse { version: info.version, deleted_time: info.deleted.map(timestamp) })
     }
 
     async fn list_secrets(
         &self,
-        id: &PeerIdentity,
+        call: &mut Call,
         req: v1::ListRequest,
     ) -> Result<v1::ListResponse, ApiError> {
         let prefix = PathPrefix::parse(&req.prefix)?;
+        let id = call.identity()?;
+        call.filtered(Action::List);
         let size = match req.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n if n > MAX_PAGE_SIZE => return Err(ApiError::InvalidPageSize(n)),
@@ -155,12 +165,13 @@ impl SecretsService {
 
     async fn secret_versions(
         &self,
-        id: &PeerIdentity,
+        call: &mut Call,
         req: v1::VersionsRequest,
     ) -> Result<v1::VersionsResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
-        let permit = self.authz.authorize(&id.principal, path.as_str(), Action::Read)?;
+        let permit = call.authorize(&self.authz, path.as_str(), Action::Read)?;
         let meta = self.vault.versions(&permit, &path).await?;
+        call.version(meta.current_version);
         Ok(v1::VersionsResponse {
             current_version: meta.current_version,
             versions: meta
@@ -177,9 +188,10 @@ impl SecretsService {
 
     async fn who_am_i(
         &self,
-        id: &PeerIdentity,
+        call: &mut Call,
         _req: v1::WhoAmIRequest,
     ) -> Result<v1::WhoAmIResponse, ApiError> {
+        let id = call.identity()?;
         let (roles, policy_version) = self.authz.roles(&id.principal);
         Ok(v1::WhoAmIResponse {
             principal: id.principal.to_string(),
@@ -191,69 +203,13 @@ impl SecretsService {
     }
 }
 
-/// Per-request context: who, what, when — for the log line every request ends with.
-pub(crate) struct Call {
-    method: &'static str,
-    conn: Option<ConnInfo>,
-    path: String,
-    started: Instant,
-}
-
-impl Call {
-    pub(crate) fn new<T>(method: &'static str, req: &Request<T>, path: &str) -> Self {
-        // Paths are attacker-controlled text: keep a bounded excerpt for the log.
-        let path = path.chars().take(600).collect();
-        Self {
-            method,
-            conn: req.extensions().get::<ConnInfo>().cloned(),
-            path,
-            started: Instant::now(),
-        }
-    }
-
-    /// The caller's verified identity.
-    pub(crate) fn identity(&self) -> Result<Arc<PeerIdentity>, ApiError> {
-        self.conn.as_ref().map(|c| Arc::clone(&c.identity)).ok_or(ApiError::NoIdentity)
-    }
-
-    pub(crate) fn finish<T>(self, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
-        let principal =
-            self.conn.as_ref().map(|c| c.identity.principal.to_string()).unwrap_or_default();
-        let peer = self.conn.as_ref().map(|c| c.peer_addr.to_string()).unwrap_or_default();
-        let latency_us = self.started.elapsed().as_micros() as u64;
-        match result {
-            Ok(resp) => {
-                tracing::info!(method = self.method, %principal, %peer, path = ?self.path, latency_us, "ok");
-                Ok(Response::new(resp))
-            }
-            Err(err) => {
-                let status = Status::from(&err);
-                let rule = match &err {
-                    ApiError::Denied(d) => d
-                        .rule_line
-                        .map(|l| format!("policy.csv:{l}"))
-                        .unwrap_or_else(|| "no rule (default deny)".into()),
-                    _ => String::new(),
-                };
-                tracing::info!(
-                    method = self.method, %principal, %peer, path = ?self.path, latency_us,
-                    code = ?status.code(), error = %err, %rule, "refused"
-                );
-                Err(status)
-            }
-        }
-    }
-}
-
 macro_rules! rpc {
     ($self:ident, $name:literal, $request:ident, $inner:ident, $path:expr) => {{
         let path: String = $path(&$request);
-        let call = Call::new($name, &$request, &path);
-        let result = match call.identity() {
-            Ok(id) => $self.$inner(&id, $request.into_inner()).await,
-            Err(e) => Err(e),
-        };
-        call.finish(result)
+        let mut call =
+            Call::new(concat!("secretgate.v1.Secrets/", $name), &$request, &path, &$self.audit);
+        let result = $self.$inner(&mut call, $request.into_inner()).await;
+        call.finish(result).await
     }};
 }
 

@@ -31,6 +31,8 @@ pub struct Opened {
     pub entry: Entry,
     /// The plaintext.
     pub value: Zeroizing<Vec<u8>>,
+    /// The key that opened it.
+    pub key_id: String,
 }
 
 impl Vault {
@@ -54,11 +56,14 @@ impl Vault {
         check(permit, path.as_str(), Action::Read)?;
         let entry =
             self.store.get(path, version).await.map_err(|e| ApiError::from_store(e, path))?;
-        let value = crypto::open(&self.keys.current(), path, entry.version, &entry.value).map_err(|e| {
+        let undecryptable = |e: crypto::EnvelopeError| {
             tracing::error!(%path, version = entry.version, error = %e, "stored value does not open");
             ApiError::Undecryptable { path: path.clone(), version: entry.version }
-        })?;
-        Ok(Opened { entry, value })
+        };
+        let key_id = crypto::parse_header(&entry.value).map_err(undecryptable)?.key_id.to_owned();
+        let value = crypto::open(&self.keys.current(), path, entry.version, &entry.value)
+            .map_err(undecryptable)?;
+        Ok(Opened { entry, value, key_id })
     }
 
     /// The kept versions of a secret.
@@ -71,29 +76,33 @@ impl Vault {
         self.store.versions(path).await.map_err(|e| ApiError::from_store(e, path))
     }
 
-    /// Seals and writes a new version; `expected` makes it a compare-and-set.
+    /// Seals and writes a new version; `expected` makes it a compare-and-set. Returns the
+    /// version written and the id of the key that sealed it.
     pub async fn write(
         &self,
         permit: &Permit,
         path: &SecretPath,
         expected: Option<u64>,
         value: &[u8],
-    ) -> Result<VersionInfo, ApiError> {
+    ) -> Result<(VersionInfo, String), ApiError> {
         check(permit, path.as_str(), Action::Write)?;
+        let keys = self.keys.current();
+        let key_id = keys.primary().id.to_string();
         let store_err = |e| ApiError::from_store(e, path);
         if let Some(expected) = expected {
-            let sealed = self.seal(path, expected.saturating_add(1), value)?;
-            return self.store.put(path, expected, &sealed).await.map_err(store_err);
+            let sealed = self.seal(&keys, path, expected.saturating_add(1), value)?;
+            let info = self.store.put(path, expected, &sealed).await.map_err(store_err)?;
+            return Ok((info, key_id));
         }
         // Without a version guard the write is still compare-and-set underneath, so the
         // version (bound into the envelope) is known before the write; losing a race to
         // another writer just means trying again.
         for _ in 0..PUT_RETRIES {
             let current = self.store.current_version(path).await.map_err(store_err)?;
-            let sealed = self.seal(path, current.saturating_add(1), value)?;
+            let sealed = self.seal(&keys, path, current.saturating_add(1), value)?;
             match self.store.put(path, current, &sealed).await {
                 Err(StoreError::Conflict { .. }) => continue,
-                other => return other.map_err(store_err),
+                other => return other.map(|info| (info, key_id)).map_err(store_err),
             }
         }
         Err(ApiError::Contended(path.clone()))
@@ -126,14 +135,30 @@ impl Vault {
         rotation::key_usage(&*self.store).await.map_err(ApiError::from_store_fault)
     }
 
+    /// The latest audit checkpoint the store keeps for `log_id` (admin on `/`).
+    pub async fn audit_checkpoint(
+        &self,
+        permit: &Permit,
+        log_id: &str,
+    ) -> Result<Option<Vec<u8>>, ApiError> {
+        check(permit, "/", Action::Admin)?;
+        self.store.audit_checkpoint(log_id).await.map_err(ApiError::from_store_fault)
+    }
+
     /// The store, for a rewrap authorized by an admin permit on `/`.
     pub fn store_for_rewrap(&self, permit: &Permit) -> Result<Arc<dyn Store>, ApiError> {
         check(permit, "/", Action::Admin)?;
         Ok(Arc::clone(&self.store))
     }
 
-    fn seal(&self, path: &SecretPath, version: u64, value: &[u8]) -> Result<Vec<u8>, ApiError> {
-        crypto::seal(self.keys.current().primary(), path, version, value).map_err(|e| {
+    fn seal(
+        &self,
+        keys: &crypto::Keyring,
+        path: &SecretPath,
+        version: u64,
+        value: &[u8],
+    ) -> Result<Vec<u8>, ApiError> {
+        crypto::seal(keys.primary(), path, version, value).map_err(|e| {
             tracing::error!(%path, version, error = %e, "cannot seal a value");
             ApiError::Internal
         })

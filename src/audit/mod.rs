@@ -12,7 +12,9 @@
 
 pub mod record;
 pub mod signing;
+pub mod writer;
 // (auditor tools)
 
 pub use record::{Kind, Phase, Record};
 pub use signing::{SigningKey, VerifyingKey};
+pub use writer::{AuditError, AuditLog};

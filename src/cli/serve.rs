@@ -39,14 +39,19 @@ pub(super) async fn dev(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Resul
         ring.save(&config.crypto.keyring)?;
         tracing::info!(keyring = %config.crypto.keyring.display(), primary = %ring.primary().id, "wrote a new development keyring");
     }
+    if config.audit.enabled && !config.audit.signing_key.exists() {
+        crate::audit::SigningKey::generate()?.save(&config.audit.signing_key)?;
+        tracing::info!(key = %config.audit.signing_key.display(), "wrote a new development audit signing key (and .pub)");
+    }
     if let Some(listen) = listen {
         config.listen = listen;
     }
     eprintln!(
-        "secretgate dev: DEVELOPMENT MODE (throw-away PKI in {}, store in {})\n\
+        "secretgate dev: DEVELOPMENT MODE (throw-away PKI in {}, store {}, audit log {})\n\
          try:  secretgate put /demo/hello world && secretgate get /demo/hello",
         pki.dir.display(),
-        config.store.path.display()
+        config.store.describe(),
+        config.audit.path.display()
     );
     run(&config).await
 }
@@ -75,6 +80,10 @@ keyring = "keyring.toml"
 
 [authz]
 policies = "@POLICIES@"
+
+[audit]
+path = "audit/audit.log"
+signing_key = "audit.key"
 "#;
 
 /// The example policies shipped in `policies/`, for a dev gateway outside a checkout.

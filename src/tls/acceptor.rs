@@ -24,7 +24,10 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tonic::transport::server::Connected;
 
-use crate::identity::PeerIdentity;
+use crate::{
+    audit::{AuditLog, Kind, Record},
+    identity::PeerIdentity,
+};
 
 /// Facts about a connection, available to every request on it as a request extension.
 #[derive(Debug, Clone)]
@@ -55,11 +58,13 @@ impl TlsIncoming {
         config: Arc<ServerConfig>,
         handshake_timeout: Duration,
         max_connections: usize,
+        audit: AuditLog,
     ) -> Self {
         let (tx, rx) = mpsc::channel(64);
         let slots = Arc::new(Semaphore::new(max_connections));
         let acceptor = TlsAcceptor::from(config);
-        let task = tokio::spawn(accept_loop(listener, acceptor, handshake_timeout, slots, tx));
+        let task =
+            tokio::spawn(accept_loop(listener, acceptor, handshake_timeout, slots, tx, audit));
         Self { rx, task }
     }
 }
@@ -70,6 +75,7 @@ async fn accept_loop(
     handshake_timeout: Duration,
     slots: Arc<Semaphore>,
     tx: mpsc::Sender<TlsConnection>,
+    audit: AuditLog,
 ) {
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
@@ -84,6 +90,7 @@ async fn accept_loop(
         };
         let acceptor = acceptor.clone();
         let tx = tx.clone();
+        let audit = audit.clone();
         tokio::spawn(async move {
             match handshake(acceptor, tcp, peer_addr, handshake_timeout).await {
                 Ok((stream, identity)) => {
@@ -94,6 +101,13 @@ async fn accept_loop(
                 }
                 Err(reason) => {
                     tracing::info!(peer = %peer_addr, %reason, "TLS handshake refused");
+                    // Recorded without waiting: nothing was granted, so nothing waits on it.
+                    let mut r = Record::new(Kind::Handshake);
+                    r.peer = Some(peer_addr.to_string());
+                    r.decision = Some("deny".into());
+                    r.status = Some("UNAUTHENTICATED".into());
+                    r.reason = Some(reason.chars().take(300).collect());
+                    audit.note(r);
                 }
             }
         });

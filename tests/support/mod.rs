@@ -119,6 +119,9 @@ impl TestGateway {
         config.authz.policies = dir.path().join("policies");
         config.authz.reload_interval_secs = 1;
         write_policy(&config.authz.policies, csv);
+        config.audit.path = dir.path().join("audit/audit.log");
+        config.audit.signing_key = dir.path().join("audit.key");
+        secretgate::audit::SigningKey::generate().unwrap().save(&config.audit.signing_key).unwrap();
         f(&mut config);
         config.validate().unwrap();
         let gateway = Gateway::start(&config).await.unwrap();

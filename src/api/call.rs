@@ -1,0 +1,240 @@
+//! One RPC's context: who called, what was decided, and its audit records.
+//!
+//! Every RPC goes through a [`Call`]: it carries the connection's identity and a request id
+//! (returned to the client in the `x-request-id` header of the response or error),
+//! collects the facts the audit record needs as the pipeline runs (action, decision and
+//! rule, version, key id), records the *intent* of a write before the store is touched, and
+//! records the *outcome* before the client hears it. If a record cannot be made durable
+//! the client gets UNAVAILABLE instead of the answer.
+
+use std::{sync::Arc, time::Instant};
+
+use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
+
+use super::ApiError;
+use crate::{
+    audit::{AuditLog, Kind, Phase, Record},
+    authz::{Action, Authorizer, Permit},
+    identity::PeerIdentity,
+    tls::ConnInfo,
+};
+
+/// The response header that carries the request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Per-request context; see the module docs.
+pub(crate) struct Call {
+    method: &'static str,
+    conn: Option<ConnInfo>,
+    path: String,
+    started: Instant,
+    request_id: String,
+    audit: AuditLog,
+    action: Option<Action>,
+    decision: Option<(&'static str, String, Option<String>)>,
+    version: Option<u64>,
+    key_id: Option<String>,
+}
+
+impl Call {
+    pub(crate) fn new<T>(
+        method: &'static str,
+        req: &Request<T>,
+        path: &str,
+        audit: &AuditLog,
+    ) -> Self {
+        // Paths are attacker-controlled text: keep a bounded excerpt for the logs.
+        let path = path.chars().take(600).collect();
+        Self {
+            method,
+            conn: req.extensions().get::<ConnInfo>().cloned(),
+            path,
+            started: Instant::now(),
+            request_id: request_id(),
+            audit: audit.clone(),
+            action: None,
+            decision: None,
+            version: None,
+            key_id: None,
+        }
+    }
+
+    /// The caller's verified identity.
+    pub(crate) fn identity(&self) -> Result<Arc<PeerIdentity>, ApiError> {
+        self.conn.as_ref().map(|c| Arc::clone(&c.identity)).ok_or(ApiError::NoIdentity)
+    }
+
+    /// Authorizes `action` on `target` for the caller, noting the decision for the record.
+    pub(crate) fn authorize(
+        &mut self,
+        authz: &Authorizer,
+        target: &str,
+        action: Action,
+    ) -> Result<Permit, ApiError> {
+        let id = self.identity()?;
+        self.action = Some(action);
+        let rule = |line: Option<usize>| {
+            line.map_or_else(|| "default deny".to_owned(), |l| format!("policy.csv:{l}"))
+        };
+        match authz.authorize(&id.principal, target, action) {
+            Ok(permit) => {
+                let version = Some(permit.policy_version().to_owned());
+                self.decision = Some(("allow", rule(permit.rule_line()), version));
+                Ok(permit)
+            }
+            Err(denied) => {
+                self.decision = Some(("deny", rule(denied.rule_line), None));
+                Err(denied.into())
+            }
+        }
+    }
+
+    /// Notes that the request's results are filtered path by path for `action` (List).
+    pub(crate) fn filtered(&mut self, action: Action) {
+        self.action = Some(action);
+        self.decision = Some(("allow", "filtered per path".to_owned(), None));
+    }
+
+    /// Notes the secret version the request wrote, read or deleted.
+    pub(crate) fn version(&mut self, version: u64) {
+        self.version = Some(version);
+    }
+
+    /// Notes the key that sealed or opened the value.
+    pub(crate) fn key_id(&mut self, key_id: &str) {
+        self.key_id = Some(key_id.to_owned());
+    }
+
+    /// Records the intent of a write, durably, before the store is touched.
+    pub(crate) async fn intent(&self) -> Result<(), ApiError> {
+        let record = self.record(Phase::Intent, None);
+        self.audit.append(record).await.map(|_| ()).map_err(|e| {
+            tracing::error!(request_id = %self.request_id, error = %e, "write refused: its intent cannot be recorded");
+            ApiError::AuditUnavailable
+        })
+    }
+
+    /// Records the outcome and answers: the response, or the error as a status, both with
+    /// the request id. UNAVAILABLE if the outcome record cannot be made durable.
+    pub(crate) async fn finish<T>(
+        self,
+        result: Result<T, ApiError>,
+    ) -> Result<Response<T>, Status> {
+        let status = result.as_ref().err().map(Status::from);
+        let record = self.record(Phase::Outcome, status.as_ref());
+        let result = if matches!(result, Err(ApiError::AuditUnavailable)) {
+            // The log already failed this request; the record goes in when it recovers.
+            self.audit.note(record);
+            result
+        } else {
+            match self.audit.append(record).await {
+                Ok(_) => result,
+                Err(e) => {
+                    tracing::error!(request_id = %self.request_id, error = %e, "answer withheld: its audit record cannot be made durable");
+                    Err(ApiError::AuditUnavailable)
+                }
+            }
+        };
+        self.log(&result);
+        let id = MetadataValue::try_from(self.request_id.as_str()).ok();
+        match result {
+            Ok(resp) => {
+                let mut resp = Response::new(resp);
+                if let Some(id) = id {
+                    resp.metadata_mut().insert(REQUEST_ID_HEADER, id);
+                }
+                Ok(resp)
+            }
+            Err(err) => {
+                let mut status = Status::from(&err);
+                if let Some(id) = id {
+                    status.metadata_mut().insert(REQUEST_ID_HEADER, id);
+                }
+                Err(status)
+            }
+        }
+    }
+
+    fn record(&self, phase: Phase, status: Option<&Status>) -> Record {
+        let mut r = Record::new(Kind::Request);
+        r.request_id = Some(self.request_id.clone());
+        r.phase = Some(phase);
+        if let Some(c) = &self.conn {
+            r.principal = Some(c.identity.principal.to_string());
+            r.cert_fingerprint = Some(c.identity.fingerprint.clone());
+            r.cert_serial = Some(c.identity.serial.clone());
+            r.peer = Some(c.peer_addr.to_string());
+        }
+        r.method = Some(self.method.to_owned());
+        r.path = (!self.path.is_empty()).then(|| self.path.clone());
+        r.action = self.action.map(|a| a.to_string());
+        if let Some((decision, rule, policy)) = &self.decision {
+            (r.decision, r.rule, r.policy_version) =
+                (Some((*decision).to_owned()), Some(rule.clone()), policy.clone());
+        }
+        if phase == Phase::Outcome {
+            r.status = Some(code_name(status.map_or(Code::Ok, Status::code)).to_owned());
+            r.message = status.map(|s| s.message().to_owned());
+        }
+        r.version = self.version;
+        r.key_id = self.key_id.clone();
+        r.latency_us = Some(self.started.elapsed().as_micros() as u64);
+        r
+    }
+
+    fn log<T>(&self, result: &Result<T, ApiError>) {
+        let principal =
+            self.conn.as_ref().map(|c| c.identity.principal.to_string()).unwrap_or_default();
+        let peer = self.conn.as_ref().map(|c| c.peer_addr.to_string()).unwrap_or_default();
+        let latency_us = self.started.elapsed().as_micros() as u64;
+        let request_id = &self.request_id;
+        match result {
+            Ok(_) => {
+                tracing::info!(method = self.method, %request_id, %principal, %peer, path = ?self.path, latency_us, "ok");
+            }
+            Err(err) => {
+                let rule = self.decision.as_ref().map(|d| d.1.as_str()).unwrap_or_default();
+                tracing::info!(
+                    method = self.method, %request_id, %principal, %peer, path = ?self.path,
+                    latency_us, code = ?err.code(), error = %err, %rule, "refused"
+                );
+            }
+        }
+    }
+}
+
+/// A fresh request id: 96 random bits in hex.
+fn request_id() -> String {
+    let mut id = [0u8; 12];
+    if getrandom::fill(&mut id).is_err() {
+        // No randomness: fall back to a clock-based id (unique enough to correlate).
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        return format!("t{nanos:x}");
+    }
+    hex::encode(id)
+}
+
+/// The canonical name of a gRPC status code, as in the gRPC spec.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

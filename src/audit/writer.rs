@@ -1,0 +1,631 @@
+//! The audit log writer: one thread that owns the file, with group commit.
+//!
+//! Requests hand their [`Record`] to the writer and wait (bounded) for it to be durable. The
+//! writer takes every record that is waiting, chains and writes them in one `write`, and
+//! covers all of them with one `fdatasync`: throughput is not capped at one fsync per
+//! request. Only then does each waiter hear that its record is durable.
+//!
+//! **Failing closed.** A failed write or sync is rolled back (the file is cut back to its
+//! last durable length, so no half line stays behind), every waiter of the batch gets an
+//! error, and the log is marked failed with the reason (health goes NOT_SERVING). A waiter
+//! that hears nothing within the timeout (a hung disk) gives up with an error too: no
+//! request hangs. While failed, the writer probes every [`PROBE_EVERY`]; the first write
+//! that succeeds is an `outage` record (since when, why, how many records were refused),
+//! and service resumes by itself.
+//!
+//! **Files.** The active file is rotated at `max_file_bytes`: a checkpoint ends it, it is
+//! renamed to `<path>.<first seq, 20 digits>`, and the new file opens with a `continue`
+//! record chained to the old file's last line. A removed or replaced active file is noticed
+//! before each batch and handled the same way (with that reason), so records never go into
+//! a file nobody can see. On start, a torn last line (a crash mid-write: never
+//! acknowledged) is cut off and the chain continues from the last whole line.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Read, Seek, SeekFrom, Write},
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{oneshot, watch};
+
+use super::{
+    Kind, Record, SigningKey,
+    record::{GENESIS_PREV, checkpoint_message, line_hash, now_rfc3339},
+};
+use crate::config::AuditConfig;
+
+/// How often a failed log is retried while no request comes.
+pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// Most records written in one batch.
+const MAX_BATCH: usize = 4096;
+/// Bytes read from the end of a file to find its last line on start.
+const TAIL_BYTES: u64 = 256 * 1024;
+
+/// Why a record could not be made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    /// The log cannot be written now (the reason is for the operator's log, not clients).
+    #[error("audit log unavailable: {0}")]
+    Unavailable(String),
+    /// The log could not be opened at start.
+    #[error("audit log {path}: {reason}")]
+    Open {
+        /// The log file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The state the writer publishes: `None` when healthy, else why the log is failing.
+pub type AuditHealth = watch::Receiver<Option<String>>;
+
+/// A handle to the audit log; cheap to clone. A disabled log accepts and drops records.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    health: watch::Sender<Option<String>>,
+    timeout: Duration,
+    log_id: String,
+    next_seq_at_open: u64,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+enum Msg {
+    Append(Box<Record>, Option<oneshot::Sender<Result<u64, String>>>),
+    Close(oneshot::Sender<Option<String>>),
+}
+
+impl AuditLog {
+    /// Opens (or continues) the log of `config`, signing checkpoints with `key`. Checkpoint
+    /// lines are sent to `checkpoints` as they are written, for the store.
+    pub fn open(
+        config: &AuditConfig,
+        key: SigningKey,
+        checkpoints: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+    ) -> Result<Self, AuditError> {
+        let (health, _) = watch::channel(None);
+        let state = State::open(config, key, checkpoints, health.clone())?;
+        let log_id = state.log_id.clone();
+        let next_seq_at_open = state.head.next_seq;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || state.run(rx))
+            .map_err(|e| AuditError::Open {
+                path: config.path.display().to_string(),
+                reason: format!("cannot start the writer thread: {e}"),
+            })?;
+        let inner = Inner {
+            tx: Mutex::new(Some(tx)),
+            health,
+            timeout: config.timeout(),
+            log_id,
+            next_seq_at_open,
+            thread: Mutex::new(Some(thread)),
+        };
+        Ok(Self { inner: Some(Arc::new(inner)) })
+    }
+
+    /// A log that records nothing (`audit.enabled = false`).
+    pub fn disabled() -> Self {
+        Self { inner: None }
+    }
+
+    /// The log's id, `None` when disabled.
+    pub fn log_id(&self) -> Option<&str> {
+        self.inner.as_deref().map(|i| i.log_id.as_str())
+    }
+
+    /// The sequence number the next record would have had when the log was opened: the
+    /// length of the chain found on disk (0 when disabled).
+    pub fn next_seq_at_open(&self) -> u64 {
+        self.inner.as_deref().map_or(0, |i| i.next_seq_at_open)
+    }
+
+    /// Why the log is failing now, if it is; `None` when healthy or disabled.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.as_deref().and_then(|i| i.health.borrow().clone())
+    }
+
+    /// Changes of [`AuditLog::failure`]; `None` when disabled.
+    pub fn watch(&self) -> Option<AuditHealth> {
+        self.inner.as_deref().map(|i| i.health.subscribe())
+    }
+
+    /// Appends `record` and waits until it is durable; returns its sequence number (0 when
+    /// disabled). Fails within the configured timeout if the log cannot be written.
+    pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
+        let Some(inner) = self.inner.as_deref() else { return Ok(0) };
+        let (tx, rx) = oneshot::channel();
+        inner.send(Msg::Append(Box::new(record), Some(tx)))?;
+        match tokio::time::timeout(inner.timeout, rx).await {
+            Ok(Ok(Ok(seq))) => Ok(seq),
+            Ok(Ok(Err(reason))) => Err(AuditError::Unavailable(reason)),
+            Ok(Err(_)) => Err(AuditError::Unavailable("the audit writer stopped".into())),
+            Err(_) => {
+                let reason = format!("a record was not durable within {:?}", inner.timeout);
+                inner.health.send_replace(Some(reason.clone()));
+                Err(AuditError::Unavailable(reason))
+            }
+        }
+    }
+
+    /// Appends `record` without waiting (refused handshakes, and outcomes of requests
+    /// already refused because the log failed).
+    pub fn note(&self, record: Record) {
+        if let Some(inner) = self.inner.as_deref() {
+            let _ = inner.send(Msg::Append(Box::new(record), None));
+        }
+    }
+
+    /// Writes a final checkpoint, stops the writer and returns the checkpoint line (also
+    /// sent to the checkpoint channel). Waits at most the timeout for a hung disk.
+    pub async fn close(&self) -> Option<String> {
+        let inner = self.inner.as_deref()?;
+        let (tx, rx) = oneshot::channel();
+        inner.send(Msg::Close(tx)).ok()?;
+        let last = tokio::time::timeout(inner.timeout, rx).await.ok().and_then(Result::ok)?;
+        inner.tx.lock().ok()?.take();
+        let thread = inner.thread.lock().ok()?.take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        last
+    }
+}
+
+impl Inner {
+    fn send(&self, msg: Msg) -> Result<(), AuditError> {
+        let stopped = || AuditError::Unavailable("the audit writer stopped".into());
+        let guard = self.tx.lock().map_err(|_| stopped())?;
+        guard.as_ref().ok_or_else(stopped)?.send(msg).map_err(|_| stopped())
+    }
+}
+
+/// The end of the chain.
+#[derive(Debug, Clone)]
+struct Head {
+    next_seq: u64,
+    prev: String,
+}
+
+/// An outage in progress.
+struct Outage {
+    reason: String,
+    since: String,
+    refused: u64,
+}
+
+/// Everything the writer thread owns.
+struct State {
+    path: PathBuf,
+    file: File,
+    /// Identity of the open file, to notice removal or replacement.
+    ino: (u64, u64),
+    /// Durable length of the open file.
+    len: u64,
+    first_seq: u64,
+    head: Head,
+    log_id: String,
+    key: SigningKey,
+    checkpoint_every: u64,
+    checkpoint_interval: Duration,
+    max_file_bytes: u64,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    last_checkpoint_line: Option<String>,
+    outage: Option<Outage>,
+    checkpoints: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+    health: watch::Sender<Option<String>>,
+}
+
+impl State {
+    fn open(
+        config: &AuditConfig,
+        key: SigningKey,
+        checkpoints: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+        health: watch::Sender<Option<String>>,
+    ) -> Result<Self, AuditError> {
+        let path = config.path.clone();
+        let fail = |reason: String| AuditError::Open { path: path.display().to_string(), reason };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir).map_err(|e| fail(format!("cannot create directory: {e}")))?;
+        }
+        let found = find_tail(&path).map_err(|e| fail(e.to_string()))?;
+        let file = open_append(&path).map_err(|e| fail(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
+        let mut state = Self {
+            path: path.clone(),
+            ino: (meta.dev(), meta.ino()),
+            len: meta.len(),
+            file,
+            first_seq: 0,
+            head: Head { next_seq: 0, prev: GENESIS_PREV.into() },
+            log_id: String::new(),
+            key,
+            checkpoint_every: config.checkpoint_every,
+            checkpoint_interval: config.checkpoint_interval(),
+            max_file_bytes: config.max_file_bytes,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            last_checkpoint_line: None,
+            outage: None,
+            checkpoints,
+            health,
+        };
+        let first = match found {
+            Some(Tail { head, log_id, first_seq, in_active: true }) => {
+                tracing::info!(log = %path.display(), next_seq = head.next_seq, %log_id, "audit log continues");
+                (state.head, state.log_id, state.first_seq) = (head, log_id, first_seq);
+                None
+            }
+            Some(Tail { head, log_id, .. }) => {
+                tracing::warn!(log = %path.display(), "active audit log file missing; continuing the chain of the newest rotated file");
+                (state.head, state.log_id) = (head, log_id);
+                let mut r = Record::new(Kind::Continue);
+                r.reason = Some("the active log file was missing at start".into());
+                Some(r)
+            }
+            None => {
+                state.log_id = random_id().map_err(|e| fail(e.to_string()))?;
+                let mut r = Record::new(Kind::Genesis);
+                r.pubkey = Some(state.key.verifying_key().to_string());
+                Some(r)
+            }
+        };
+        if let Some(mut r) = first {
+            r.log_id = Some(state.log_id.clone());
+            state.first_seq = state.head.next_seq;
+            state.write(&mut [r], false).map_err(|e| fail(format!("cannot write: {e}")))?;
+        }
+        Ok(state)
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let wait = if self.outage.is_some() {
+                PROBE_EVERY
+            } else if self.since_checkpoint > 0 {
+                self.checkpoint_interval.saturating_sub(self.last_checkpoint.elapsed())
+            } else {
+                Duration::from_secs(3600)
+            };
+            let first = match rx.recv_timeout(wait) {
+                Ok(msg) => msg,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // A probe while failed, or a timed checkpoint.
+                    let _ = self.commit(&mut [], true);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.finish();
+                    return;
+                }
+            };
+            let mut records = Vec::new();
+            let mut waiters = Vec::new();
+            let mut close = None;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Append(r, w) => {
+                        records.push(*r);
+                        waiters.push(w);
+                    }
+                    Msg::Close(done) => {
+                        close = Some(done);
+                        break;
+                    }
+                }
+                if records.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            let result = self.commit(&mut records, false);
+            for (w, r) in waiters.into_iter().zip(&records) {
+                if let Some(w) = w {
+                    let _ = w.send(result.as_ref().map(|()| r.seq).map_err(Clone::clone));
+                }
+            }
+            if let Some(done) = close {
+                let _ = done.send(self.finish());
+                return;
+            }
+        }
+    }
+
+    /// Writes `records` durably, with an outage record first if the log was failing and a
+    /// checkpoint after them when one is due (`timed`: also when only time says so).
+    fn commit(&mut self, records: &mut [Record], timed: bool) -> Result<(), String> {
+        if records.is_empty() && self.outage.is_none() && !(timed && self.checkpoint_due(0, true)) {
+            return Ok(());
+        }
+        let result = self.check_file().and_then(|()| {
+            let mut batch = Vec::with_capacity(records.len() + 2);
+            if let Some(o) = &self.outage {
+                let mut r = Record::new(Kind::Outage);
+                (r.reason, r.since, r.refused) =
+                    (Some(o.reason.clone()), Some(o.since.clone()), Some(o.refused));
+                batch.push(r);
+            }
+            batch.extend(records.iter_mut().map(std::mem::take));
+            let due = self.checkpoint_due(batch.len() as u64, timed);
+            let written = self.write(&mut batch, due);
+            // Hand the records back with their sequence numbers.
+            let skip = usize::from(self.outage.is_some());
+            for (slot, r) in records.iter_mut().zip(batch.into_iter().skip(skip)) {
+                *slot = r;
+            }
+            written
+        });
+        match result {
+            Ok(()) => {
+                if let Some(o) = self.outage.take() {
+                    tracing::warn!(since = %o.since, refused = o.refused, "audit log writable again; service resumes");
+                }
+                if self.health.borrow().is_some() {
+                    self.health.send_replace(None);
+                }
+                if self.len >= self.max_file_bytes {
+                    if let Err(e) = self.rotate("rotation") {
+                        tracing::error!(error = %e, "audit log rotation failed; retried on the next write");
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                match &mut self.outage {
+                    Some(o) => o.refused += records.len() as u64,
+                    None => {
+                        tracing::error!(log = %self.path.display(), error = %reason, "audit log write failed; refusing requests until it is writable");
+                        self.outage = Some(Outage {
+                            reason: reason.clone(),
+                            since: now_rfc3339(),
+                            refused: records.len() as u64,
+                        });
+                    }
+                }
+                self.health.send_replace(Some(reason.clone()));
+                Err(reason)
+            }
+        }
+    }
+
+    fn checkpoint_due(&self, adding: u64, timed: bool) -> bool {
+        self.since_checkpoint + adding >= self.checkpoint_every
+            || (timed
+                && self.since_checkpoint > 0
+                && self.last_checkpoint.elapsed() >= self.checkpoint_interval)
+    }
+
+    /// Chains `records` (and a checkpoint if `checkpoint`), writes them in one write and
+    /// syncs. On failure the file is cut back and the head is unchanged.
+    fn write(&mut self, records: &mut [Record], checkpoint: bool) -> io::Result<()> {
+        let mut head = self.head.clone();
+        let mut buf = String::with_capacity(records.len() * 400);
+        let chain = |r: &mut Record, buf: &mut String, head: &mut Head| {
+            r.seq = head.next_seq;
+            if r.ts.is_empty() {
+                r.ts = now_rfc3339();
+            }
+            r.prev = std::mem::take(&mut head.prev);
+            let line = r.to_line();
+            head.prev = line_hash(line.as_bytes());
+            head.next_seq += 1;
+            buf.push_str(&line);
+            buf.push('\n');
+            line
+        };
+        for r in records.iter_mut() {
+            chain(r, &mut buf, &mut head);
+        }
+        let mut cp_line = None;
+        if checkpoint {
+            let mut cp = Record::new(Kind::Checkpoint);
+            cp.log_id = Some(self.log_id.clone());
+            cp.seq = head.next_seq;
+            cp.ts = now_rfc3339();
+            let msg = checkpoint_message(&self.log_id, cp.seq, &cp.ts, &head.prev);
+            cp.sig = Some(self.key.sign(&msg));
+            cp_line = Some(chain(&mut cp, &mut buf, &mut head));
+        }
+        let result = self.file.write_all(buf.as_bytes()).and_then(|()| self.file.sync_data());
+        if let Err(e) = result {
+            // Cut back anything partly written, so the file ends with a whole durable line.
+            let _ = self.file.set_len(self.len);
+            let _ = self.file.seek(SeekFrom::Start(self.len));
+            return Err(e);
+        }
+        self.len += buf.len() as u64;
+        self.since_checkpoint += records.len() as u64;
+        self.head = head;
+        if let Some(line) = cp_line {
+            self.since_checkpoint = 0;
+            self.last_checkpoint = Instant::now();
+            let _ = self.checkpoints.send((self.log_id.clone(), line.clone()));
+            self.last_checkpoint_line = Some(line);
+        }
+        Ok(())
+    }
+
+    /// Notices a removed or replaced active file and starts a new one in its place.
+    fn check_file(&mut self) -> io::Result<()> {
+        let same = std::fs::metadata(&self.path).map(|m| (m.dev(), m.ino()) == self.ino);
+        match same {
+            Ok(true) => Ok(()),
+            Ok(false) | Err(_) => {
+                tracing::error!(log = %self.path.display(), "the audit log file was removed or replaced; starting a new file that continues the chain");
+                self.start_file("the log file was removed or replaced")
+            }
+        }
+    }
+
+    /// Ends the active file with a checkpoint, renames it, and starts a new one.
+    fn rotate(&mut self, reason: &str) -> io::Result<()> {
+        if self.since_checkpoint > 0 || self.last_checkpoint_line.is_none() {
+            self.write(&mut [], true)?;
+        }
+        let rotated = rotated_name(&self.path, self.first_seq);
+        std::fs::rename(&self.path, &rotated)?;
+        sync_dir(&self.path);
+        tracing::info!(rotated = %rotated.display(), "audit log rotated");
+        self.start_file(reason)
+    }
+
+    fn start_file(&mut self, reason: &str) -> io::Result<()> {
+        let file = open_append(&self.path)?;
+        let meta = file.metadata()?;
+        (self.file, self.ino, self.len) = (file, (meta.dev(), meta.ino()), meta.len());
+        sync_dir(&self.path);
+        self.first_seq = self.head.next_seq;
+        let mut r = Record::new(Kind::Continue);
+        r.log_id = Some(self.log_id.clone());
+        r.reason = Some(reason.into());
+        self.write(&mut [r], false)
+    }
+
+    /// The final checkpoint at shutdown.
+    fn finish(&mut self) -> Option<String> {
+        if self.since_checkpoint > 0 || self.last_checkpoint_line.is_none() {
+            if let Err(e) = self.check_file().and_then(|()| self.write(&mut [], true)) {
+                tracing::error!(error = %e, "cannot write the final audit checkpoint");
+            }
+        }
+        self.last_checkpoint_line.clone()
+    }
+}
+
+/// Where a rotated file goes.
+pub fn rotated_name(path: &Path, first_seq: u64) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{first_seq:020}"));
+    p.into()
+}
+
+/// The last whole line of the log found on disk.
+struct Tail {
+    head: Head,
+    log_id: String,
+    first_seq: u64,
+    /// Found in the active file (else in the newest rotated one).
+    in_active: bool,
+}
+
+/// Finds where the chain ends: the active file, else the newest rotated file. Cuts a torn
+/// last line off the active file.
+fn find_tail(path: &Path) -> io::Result<Option<Tail>> {
+    if let Some(tail) = file_tail(path, true)? {
+        return Ok(Some(Tail { in_active: true, ..tail }));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return Ok(None) };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let mut rotated: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix(&prefix))
+                    .is_some_and(|s| s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    rotated.sort();
+    match rotated.last() {
+        Some(newest) => file_tail(newest, false),
+        None => Ok(None),
+    }
+}
+
+/// The head after the last whole line of `path` and the log id from its first line; `None`
+/// for a missing or empty file. `repair`: cut a torn last line off.
+fn file_tail(path: &Path, repair: bool) -> io::Result<Option<Tail>> {
+    let invalid = |what: String| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("{}: {what}", path.display()))
+    };
+    let mut file = match OpenOptions::new().read(true).write(repair).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let start = len.saturating_sub(TAIL_BYTES);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::with_capacity((len - start) as usize);
+    file.read_to_end(&mut tail)?;
+    let whole = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if whole < tail.len() {
+        if !repair {
+            return Err(invalid("ends with a torn line".into()));
+        }
+        let keep = start + whole as u64;
+        tracing::warn!(log = %path.display(), cut = len - keep, "audit log ends with a torn line (a crash mid-write, never acknowledged); cutting it off");
+        file.set_len(keep)?;
+        file.sync_data()?;
+        if keep == 0 {
+            return Ok(None);
+        }
+    }
+    let body = &tail[..whole];
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    let last = body.rsplit(|&b| b == b'\n').next().unwrap_or_default();
+    let record =
+        Record::parse(last).map_err(|e| invalid(format!("last line is not a record: {e}")))?;
+    file.seek(SeekFrom::Start(0))?;
+    let mut first = Vec::new();
+    std::io::BufRead::read_until(
+        &mut io::BufReader::new(&mut file).take(TAIL_BYTES),
+        b'\n',
+        &mut first,
+    )?;
+    let first = Record::parse(first.strip_suffix(b"\n").unwrap_or(&first))
+        .map_err(|e| invalid(format!("first line is not a record: {e}")))?;
+    let log_id =
+        first.log_id.clone().ok_or_else(|| invalid("first line names no log id".into()))?;
+    Ok(Some(Tail {
+        head: Head { next_seq: record.seq + 1, prev: line_hash(last) },
+        log_id,
+        first_seq: first.seq,
+        in_active: false,
+    }))
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().append(true).create(true).mode(0o600).open(path)
+}
+
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Makes a rename or create in `path`'s directory durable (best effort).
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+fn random_id() -> io::Result<String> {
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(hex::encode(id))
+}
