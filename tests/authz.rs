@@ -145,6 +145,38 @@ async fn list_returns_only_what_the_caller_may_list_or_read() {
 }
 
 #[tokio::test]
+async fn page_tokens_never_reveal_a_hidden_path_and_cannot_be_forged() {
+    let (gw, mut admin) = seeded().await;
+    // Many hidden names before the visible ones: a page of 1 runs out of scan budget (10
+    // names) on hidden paths and must still return a token to continue.
+    for i in 0..30 {
+        admin.put(put(&format!("/apps/aaa-hidden-{i:02}"), b"v")).await.unwrap();
+    }
+    let mut app = gw.client(APP).await;
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut tokens = 0;
+    loop {
+        let req = ListRequest { prefix: "/apps".into(), page_size: 1, page_token: token };
+        let page = app.list(req).await.unwrap().into_inner();
+        seen.extend(page.paths);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        tokens += 1;
+        assert!(!page.next_page_token.contains("hidden"), "{}", page.next_page_token);
+        token = page.next_page_token;
+    }
+    assert!(tokens >= 3, "the hidden names took several short pages");
+    assert_eq!(seen, ["/apps/app/api/key", "/apps/app/db"]);
+    // A path or an altered token is refused.
+    for bad in ["/apps/app/db".to_owned(), format!("{}A", "x".repeat(60))] {
+        let req = ListRequest { prefix: "/apps".into(), page_size: 1, page_token: bad };
+        assert_eq!(app.list(req).await.unwrap_err().code(), Code::InvalidArgument);
+    }
+}
+
+#[tokio::test]
 async fn whoami_reports_principal_roles_certificate_and_policy_version() {
     let (gw, _admin) = seeded().await;
     let mut team = gw.client(TEAM).await;

@@ -119,7 +119,7 @@ impl SecretsService {
         let mut after = match req.page_token.as_str() {
             "" => None,
             token => {
-                let p = SecretPath::parse(token).map_err(|_| ApiError::InvalidPageToken)?;
+                let p = self.open_page_token(token).ok_or(ApiError::InvalidPageToken)?;
                 if !p.starts_with(&prefix) {
                     return Err(ApiError::InvalidPageToken);
                 }
@@ -154,13 +154,37 @@ impl SecretsService {
             }
         };
         let next_page_token = match (&after, exhausted) {
-            (Some(last), false) => last.as_str().to_owned(),
+            (Some(last), false) => self.seal_page_token(last)?,
             _ => String::new(),
         };
         Ok(v1::ListResponse {
             paths: visible.into_iter().map(|p| p.as_str().to_owned()).collect(),
             next_page_token,
         })
+    }
+
+    /// A page token: the last path a List looked at, which may be one the caller may not
+    /// see, so it is sealed (encrypted and authenticated) under the primary key: opaque to
+    /// the client, and a forged or altered token is refused.
+    fn seal_page_token(&self, last: &SecretPath) -> Result<String, ApiError> {
+        use base64::Engine;
+        let keys = self.vault.keys().current();
+        let sealed =
+            crate::crypto::seal(keys.primary(), &page_token_path(), 0, last.as_str().as_bytes())
+                .map_err(|e| {
+                    tracing::error!(error = %e, "cannot seal a page token");
+                    ApiError::Internal
+                })?;
+        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
+    }
+
+    /// The path inside a page token from [`Self::seal_page_token`], if it is one.
+    fn open_page_token(&self, token: &str) -> Option<SecretPath> {
+        use base64::Engine;
+        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
+        let keys = self.vault.keys().current();
+        let path = crate::crypto::open(&keys, &page_token_path(), 0, &sealed).ok()?;
+        SecretPath::parse(std::str::from_utf8(&path).ok()?).ok()
     }
 
     async fn secret_versions(
@@ -271,6 +295,13 @@ impl Secrets for SecretsService {
     ) -> Result<Response<v1::WhoAmIResponse>, Status> {
         rpc!(self, "WhoAmI", request, who_am_i, |_: &Request<v1::WhoAmIRequest>| String::new())
     }
+}
+
+/// The associated-data path page tokens are sealed for: version 0 is never a stored
+/// version, so no stored envelope opens as a token or the other way round.
+fn page_token_path() -> SecretPath {
+    // A constant canonical path: parsing cannot fail.
+    SecretPath::parse("/.page-token").unwrap_or_else(|_| unreachable!("canonical constant"))
 }
 
 fn timestamp(t: UnixMillis) -> prost_types::Timestamp {
