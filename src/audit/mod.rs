@@ -10,10 +10,11 @@
 //! Delete, Rewrap) is applied to the store only after its *intent* record is durable; its
 //! *outcome* record follows before the client gets the answer.
 
+pub mod query;
 pub mod record;
 pub mod signing;
+pub mod verify;
 pub mod writer;
-// (auditor tools)
 
 pub use record::{Kind, Phase, Record};
 pub use signing::{SigningKey, VerifyingKey};

@@ -3,8 +3,10 @@
 //! - `serve`, `dev` ([`serve`]): run a gateway;
 //! - `put`, `get`, `ls`, `rm`, `versions` ([`client`]): talk to one over mTLS;
 //! - `keys …` ([`keys`]): the key rotation lifecycle;
-//! - `policy …` ([`policy`]): check, test and explain policies; `whoami` asks the gateway.
+//! - `policy …` ([`policy`]): check, test and explain policies; `whoami` asks the gateway;
+//! - `audit …` ([`audit`]): the auditor's tools: keygen, verify, query, tail.
 
+mod audit;
 mod client;
 mod dev;
 mod keys;
@@ -117,6 +119,11 @@ enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// Audit log tools: make the signing key, verify, query and follow the log (offline).
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
 }
 
 /// How client commands reach a gateway. Defaults point at `secretgate dev`.
@@ -153,6 +160,7 @@ enum Output {
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let server = matches!(cli.command, Command::Serve { .. } | Command::Dev { .. });
+    let audit = matches!(cli.command, Command::Audit { .. });
     init_logging(if server { "info" } else { "warn" });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -165,7 +173,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if audit { audit::exit_code(&e) } else { ExitCode::FAILURE }
         }
     }
 }
@@ -184,6 +192,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Keys { keyring, command } => keys::run(&keyring, command).await,
         Command::Whoami { conn } => client::whoami(&conn).await,
         Command::Policy { dir, command } => policy::run(&dir, command).await,
+        Command::Audit { command } => audit::run(command).await,
     }
 }
 

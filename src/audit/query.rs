@@ -1,0 +1,364 @@
+//! `audit query` and `audit tail`: pick records out of audit log files by who, what, when.
+//!
+//! Files are read in log order (by the seq of their first records, see [`order_files`]), so
+//! a shell glob such as `audit/audit.log*` works whatever order it expands in. Query does
+//! not check the chain; run `audit verify` for that.
+
+use std::{
+    collections::VecDeque,
+    fs::File,
+    io::{self, BufRead, BufReader},
+    path::{Path, PathBuf},
+};
+
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use super::record::{Kind, Record};
+
+/// Every record kind, in the order of [`Kind`].
+const KINDS: [Kind; 6] =
+    [Kind::Genesis, Kind::Continue, Kind::Request, Kind::Handshake, Kind::Checkpoint, Kind::Outage];
+
+/// Why a query cannot run, or a line it could not read.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// A file cannot be opened or read.
+    #[error("cannot read {path}: {source}")]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A line is not a record (the query goes on after it).
+    #[error("{path}:{line}: not an audit record: {reason}")]
+    Malformed {
+        /// The file.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+        /// The parse error.
+        reason: String,
+    },
+    /// A filter argument cannot be parsed.
+    #[error("{0}")]
+    BadFilter(String),
+}
+
+/// Which records to keep. Empty fields match everything; set fields must all match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// The principal, exactly.
+    pub principal: Option<String>,
+    /// A path prefix, segment-wise: `/a` matches `/a` and `/a/b` but not `/ab`.
+    pub path: Option<String>,
+    /// `read`, `write`, `delete`, `list` or `admin` (any case).
+    pub action: Option<String>,
+    /// `allow` or `deny` (any case).
+    pub decision: Option<String>,
+    /// gRPC status code name, e.g. `PERMISSION_DENIED` (any case).
+    pub status: Option<String>,
+    /// Records at or after this time.
+    pub since: Option<OffsetDateTime>,
+    /// Records before this time.
+    pub until: Option<OffsetDateTime>,
+    /// The record kind.
+    pub kind: Option<Kind>,
+}
+
+/// One matching record, with the exact line it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line number.
+    pub line: usize,
+    /// The line as written (no newline).
+    pub text: String,
+    /// The parsed record.
+    pub record: Record,
+}
+
+impl Filter {
+    /// Whether `r` passes every set condition.
+    pub fn matches(&self, r: &Record) -> bool {
+        let same = |want: &Option<String>, have: &Option<String>| match (want, have) {
+            (None, _) => true,
+            (Some(w), Some(h)) => w.eq_ignore_ascii_case(h),
+            (Some(_), None) => false,
+        };
+        let in_time = || {
+            if self.since.is_none() && self.until.is_none() {
+                return true;
+            }
+            let Ok(ts) = OffsetDateTime::parse(&r.ts, &Rfc3339) else { return false };
+            self.since.is_none_or(|s| ts >= s) && self.until.is_none_or(|u| ts < u)
+        };
+        self.principal.as_ref().is_none_or(|p| r.principal.as_ref() == Some(p))
+            && self.path.as_deref().is_none_or(|p| r.path.as_deref().is_some_and(|rp| under(rp, p)))
+            && same(&self.action, &r.action)
+            && same(&self.decision, &r.decision)
+            && same(&self.status, &r.status)
+            && self.kind.is_none_or(|k| r.kind() == k)
+            && in_time()
+    }
+}
+
+/// Parses an RFC 3339 time for `--since` / `--until`.
+pub fn parse_time(text: &str) -> Result<OffsetDateTime, QueryError> {
+    OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
+        QueryError::BadFilter(format!(
+            "{text:?} is not an RFC 3339 time like 2026-01-31T12:00:00Z: {e}"
+        ))
+    })
+}
+
+/// Parses a record kind name (`request`, `checkpoint`, …).
+pub fn parse_kind(text: &str) -> Result<Kind, QueryError> {
+    KINDS.into_iter().find(|k| kind_name(*k) == text).ok_or_else(|| {
+        let names: Vec<_> = KINDS.into_iter().map(kind_name).collect();
+        QueryError::BadFilter(format!("unknown kind {text:?}; use one of {}", names.join(", ")))
+    })
+}
+
+/// The name of a kind as it appears in the log.
+pub fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Genesis => "genesis",
+        Kind::Continue => "continue",
+        Kind::Request => "request",
+        Kind::Handshake => "handshake",
+        Kind::Checkpoint => "checkpoint",
+        Kind::Outage => "outage",
+    }
+}
+
+/// Reads `files` in log order and yields the records that pass `filter`, one file at a
+/// time (memory stays bounded by the longest line). Lines that are not records come out
+/// as [`QueryError::Malformed`] items; the iteration goes on after them.
+pub fn query_files(
+    files: &[PathBuf],
+    filter: &Filter,
+) -> Result<impl Iterator<Item = Result<Entry, QueryError>>, QueryError> {
+    let files = order_files(files)?;
+    let filter = filter.clone();
+    let lines = files.into_iter().flat_map(|path| -> Box<dyn Iterator<Item = _>> {
+        match File::open(&path) {
+            Ok(f) => Box::new(numbered_lines(path, BufReader::new(f))),
+            Err(e) => Box::new(std::iter::once(Err(unreadable(&path, e)))),
+        }
+    });
+    Ok(lines.filter_map(move |item| match item {
+        Ok(entry) => filter.matches(&entry.record).then_some(Ok(entry)),
+        Err(e) => Some(Err(e)),
+    }))
+}
+
+/// The last `n` records that pass `filter` among `lines` of the file `path` (for `audit
+/// tail`, which reads the file itself to follow it from where it ended).
+pub fn last_matching(
+    path: &Path,
+    lines: impl BufRead,
+    filter: &Filter,
+    n: usize,
+) -> Result<Vec<Entry>, QueryError> {
+    let mut last = VecDeque::with_capacity(n.min(4096));
+    for item in numbered_lines(path.to_owned(), lines) {
+        match item {
+            Ok(entry) if filter.matches(&entry.record) => {
+                if last.len() == n {
+                    last.pop_front();
+                }
+                if n > 0 {
+                    last.push_back(entry);
+                }
+            }
+            Ok(_) | Err(QueryError::Malformed { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(last.into())
+}
+
+/// Sorts log files into log order: by the seq of their first records, then by name.
+pub fn order_files(files: &[PathBuf]) -> Result<Vec<PathBuf>, QueryError> {
+    let mut keyed = Vec::with_capacity(files.len());
+    for path in files {
+        let file = File::open(path).map_err(|e| unreadable(path, e))?;
+        let lines = BufReader::new(file).split(b'\n').map_while(Result::ok);
+        keyed.push((order_key(&path.display().to_string(), lines), path.clone()));
+    }
+    keyed.sort();
+    Ok(keyed.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Where a file goes in log order: the seq its first line has (or should have).
+///
+/// The key comes from the first two neighbouring lines whose seqs agree, so that one
+/// edited line cannot move a file; failing that, from the first record, then from a
+/// rotated file's name (`audit.log.<first seq>`); files with nothing to go by sort last.
+pub(crate) fn order_key<L: AsRef<[u8]>>(name: &str, lines: impl IntoIterator<Item = L>) -> u64 {
+    let mut first = None;
+    let mut previous = None;
+    for (i, line) in lines.into_iter().take(16).enumerate() {
+        let base = Record::parse(line.as_ref()).ok().map(|r| r.seq.saturating_sub(i as u64));
+        if base.is_some() && base == previous {
+            return base.unwrap_or_default();
+        }
+        first = first.or(base);
+        previous = base;
+    }
+    let suffix = name.rsplit_once('.').and_then(|(_, s)| s.parse::<u64>().ok());
+    first.or(suffix).unwrap_or(u64::MAX)
+}
+
+/// Whether `path` is `prefix` or below it, segment-wise.
+fn under(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// The lines of one file as entries (or errors), numbered from 1.
+fn numbered_lines(
+    path: PathBuf,
+    reader: impl BufRead,
+) -> impl Iterator<Item = Result<Entry, QueryError>> {
+    reader.split(b'\n').enumerate().map(move |(i, line)| {
+        let bytes = line.map_err(|e| unreadable(&path, e))?;
+        let malformed = |reason: String| QueryError::Malformed {
+            path: path.display().to_string(),
+            line: i + 1,
+            reason,
+        };
+        let record = Record::parse(&bytes).map_err(malformed)?;
+        let text = String::from_utf8(bytes).map_err(|e| malformed(e.to_string()))?;
+        Ok(Entry { file: path.clone(), line: i + 1, text, record })
+    })
+}
+
+fn unreadable(path: &Path, source: io::Error) -> QueryError {
+    QueryError::Unreadable { path: path.display().to_string(), source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::verify::tests::{log_files, test_log};
+
+    fn request(seq: u64, principal: &str, path: &str, action: &str, status: &str) -> Record {
+        let mut r = Record::new(Kind::Request);
+        r.seq = seq;
+        r.ts = format!("2026-01-01T00:00:{seq:02}.000Z");
+        r.principal = Some(principal.into());
+        r.path = Some(path.into());
+        r.action = Some(action.into());
+        r.decision = Some(if status == "OK" { "allow" } else { "deny" }.into());
+        r.status = Some(status.into());
+        r
+    }
+
+    #[test]
+    fn path_prefixes_match_whole_segments() {
+        let f = Filter { path: Some("/a".into()), ..Filter::default() };
+        assert!(f.matches(&request(1, "p", "/a", "read", "OK")));
+        assert!(f.matches(&request(1, "p", "/a/b", "read", "OK")));
+        assert!(!f.matches(&request(1, "p", "/ab", "read", "OK")));
+        assert!(!f.matches(&Record::new(Kind::Checkpoint)), "no path, no match");
+        let f = Filter { path: Some("/a/".into()), ..Filter::default() };
+        assert!(f.matches(&request(1, "p", "/a/b", "read", "OK")));
+        let f = Filter { path: Some("/".into()), ..Filter::default() };
+        assert!(f.matches(&request(1, "p", "/x", "read", "OK")));
+    }
+
+    #[test]
+    fn every_condition_must_hold() {
+        let r = request(5, "spiffe://x/app", "/pay/db", "read", "PERMISSION_DENIED");
+        assert!(Filter::default().matches(&r));
+        let f = Filter {
+            principal: Some("spiffe://x/app".into()),
+            action: Some("READ".into()),
+            decision: Some("deny".into()),
+            status: Some("permission_denied".into()),
+            kind: Some(Kind::Request),
+            ..Filter::default()
+        };
+        assert!(f.matches(&r));
+        assert!(!Filter { principal: Some("spiffe://x/ap".into()), ..f.clone() }.matches(&r));
+        assert!(!Filter { decision: Some("allow".into()), ..f.clone() }.matches(&r));
+        assert!(!Filter { kind: Some(Kind::Checkpoint), ..f }.matches(&r));
+    }
+
+    #[test]
+    fn time_range_includes_since_and_excludes_until() {
+        let f = Filter {
+            since: Some(parse_time("2026-01-01T00:00:05Z").unwrap()),
+            until: Some(parse_time("2026-01-01T00:00:07Z").unwrap()),
+            ..Filter::default()
+        };
+        let hits: Vec<u64> = (0..10)
+            .map(|s| request(s, "p", "/a", "read", "OK"))
+            .filter(|r| f.matches(r))
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(hits, [5, 6]);
+        let mut bad_ts = request(6, "p", "/a", "read", "OK");
+        bad_ts.ts = "yesterday".into();
+        assert!(!f.matches(&bad_ts));
+        assert!(parse_time("2026-01-01").is_err());
+    }
+
+    #[test]
+    fn kinds_parse_by_their_log_names() {
+        for k in KINDS {
+            assert_eq!(parse_kind(kind_name(k)).unwrap(), k);
+            assert!(serde_json::to_string(&k).unwrap().contains(kind_name(k)));
+        }
+        assert!(parse_kind("requests").is_err());
+    }
+
+    #[test]
+    fn query_reads_files_in_log_order_and_yields_exact_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, inputs) = test_log(40, 7, 15);
+        let mut files = log_files(dir.path(), &inputs);
+        files.reverse();
+        let f = Filter { kind: Some(Kind::Request), ..Filter::default() };
+        let hits: Vec<Entry> = query_files(&files, &f).unwrap().map(Result::unwrap).collect();
+        assert!(hits.len() > 20, "{}", hits.len());
+        assert!(hits.windows(2).all(|w| w[0].record.seq < w[1].record.seq));
+        let all: Vec<u8> = inputs.iter().flat_map(|(_, b)| b.clone()).collect();
+        let all = String::from_utf8(all).unwrap();
+        assert!(hits.iter().all(|e| all.contains(&format!("{}\n", e.text))));
+    }
+
+    #[test]
+    fn malformed_lines_are_reported_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let r = request(3, "p", "/a", "read", "OK").to_line();
+        std::fs::write(&path, format!("{r}\nnot json\n{r}\n")).unwrap();
+        let items: Vec<_> =
+            query_files(std::slice::from_ref(&path), &Filter::default()).unwrap().collect();
+        assert_eq!(items.len(), 3);
+        assert!(matches!(items[1], Err(QueryError::Malformed { line: 2, .. })));
+        let bytes = std::fs::read(&path).unwrap();
+        let last = last_matching(&path, bytes.as_slice(), &Filter::default(), 1).unwrap();
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].line, 3);
+        assert!(last_matching(&path, bytes.as_slice(), &Filter::default(), 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn order_keys_survive_one_edited_first_line() {
+        let lines = |seqs: &[u64]| -> Vec<String> {
+            seqs.iter().map(|s| request(*s, "p", "/a", "read", "OK").to_line()).collect()
+        };
+        assert_eq!(order_key("x", lines(&[10, 11, 12])), 10);
+        assert_eq!(order_key("x", lines(&[99, 11, 12])), 10);
+        assert_eq!(order_key("audit.log.00000000000000000042", Vec::<String>::new()), 42);
+        assert_eq!(order_key("audit.log", ["junk"]), u64::MAX);
+    }
+}

@@ -1,0 +1,341 @@
+//! `secretgate audit …`: the auditor's tools, offline over the log files.
+//!
+//! `keygen` makes the checkpoint signing key; `verify` checks the chain and the signatures;
+//! `query` and `tail` pick records out. `verify` exits 1 when the log was tampered with and
+//! 2 when it could not be checked (a usage or I/O error), so scripts can tell them apart.
+
+use std::{
+    fs::File,
+    io::{ErrorKind::BrokenPipe, Read, Seek, SeekFrom, Write},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::Output;
+use crate::audit::{
+    Kind, Record, SigningKey, VerifyingKey,
+    query::{self, Entry, Filter},
+    signing::pub_path,
+    verify::{self, Problem},
+};
+
+/// How often `tail` looks for new lines.
+const POLL: Duration = Duration::from_millis(200);
+
+/// `secretgate audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub(super) enum AuditCommand {
+    /// Generate a checkpoint signing key (mode 0600) and its public key (FILE.pub).
+    Keygen {
+        /// Where to write the private key. Refuses to overwrite.
+        #[arg(long, default_value = "audit.key")]
+        out: PathBuf,
+    },
+    /// Check the hash chain and checkpoint signatures; report OK or the first bad record.
+    ///
+    /// Exit code 1 when the log was tampered with, 2 when it could not be checked.
+    Verify {
+        /// The audit public key (`audit.key.pub`). Without it, signatures are checked with the
+        /// key named in the log itself, which proves consistency but not authenticity.
+        #[arg(long, value_name = "FILE")]
+        pubkey: Option<PathBuf>,
+        /// The gateway's stored checkpoint (from `secretgate audit checkpoint`): detects
+        /// records cut off the end.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, short, env = "SECRETGATE_OUTPUT", value_enum, default_value_t = Output::Human)]
+        output: Output,
+        /// The log files, in any order (e.g. audit/audit.log*).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the records that match the filters, from files in log order.
+    Query {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Output format: a table, or the matching lines as written.
+        #[arg(long, short, env = "SECRETGATE_OUTPUT", value_enum, default_value_t = Output::Human)]
+        output: Output,
+        /// The log files, in any order (e.g. audit/audit.log*).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the last matching records of the log, then follow it (across rotation).
+    Tail {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// How many matching records to print first.
+        #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 10)]
+        lines: usize,
+        /// Print the last records and stop.
+        #[arg(long)]
+        no_follow: bool,
+        /// Output format: a table, or the matching lines as written.
+        #[arg(long, short, env = "SECRETGATE_OUTPUT", value_enum, default_value_t = Output::Human)]
+        output: Output,
+        /// The active log file.
+        file: PathBuf,
+    },
+}
+
+/// Filters of `query` and `tail`.
+#[derive(Debug, Clone, Args)]
+pub(super) struct FilterArgs {
+    /// Principal, exactly (spiffe://…, dns:…, cn:…).
+    #[arg(long)]
+    principal: Option<String>,
+    /// Path prefix, segment-wise: /a matches /a and /a/b, not /ab.
+    #[arg(long)]
+    path: Option<String>,
+    /// read, write, delete, list or admin.
+    #[arg(long)]
+    action: Option<String>,
+    /// allow or deny.
+    #[arg(long)]
+    decision: Option<String>,
+    /// gRPC status code name, e.g. OK or PERMISSION_DENIED.
+    #[arg(long)]
+    status: Option<String>,
+    /// Records at or after this time (RFC 3339, e.g. 2026-01-31T12:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Records before this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Record kind: request, handshake, checkpoint, outage, genesis or continue.
+    #[arg(long)]
+    kind: Option<String>,
+}
+
+/// The log failed verification (exit code 1); the report is already printed.
+#[derive(Debug, thiserror::Error)]
+#[error("the audit log failed verification")]
+struct Tampered;
+
+/// The exit code of a failed audit command: 1 for tampering, 2 for anything else.
+pub(super) fn exit_code(error: &anyhow::Error) -> ExitCode {
+    ExitCode::from(if error.is::<Tampered>() { 1 } else { 2 })
+}
+
+pub(super) async fn run(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Keygen { out } => keygen(&out),
+        AuditCommand::Verify { pubkey, checkpoint, output, files } => {
+            verify(pubkey.as_deref(), checkpoint.as_deref(), output, &files)
+        }
+        AuditCommand::Query { filter, output, files } => {
+            quiet_pipe(query(&filter.parse()?, output, &files))
+        }
+        AuditCommand::Tail { filter, lines, no_follow, output, file } => {
+            quiet_pipe(tail(&file, &filter.parse()?, lines, !no_follow, output).await)
+        }
+    }
+}
+
+/// A closed pipe (`… | head`) ends the output quietly, as in other Unix tools.
+fn quiet_pipe(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    match result {
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == BrokenPipe) => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn query(filter: &Filter, output: Output, files: &[PathBuf]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if output == Output::Human {
+        writeln!(out, "{}", header())?;
+    }
+    for item in query::query_files(files, filter)? {
+        match item {
+            Ok(entry) => print(&mut out, &entry, output)?,
+            Err(e @ query::QueryError::Malformed { .. }) => eprintln!("warning: {e}"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn keygen(out: &Path) -> anyhow::Result<()> {
+    let public = pub_path(out);
+    for path in [out, public.as_path()] {
+        if path.exists() {
+            bail!("{} already exists; refusing to overwrite an audit key", path.display());
+        }
+    }
+    SigningKey::generate()?.save(out)?;
+    println!("wrote the audit signing key to {} (mode 0600)", out.display());
+    println!(
+        "wrote its public key to {}: give it to auditors (secretgate audit verify --pubkey {} …)",
+        public.display(),
+        public.display()
+    );
+    Ok(())
+}
+
+fn verify(
+    pubkey: Option<&Path>,
+    checkpoint: Option<&Path>,
+    output: Output,
+    files: &[PathBuf],
+) -> anyhow::Result<()> {
+    let key = pubkey.map(VerifyingKey::load).transpose()?;
+    let stored = checkpoint
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+        .transpose()?;
+    match verify::verify_files(files, key.as_ref(), stored.as_deref()) {
+        Ok(v) => {
+            match output {
+                Output::Human => {
+                    let signed = v.last_signed_seq.map_or("none".into(), |s| format!("seq {s}"));
+                    println!(
+                        "OK: {} records, seq {}..{}, {} checkpoints, signed through {signed}",
+                        v.records, v.first_seq, v.last_seq, v.checkpoints
+                    );
+                    for note in &v.notes {
+                        println!("note: {note}");
+                    }
+                }
+                Output::Json => println!("{}", json!({ "ok": true, "verified": v })),
+            }
+            Ok(())
+        }
+        Err(Problem::Tampered(t)) => {
+            match output {
+                Output::Human => println!("TAMPERED: {t}"),
+                Output::Json => println!("{}", json!({ "ok": false, "tampered": t })),
+            }
+            Err(Tampered.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Prints the last `n` matching records of `path`, then (with `follow`) new ones as they are
+/// written, reopening the file when it is rotated or replaced.
+async fn tail(
+    path: &Path,
+    filter: &Filter,
+    n: usize,
+    follow: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if output == Output::Human {
+        writeln!(out, "{}", header())?;
+    }
+    let open = || File::open(path).with_context(|| format!("cannot open {}", path.display()));
+    // One read of one open file for the last records, so that following picks up exactly
+    // where it ended.
+    let mut file = open()?;
+    let mut pending = Vec::new();
+    let mut pos = file.read_to_end(&mut pending)? as u64;
+    let end = pending.iter().rposition(|b| *b == b'\n').map_or(0, |e| e + 1);
+    for entry in query::last_matching(path, &pending[..end], filter, n)? {
+        print(&mut out, &entry, output)?;
+    }
+    pending.drain(..end);
+    out.flush()?;
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        pos += read_new(&mut file, pos, &mut pending)?;
+        emit(&mut out, path, &mut pending, filter, output)?;
+        tokio::time::sleep(POLL).await;
+        let Ok(now) = std::fs::metadata(path) else { continue };
+        if now.ino() != file.metadata()?.ino() || now.len() < pos {
+            // Rotated or replaced: finish the old file, then start the new one from the top.
+            read_new(&mut file, pos, &mut pending)?;
+            emit(&mut out, path, &mut pending, filter, output)?;
+            pending.clear();
+            (file, pos) = (open()?, 0);
+        }
+    }
+}
+
+/// Appends the bytes of `file` after `pos` to `pending`; how many.
+fn read_new(file: &mut File, pos: u64, pending: &mut Vec<u8>) -> anyhow::Result<u64> {
+    file.seek(SeekFrom::Start(pos))?;
+    Ok(file.read_to_end(pending)? as u64)
+}
+
+/// Prints the complete lines in `pending` that match, keeping a partial last line.
+fn emit(
+    out: &mut impl Write,
+    path: &Path,
+    pending: &mut Vec<u8>,
+    filter: &Filter,
+    output: Output,
+) -> anyhow::Result<()> {
+    let Some(end) = pending.iter().rposition(|b| *b == b'\n') else { return Ok(()) };
+    for line in pending[..end].split(|b| *b == b'\n') {
+        match Record::parse(line) {
+            Ok(record) if filter.matches(&record) => {
+                let text = String::from_utf8_lossy(line).into_owned();
+                print(out, &Entry { file: path.to_owned(), line: 0, text, record }, output)?;
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("warning: {}: not an audit record: {e}", path.display()),
+        }
+    }
+    pending.drain(..=end);
+    out.flush()?;
+    Ok(())
+}
+
+fn header() -> String {
+    row(&["seq", "ts", "principal", "method", "path", "action", "decision", "status", "version"])
+}
+
+fn print(out: &mut impl Write, entry: &Entry, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        writeln!(out, "{}", entry.text)?;
+        return Ok(());
+    }
+    let r = &entry.record;
+    let text = |v: &Option<String>| v.as_deref().unwrap_or("-").to_owned();
+    let (who, what, target) = match r.kind() {
+        Kind::Request => (text(&r.principal), text(&r.method), text(&r.path)),
+        kind => {
+            let why = r.reason.as_ref().or(r.message.as_ref());
+            (text(&r.peer), format!("[{}]", query::kind_name(kind)), text(&why.cloned()))
+        }
+    };
+    let (seq, version) = (r.seq.to_string(), r.version.map_or("-".into(), |v| v.to_string()));
+    let (action, decision, status) = (text(&r.action), text(&r.decision), text(&r.status));
+    let cells = [&seq, &r.ts, &who, &what, &target, &action, &decision, &status, &version];
+    writeln!(out, "{}", row(&cells.map(String::as_str)))?;
+    Ok(())
+}
+
+/// One table row: fixed minimum widths, two spaces apart.
+fn row(cells: &[&str]) -> String {
+    const WIDTHS: [usize; 9] = [8, 24, 28, 32, 24, 7, 8, 18, 7];
+    let padded: Vec<String> = cells.iter().zip(WIDTHS).map(|(c, w)| format!("{c:<w$}")).collect();
+    padded.join("  ").trim_end().to_owned()
+}
+
+impl FilterArgs {
+    fn parse(self) -> anyhow::Result<Filter> {
+        Ok(Filter {
+            principal: self.principal,
+            path: self.path,
+            action: self.action,
+            decision: self.decision,
+            status: self.status,
+            since: self.since.as_deref().map(query::parse_time).transpose()?,
+            until: self.until.as_deref().map(query::parse_time).transpose()?,
+            kind: self.kind.as_deref().map(query::parse_kind).transpose()?,
+        })
+    }
+}
