@@ -149,10 +149,14 @@ impl VerifyingKey {
             .map_err(|reason| SigningError::Malformed { path: p, reason })
     }
 
+    /// Writes the public key file, refusing to replace one (it may belong to another key).
     fn save(&self, path: &Path) -> Result<(), SigningError> {
+        use std::io::Write;
+        let io = |source| SigningError::Io { path: path.display().to_string(), source };
         let text = format!("# secretgate audit public key (Ed25519, base64)\n{self}\n");
-        std::fs::write(path, text)
-            .map_err(|source| SigningError::Io { path: path.display().to_string(), source })
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)
     }
 
     /// Whether `sig` (base64) is this key's signature over `message`.

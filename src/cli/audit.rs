@@ -25,6 +25,29 @@ use crate::audit::{
     verify::{self, Problem},
 };
 
+/// Prints the stored checkpoint line on stdout; the log's id and any failure on stderr.
+async fn checkpoint(conn: &super::ClientArgs) -> anyhow::Result<()> {
+    let channel = super::client::channel(conn).await?;
+    let mut admin = crate::proto::v1::admin_client::AdminClient::new(channel);
+    let status = admin
+        .audit_status(crate::proto::v1::AuditStatusRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", crate::api::code_name(s.code()), s.message()))?
+        .into_inner();
+    if !status.enabled {
+        bail!("the gateway runs with audit.enabled = false: it records nothing");
+    }
+    eprintln!("audit log {}", status.log_id);
+    if !status.failure.is_empty() {
+        eprintln!("warning: the audit log is failing: {}", status.failure);
+    }
+    if status.checkpoint.is_empty() {
+        bail!("no checkpoint stored yet for log {}", status.log_id);
+    }
+    println!("{}", status.checkpoint);
+    Ok(())
+}
+
 /// How often `tail` looks for new lines.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -55,6 +78,12 @@ pub(super) enum AuditCommand {
         /// The log files, in any order (e.g. audit/audit.log*).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Ask the gateway for its audit log's state and print the latest signed checkpoint it
+    /// keeps in the store (for `verify --checkpoint`). Needs `admin` on `/`.
+    Checkpoint {
+        #[command(flatten)]
+        conn: super::ClientArgs,
     },
     /// Print the records that match the filters, from files in log order.
     Query {
@@ -130,6 +159,7 @@ pub(super) async fn run(command: AuditCommand) -> anyhow::Result<()> {
         AuditCommand::Verify { pubkey, checkpoint, output, files } => {
             verify(pubkey.as_deref(), checkpoint.as_deref(), output, &files)
         }
+        AuditCommand::Checkpoint { conn } => checkpoint(&conn).await,
         AuditCommand::Query { filter, output, files } => {
             quiet_pipe(query(&filter.parse()?, output, &files))
         }
