@@ -130,7 +130,8 @@ impl Admin for AdminService {
             Ok(permit) => self.audit_status(&permit).await,
             Err(e) => Err(e),
         };
-        call.finish(result).await
+        // Answered even while the log fails: reporting why is the point of this RPC.
+        call.finish_unwaited(result)
     }
 
     type RewrapStream = ReceiverStream<Result<v1::RewrapProgress, Status>>;

@@ -136,6 +136,23 @@ impl Call {
             }
         };
         self.log(&result);
+        self.respond(result)
+    }
+
+    /// Like [`Call::finish`] but answers without waiting for the record: only for the
+    /// read-only diagnostics that must work while the audit log is failing (AuditStatus,
+    /// which reports why). The record is still written when the log can take it.
+    pub(crate) fn finish_unwaited<T>(
+        self,
+        result: Result<T, ApiError>,
+    ) -> Result<Response<T>, Status> {
+        let status = result.as_ref().err().map(Status::from);
+        self.audit.note(self.record(Phase::Outcome, status.as_ref()));
+        self.log(&result);
+        self.respond(result)
+    }
+
+    fn respond<T>(&self, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
         let id = MetadataValue::try_from(self.request_id.as_str()).ok();
         match result {
             Ok(resp) => {
