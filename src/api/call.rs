@@ -34,6 +34,7 @@ pub(crate) struct Call {
     decision: Option<(&'static str, String, Option<String>)>,
     version: Option<u64>,
     key_id: Option<String>,
+    intent_recorded: bool,
 }
 
 impl Call {
@@ -56,6 +57,7 @@ impl Call {
             decision: None,
             version: None,
             key_id: None,
+            intent_recorded: false,
         }
     }
 
@@ -106,12 +108,14 @@ impl Call {
     }
 
     /// Records the intent of a write, durably, before the store is touched.
-    pub(crate) async fn intent(&self) -> Result<(), ApiError> {
+    pub(crate) async fn intent(&mut self) -> Result<(), ApiError> {
         let record = self.record(Phase::Intent, None);
-        self.audit.append(record).await.map(|_| ()).map_err(|e| {
+        self.audit.append(record).await.map_err(|e| {
             tracing::error!(request_id = %self.request_id, error = %e, "write refused: its intent cannot be recorded");
             ApiError::AuditUnavailable
-        })
+        })?;
+        self.intent_recorded = true;
+        Ok(())
     }
 
     /// Records the outcome and answers: the response, or the error as a status, both with
@@ -131,7 +135,13 @@ impl Call {
                 Ok(_) => result,
                 Err(e) => {
                     tracing::error!(request_id = %self.request_id, error = %e, "answer withheld: its audit record cannot be made durable");
-                    Err(ApiError::AuditUnavailable)
+                    // After a recorded intent the store call ran (if it returned Ok): the
+                    // client must not be told the write was not carried out.
+                    Err(if self.intent_recorded && result.is_ok() {
+                        ApiError::AuditAfterWrite
+                    } else {
+                        ApiError::AuditUnavailable
+                    })
                 }
             }
         };

@@ -98,6 +98,13 @@ pub enum ApiError {
     /// reason is in the gateway log and health, not in the message.
     #[error("audit log unavailable: the request was refused and not carried out")]
     AuditUnavailable,
+    /// The write was carried out (its intent is recorded) but its outcome record cannot be
+    /// made durable, so the answer is withheld: the client must read before retrying.
+    #[error(
+        "audit log unavailable after the write was applied: its outcome is unknown to the \
+         client; read the secret before retrying"
+    )]
+    AuditAfterWrite,
     /// A fault inside the gateway. Detail is logged, not returned.
     #[error("internal error")]
     Internal,
@@ -163,9 +170,11 @@ impl ApiError {
             Self::Conflict { .. } | Self::RewrapRunning => Code::FailedPrecondition,
             Self::Undecryptable { .. } => Code::DataLoss,
             Self::Contended(_) => Code::Aborted,
-            Self::Unavailable | Self::NoQuorum | Self::OutcomeUnknown | Self::AuditUnavailable => {
-                Code::Unavailable
-            }
+            Self::Unavailable
+            | Self::NoQuorum
+            | Self::OutcomeUnknown
+            | Self::AuditUnavailable
+            | Self::AuditAfterWrite => Code::Unavailable,
             Self::Internal | Self::NoIdentity => Code::Internal,
         }
     }
