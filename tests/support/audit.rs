@@ -26,11 +26,7 @@ use secretgate::{
     proto::v1::{PutRequest, secrets_client::SecretsClient},
 };
 use tokio::task::JoinHandle;
-use tonic::{
-    Code,
-    metadata::MetadataMap,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
-};
+use tonic::{Code, metadata::MetadataMap, transport::Channel};
 
 use super::Ca;
 
@@ -251,19 +247,7 @@ impl ServedGateway {
     }
 
     pub async fn client(&self, spiffe: &str) -> SecretsClient<Channel> {
-        let id = self.ca.client(spiffe);
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca.cert_pem))
-            .identity(Identity::from_pem(&id.cert, &id.key));
-        let channel = Endpoint::from_shared(format!("https://{}", self.addr))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .unwrap();
+        let channel = super::connect(&self.ca, self.addr, &self.ca.client(spiffe)).await.unwrap();
         SecretsClient::new(channel)
     }
 

@@ -184,17 +184,7 @@ impl TestGateway {
 
     /// A TLS channel presenting `identity`.
     pub async fn channel(&self, identity: &Pem) -> Result<Channel, tonic::transport::Error> {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca.cert_pem))
-            .identity(Identity::from_pem(&identity.cert, &identity.key));
-        Endpoint::from_shared(format!("https://{}", self.addr()))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
-            .connect()
-            .await
+        connect(&self.ca, self.addr(), identity).await
     }
 
     /// Does a raw TLS handshake presenting `identity` (or none) and reports how the server
@@ -256,6 +246,25 @@ p, spiffe://test.example/reader, /shared/**, list, allow
 g, spiffe://test.example/admin, role:admin
 g, spiffe://test.example/writer, role:admin
 ";
+
+/// A TLS channel to a gateway at `addr` that trusts `ca`, presenting `identity`.
+pub async fn connect(
+    ca: &Ca,
+    addr: SocketAddr,
+    identity: &Pem,
+) -> Result<Channel, tonic::transport::Error> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca.cert_pem))
+        .identity(Identity::from_pem(&identity.cert, &identity.key));
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+}
 
 /// Writes a policy directory with the standard model and `csv`.
 pub fn write_policy(dir: &Path, csv: &str) {
