@@ -2,13 +2,21 @@
 //! encryption, embedded store) with the audit log on (fsync, group commit) and off, in the
 //! same run. `cargo bench --bench audit`.
 //!
-//! Each round runs the same load against a fresh gateway: `CLIENTS` concurrent callers on
-//! `CONNECTIONS` TLS connections for `SECONDS` seconds, first Gets of existing secrets, then
-//! Puts (a write records an intent and an outcome, each durable before the next step). Rounds
-//! alternate off/on three times, so drift of the shared machine hits both sides. The audit log is
-//! on the same disk as the store (under `target/`, not a tmpfs). Goal (issue 5): the audit
-//! log costs under 10% of throughput. `AUDIT_BENCH_LOG_DIR=/dev/shm` puts the log on a tmpfs
-//! (fsync is free there), to separate the cost of fsync from the rest.
+//! Two gateways run side by side for each operation, one with the audit log off and one with
+//! it on, each with its own store and log on the same disk (under `target/`, not a tmpfs).
+//! The load (`CLIENTS` concurrent callers on `CONNECTIONS` TLS connections) goes to one at a
+//! time in short alternating slices, so drift of the shared machine hits both sides alike;
+//! the cost is the median of the per-pair ratios. Gets read existing secrets; Puts write them
+//! (a write records an intent and an outcome, each durable before the next step). Goal
+//! (issue 5): the audit log costs under 10% of throughput.
+//!
+//! Environment: `AUDIT_BENCH_OPS=get,put` and `AUDIT_BENCH_PAIRS=8` choose what runs;
+//! `AUDIT_BENCH_LOG_DIR=/dev/shm` puts the log on a tmpfs (fsync is free there), to separate
+//! the cost of fsync from the rest; `AUDIT_BENCH_GROUP_US` sets `audit.group_commit_us`.
+//!
+//! Besides requests per second, each line prints the CPU time of the whole process (gateways
+//! and clients share it) per request, so a cost can be told apart from a wait, and how many
+//! records one fsync covered.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -21,12 +29,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use secretgate::proto::v1::{GetRequest, PutRequest};
+use secretgate::proto::v1::{
+    AuditStatusRequest, GetRequest, PutRequest, admin_client::AdminClient,
+    secrets_client::SecretsClient,
+};
 use support::TestGateway;
+use tonic::transport::Channel;
 
-const CLIENTS: usize = 64;
 const CONNECTIONS: usize = 4;
-const SECONDS: u64 = 4;
+const SLICE: Duration = Duration::from_millis(1500);
+const WARM_UP: Duration = Duration::from_millis(500);
 const KEYS: usize = 256;
 const ADMIN: &str = "spiffe://test.example/admin";
 
@@ -36,94 +48,205 @@ enum Op {
     Put,
 }
 
-async fn round(audit: bool, op: Op) -> f64 {
-    let base = std::env::current_dir().unwrap().join("target/bench-audit");
-    std::fs::create_dir_all(&base).unwrap();
-    let disk = tempfile::tempdir_in(&base).unwrap();
-    // AUDIT_BENCH_LOG_DIR: put the log elsewhere (e.g. /dev/shm, to see what fsync costs).
-    let audit_path = match std::env::var_os("AUDIT_BENCH_LOG_DIR") {
-        Some(dir) => tempfile::tempdir_in(dir).unwrap().keep().join("audit.log"),
-        None => disk.path().join("audit/audit.log"),
-    };
-    let store_path = disk.path().join("store.redb");
-    let gw = TestGateway::start_with(|c| {
-        c.audit.enabled = audit;
-        c.audit.path = audit_path;
-        c.store.path = store_path;
-    })
-    .await;
-    let mut clients = Vec::new();
-    for _ in 0..CONNECTIONS {
-        clients.push(gw.client(ADMIN).await);
-    }
-    for k in 0..KEYS {
-        let req = PutRequest {
-            path: format!("/bench/k{k}"),
-            value: vec![b'v'; 100],
-            expected_version: None,
+/// CPU time used by this process so far (all threads, including finished ones), from
+/// `/proc/self/stat` (clock ticks of 10 ms).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<u64> = after_name.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name.
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// Busy and total clock ticks of the whole machine, from `/proc/stat`.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = cpu.iter().sum();
+    let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// One gateway under test, with its clients.
+struct Side {
+    _gw: TestGateway,
+    _disk: tempfile::TempDir,
+    clients: Vec<SecretsClient<Channel>>,
+    admin: AdminClient<Channel>,
+}
+
+impl Side {
+    async fn start(audit: bool) -> Self {
+        let base = std::env::current_dir().unwrap().join("target/bench-audit");
+        std::fs::create_dir_all(&base).unwrap();
+        let disk = tempfile::tempdir_in(&base).unwrap();
+        let audit_path = match std::env::var_os("AUDIT_BENCH_LOG_DIR") {
+            Some(dir) => tempfile::tempdir_in(dir).unwrap().keep().join("audit.log"),
+            None => disk.path().join("audit/audit.log"),
         };
-        clients[0].put(req).await.unwrap();
-    }
-    let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let counting = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for i in 0..CLIENTS {
-        let mut c = clients[i % CONNECTIONS].clone();
-        let (done, stop, counting) = (done.clone(), stop.clone(), counting.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut n = i;
-            while !stop.load(Ordering::Relaxed) {
-                n = n.wrapping_mul(31).wrapping_add(7);
-                let path = format!("/bench/k{}", n % KEYS);
-                let ok = match op {
-                    Op::Get => c.get(GetRequest { path, version: None }).await.is_ok(),
-                    Op::Put => {
-                        let value = vec![b'w'; 100];
-                        c.put(PutRequest { path, value, expected_version: None }).await.is_ok()
-                    }
-                };
-                assert!(ok, "request failed during the benchmark");
-                if counting.load(Ordering::Relaxed) {
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
+        let group_us = std::env::var("AUDIT_BENCH_GROUP_US").ok().map(|v| v.parse().unwrap());
+        let store_path = disk.path().join("store.redb");
+        let gw = TestGateway::start_with(|c| {
+            c.audit.enabled = audit;
+            c.audit.path = audit_path;
+            c.store.path = store_path;
+            if let Some(us) = group_us {
+                c.audit.group_commit_us = us;
             }
-        }));
+        })
+        .await;
+        let mut clients = Vec::new();
+        for _ in 0..CONNECTIONS {
+            clients.push(gw.client(ADMIN).await);
+        }
+        for k in 0..KEYS {
+            let req = PutRequest {
+                path: format!("/bench/k{k}"),
+                value: vec![b'v'; 100],
+                expected_version: None,
+            };
+            clients[0].put(req).await.unwrap();
+        }
+        let admin = gw.admin(ADMIN).await;
+        Self { _gw: gw, _disk: disk, clients, admin }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await; // warm-up
-    counting.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(SECONDS)).await;
-    let n = done.load(Ordering::Relaxed);
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
+
+    /// Records written and syncs so far.
+    async fn stats(&mut self) -> (u64, u64) {
+        let s = self.admin.audit_status(AuditStatusRequest {}).await.unwrap().into_inner();
+        (s.records_written, s.syncs)
     }
-    rate
+
+    /// Runs the load for `length`; returns requests per second and CPU µs per request.
+    async fn slice(&self, op: Op, length: Duration) -> (f64, f64) {
+        let clients = env_usize("AUDIT_BENCH_CLIENTS", 64);
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let counting = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for i in 0..clients {
+            let mut c = self.clients[i % CONNECTIONS].clone();
+            let (done, stop, counting) = (done.clone(), stop.clone(), counting.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut n = i;
+                while !stop.load(Ordering::Relaxed) {
+                    n = n.wrapping_mul(31).wrapping_add(7);
+                    let path = format!("/bench/k{}", n % KEYS);
+                    let ok = match op {
+                        Op::Get => c.get(GetRequest { path, version: None }).await.is_ok(),
+                        Op::Put => {
+                            let value = vec![b'w'; 100];
+                            let req = PutRequest { path, value, expected_version: None };
+                            c.put(req).await.is_ok()
+                        }
+                    };
+                    assert!(ok, "request failed during the benchmark");
+                    if counting.load(Ordering::Relaxed) {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // every client under way
+        counting.store(true, Ordering::Relaxed);
+        let (started, cpu, machine) = (Instant::now(), cpu_time(), machine_ticks());
+        tokio::time::sleep(length).await;
+        let machine_after = machine_ticks();
+        if std::env::var_os("AUDIT_BENCH_PROFILE").is_some() {
+            let busy = (machine_after.0 - machine.0) as f64 / (machine_after.1 - machine.1) as f64;
+            println!("machine busy {:.0}%", busy * 100.0);
+        }
+        let n = done.load(Ordering::Relaxed);
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        let cpu_us = (cpu_time() - cpu).as_secs_f64() * 1e6 / n.max(1) as f64;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        (rate, cpu_us)
+    }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().map_or(default, |v| v.parse().expect(name))
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 #[tokio::main]
 async fn main() {
+    let ops = std::env::var("AUDIT_BENCH_OPS").unwrap_or_else(|_| "get,put".into());
+    let pairs = env_usize("AUDIT_BENCH_PAIRS", 8);
+    let clients = env_usize("AUDIT_BENCH_CLIENTS", 64);
     println!(
-        "audit log cost: {CLIENTS} concurrent clients on {CONNECTIONS} connections, \
-         {SECONDS} s per round, 100-byte values"
+        "audit log cost: {clients} concurrent clients on {CONNECTIONS} connections, \
+         {pairs} pairs of {SLICE:?} slices alternating off/on, 100-byte values"
     );
-    for (name, op) in [("get", Op::Get), ("put", Op::Put)] {
-        let (mut off, mut on) = (Vec::new(), Vec::new());
-        for _ in 0..3 {
-            off.push(round(false, op).await);
-            on.push(round(true, op).await);
+    for name in ops.split(',') {
+        let op = match name {
+            "get" => Op::Get,
+            "put" => Op::Put,
+            other => panic!("AUDIT_BENCH_OPS: unknown op {other:?} (get, put)"),
+        };
+        if let Ok(side) = std::env::var("AUDIT_BENCH_PROFILE") {
+            // One side only, for a profiler: AUDIT_BENCH_PROFILE=on or off.
+            let s = Side::start(side == "on").await;
+            let (rate, cpu) = s.slice(op, SLICE * pairs as u32).await;
+            println!("{name} audit {side}: {rate:.0} req/s, CPU per request {cpu:.0} µs");
+            continue;
         }
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        let (off_m, on_m) = (mean(&off), mean(&on));
+        let off = Side::start(false).await;
+        let mut on = Side::start(true).await;
+        off.slice(op, WARM_UP).await;
+        on.slice(op, WARM_UP).await;
+        let before = on.stats().await;
+        let (mut off_r, mut on_r, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut off_cpu, mut on_cpu) = (Vec::new(), Vec::new());
+        for pair in 0..pairs {
+            // Alternate which side goes first, so neither always follows the other.
+            let (a, b) = if pair % 2 == 0 {
+                (off.slice(op, SLICE).await, on.slice(op, SLICE).await)
+            } else {
+                let b = on.slice(op, SLICE).await;
+                (off.slice(op, SLICE).await, b)
+            };
+            off_r.push(a.0);
+            on_r.push(b.0);
+            ratios.push(b.0 / a.0);
+            off_cpu.push(a.1);
+            on_cpu.push(b.1);
+        }
+        let after = on.stats().await;
+        let per_sync = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
+        let ratio = median(ratios);
         println!(
-            "{name}: audit off {off_m:>8.0} req/s  audit on {on_m:>8.0} req/s  \
-             on/off = {:.3} (cost {:+.1}%)   rounds off {:?} on {:?}",
-            on_m / off_m,
-            (1.0 - on_m / off_m) * 100.0,
-            off.iter().map(|r| *r as u64).collect::<Vec<_>>(),
-            on.iter().map(|r| *r as u64).collect::<Vec<_>>(),
+            "{name}: audit off {:>8.0} req/s  audit on {:>8.0} req/s  median on/off = {ratio:.3} \
+             (cost {:+.1}%)  CPU per request off {:.0} µs on {:.0} µs  {per_sync:.1} records per fsync",
+            mean(&off_r),
+            mean(&on_r),
+            (1.0 - ratio) * 100.0,
+            mean(&off_cpu),
+            mean(&on_cpu),
+        );
+        println!(
+            "      slices off {:?}\n      slices on  {:?}",
+            off_r.iter().map(|r| *r as u64).collect::<Vec<_>>(),
+            on_r.iter().map(|r| *r as u64).collect::<Vec<_>>(),
         );
     }
 }

@@ -78,7 +78,10 @@ impl AdminService {
             return Ok(v1::AuditStatusResponse { enabled: false, ..Default::default() });
         };
         let checkpoint = self.vault.audit_checkpoint(permit, log_id).await?.unwrap_or_default();
+        let stats = self.audit.stats();
         Ok(v1::AuditStatusResponse {
+            records_written: stats.records,
+            syncs: stats.syncs,
             enabled: true,
             log_id: log_id.to_owned(),
             failure: self.audit.failure().unwrap_or_default(),

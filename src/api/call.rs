@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
 
 use super::ApiError;
 use crate::{
-    audit::{AuditLog, Kind, Phase, Record},
+    audit::{AuditLog, InFlight, Kind, Phase, Record},
     authz::{Action, Authorizer, Permit},
     identity::PeerIdentity,
     tls::ConnInfo,
@@ -35,6 +35,8 @@ pub(crate) struct Call {
     version: Option<u64>,
     key_id: Option<String>,
     intent_recorded: bool,
+    /// Tells the audit writer this request is in progress (its group commit window).
+    _in_flight: InFlight,
 }
 
 impl Call {
@@ -58,6 +60,7 @@ impl Call {
             version: None,
             key_id: None,
             intent_recorded: false,
+            _in_flight: audit.begin(),
         }
     }
 

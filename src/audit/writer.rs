@@ -13,6 +13,12 @@
 //! that succeeds is an `outage` record (since when, why, how many records were refused),
 //! and service resumes by itself.
 //!
+//! **Group commit window.** Records that arrive while a sync runs go into the next batch. In
+//! addition, while other requests are in progress ([`AuditLog::begin`]), the writer waits up
+//! to `group_commit_us` for their records before it syncs: under load one fsync then covers
+//! many records, and the disk stays free for the store's own syncs. A request alone is never
+//! delayed.
+//!
 //! **Checkpoints.** A signed checkpoint ends the batch in which `checkpoint_every` records
 //! have accumulated since the last one, or the first write (or idle tick) after
 //! `checkpoint_interval_secs` with new records, and the last batch before shutdown.
@@ -29,7 +35,11 @@ use std::{
     io::{self, Read, Seek, SeekFrom, Write},
     os::unix::fs::{MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -37,12 +47,15 @@ use tokio::sync::{oneshot, watch};
 
 use super::{
     Kind, Record, SigningKey,
-    record::{GENESIS_PREV, checkpoint_message, line_hash, now_rfc3339},
+    record::{Body, GENESIS_PREV, checkpoint_message, line_hash, now_rfc3339, write_line},
 };
 use crate::config::AuditConfig;
 
 /// How often a failed log is retried while no request comes.
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How often the writer looks whether the records it waits for have come, during the group
+/// commit window (it sleeps in between rather than waking for every record).
+const GROUP_STEP: Duration = Duration::from_micros(100);
 /// Most records written in one batch.
 const MAX_BATCH: usize = 4096;
 /// Bytes read from the end of a file to find its last line on start.
@@ -74,7 +87,8 @@ pub struct AuditLog {
 }
 
 struct Inner {
-    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
     health: watch::Sender<Option<String>>,
     timeout: Duration,
     log_id: String,
@@ -82,8 +96,41 @@ struct Inner {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+/// Counters shared by the handles and the writer thread.
+#[derive(Default)]
+struct Shared {
+    /// Requests in progress (see [`AuditLog::begin`]).
+    in_flight: AtomicUsize,
+    /// Records sent with a waiter and not yet taken by the writer.
+    pending: AtomicUsize,
+    /// Records made durable since start (checkpoints and outage records included).
+    records: AtomicU64,
+    /// Syncs since start.
+    syncs: AtomicU64,
+}
+
+/// What the writer has done since start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Records made durable.
+    pub records: u64,
+    /// fsyncs that made them durable (records / syncs is the group commit factor).
+    pub syncs: u64,
+}
+
+/// A request in progress, from [`AuditLog::begin`] until dropped.
+pub struct InFlight(Option<Arc<Shared>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.0 {
+            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 enum Msg {
-    Append(Box<Record>, Option<oneshot::Sender<Result<u64, String>>>),
+    Append(Body, Option<oneshot::Sender<Result<u64, String>>>),
     Close(oneshot::Sender<Option<String>>),
 }
 
@@ -96,7 +143,8 @@ impl AuditLog {
         checkpoints: tokio::sync::mpsc::UnboundedSender<(String, String)>,
     ) -> Result<Self, AuditError> {
         let (health, _) = watch::channel(None);
-        let state = State::open(config, key, checkpoints, health.clone())?;
+        let shared = Arc::new(Shared::default());
+        let state = State::open(config, key, checkpoints, health.clone(), Arc::clone(&shared))?;
         let log_id = state.log_id.clone();
         let next_seq_at_open = state.head.next_seq;
         let (tx, rx) = mpsc::channel();
@@ -108,7 +156,8 @@ impl AuditLog {
                 reason: format!("cannot start the writer thread: {e}"),
             })?;
         let inner = Inner {
-            tx: Mutex::new(Some(tx)),
+            tx,
+            shared,
             health,
             timeout: config.timeout(),
             log_id,
@@ -134,6 +183,24 @@ impl AuditLog {
         self.inner.as_deref().map_or(0, |i| i.next_seq_at_open)
     }
 
+    /// Marks a request in progress until the returned guard is dropped: while any are, the
+    /// writer holds a batch open for up to the group commit window, since their records
+    /// are likely to come soon.
+    pub fn begin(&self) -> InFlight {
+        InFlight(self.inner.as_deref().map(|i| {
+            i.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+            Arc::clone(&i.shared)
+        }))
+    }
+
+    /// What the writer has done since start (zeros when disabled).
+    pub fn stats(&self) -> AuditStats {
+        self.inner.as_deref().map_or(AuditStats { records: 0, syncs: 0 }, |i| AuditStats {
+            records: i.shared.records.load(Ordering::Relaxed),
+            syncs: i.shared.syncs.load(Ordering::Relaxed),
+        })
+    }
+
     /// Why the log is failing now, if it is; `None` when healthy or disabled.
     pub fn failure(&self) -> Option<String> {
         self.inner.as_deref().and_then(|i| i.health.borrow().clone())
@@ -149,7 +216,11 @@ impl AuditLog {
     pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
         let Some(inner) = self.inner.as_deref() else { return Ok(0) };
         let (tx, rx) = oneshot::channel();
-        inner.send(Msg::Append(Box::new(record), Some(tx)))?;
+        inner.shared.pending.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = inner.send(Msg::Append(record.body(), Some(tx))) {
+            inner.shared.pending.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
         match tokio::time::timeout(inner.timeout, rx).await {
             Ok(Ok(Ok(seq))) => Ok(seq),
             Ok(Ok(Err(reason))) => Err(AuditError::Unavailable(reason)),
@@ -166,7 +237,7 @@ impl AuditLog {
     /// already refused because the log failed).
     pub fn note(&self, record: Record) {
         if let Some(inner) = self.inner.as_deref() {
-            let _ = inner.send(Msg::Append(Box::new(record), None));
+            let _ = inner.send(Msg::Append(record.body(), None));
         }
     }
 
@@ -177,7 +248,6 @@ impl AuditLog {
         let (tx, rx) = oneshot::channel();
         inner.send(Msg::Close(tx)).ok()?;
         let last = tokio::time::timeout(inner.timeout, rx).await.ok().and_then(Result::ok)?;
-        inner.tx.lock().ok()?.take();
         let thread = inner.thread.lock().ok()?.take();
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -188,9 +258,39 @@ impl AuditLog {
 
 impl Inner {
     fn send(&self, msg: Msg) -> Result<(), AuditError> {
-        let stopped = || AuditError::Unavailable("the audit writer stopped".into());
-        let guard = self.tx.lock().map_err(|_| stopped())?;
-        guard.as_ref().ok_or_else(stopped)?.send(msg).map_err(|_| stopped())
+        // After Close the writer thread has ended and dropped the receiver.
+        self.tx.send(msg).map_err(|_| AuditError::Unavailable("the audit writer stopped".into()))
+    }
+}
+
+/// Records taken for one batch, with their waiters.
+#[derive(Default)]
+struct Batch {
+    records: Vec<Body>,
+    waiters: Vec<Option<oneshot::Sender<Result<u64, String>>>>,
+    /// Records someone waits for.
+    waiting: usize,
+    close: Option<oneshot::Sender<Option<String>>>,
+}
+
+impl Batch {
+    fn take(&mut self, msg: Msg, shared: &Shared) {
+        match msg {
+            Msg::Append(r, w) => {
+                if w.is_some() {
+                    self.waiting += 1;
+                    shared.pending.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.records.push(r);
+                self.waiters.push(w);
+            }
+            Msg::Close(done) => self.close = Some(done),
+        }
+    }
+
+    /// True while the batch can take more.
+    fn open(&self) -> bool {
+        self.close.is_none() && self.records.len() < MAX_BATCH
     }
 }
 
@@ -229,6 +329,8 @@ struct State {
     outage: Option<Outage>,
     checkpoints: tokio::sync::mpsc::UnboundedSender<(String, String)>,
     health: watch::Sender<Option<String>>,
+    group_commit: Duration,
+    shared: Arc<Shared>,
 }
 
 impl State {
@@ -237,6 +339,7 @@ impl State {
         key: SigningKey,
         checkpoints: tokio::sync::mpsc::UnboundedSender<(String, String)>,
         health: watch::Sender<Option<String>>,
+        shared: Arc<Shared>,
     ) -> Result<Self, AuditError> {
         let path = config.path.clone();
         let fail = |reason: String| AuditError::Open { path: path.display().to_string(), reason };
@@ -264,6 +367,8 @@ impl State {
             outage: None,
             checkpoints,
             health,
+            group_commit: config.group_commit(),
+            shared,
         };
         let first = match found {
             Some(Tail { head, log_id, first_seq, in_active: true }) => {
@@ -288,7 +393,7 @@ impl State {
         if let Some(mut r) = first {
             r.log_id = Some(state.log_id.clone());
             state.first_seq = state.head.next_seq;
-            state.write(&mut [r], false).map_err(|e| fail(format!("cannot write: {e}")))?;
+            state.write(&[&r.body()], false).map_err(|e| fail(format!("cannot write: {e}")))?;
         }
         Ok(state)
     }
@@ -306,7 +411,7 @@ impl State {
                 Ok(msg) => msg,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // A probe while failed, or a timed checkpoint.
-                    let _ = self.commit(&mut [], true);
+                    let _ = self.commit(&[], true);
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -314,29 +419,33 @@ impl State {
                     return;
                 }
             };
-            let mut records = Vec::new();
-            let mut waiters = Vec::new();
-            let mut close = None;
-            let mut next = Some(first);
-            while let Some(msg) = next.take() {
-                match msg {
-                    Msg::Append(r, w) => {
-                        records.push(*r);
-                        waiters.push(w);
-                    }
-                    Msg::Close(done) => {
-                        close = Some(done);
-                        break;
-                    }
+            let mut batch = Batch::default();
+            batch.take(first, &self.shared);
+            let deadline = Instant::now() + self.group_commit;
+            loop {
+                while batch.open()
+                    && let Ok(msg) = rx.try_recv()
+                {
+                    batch.take(msg, &self.shared);
                 }
-                if records.len() < MAX_BATCH {
-                    next = rx.try_recv().ok();
+                // The group commit window: wait while other requests in progress have not
+                // sent their records yet.
+                let waited_for = batch.waiting + self.shared.pending.load(Ordering::Relaxed);
+                let others = self.shared.in_flight.load(Ordering::Relaxed) > waited_for;
+                match deadline.checked_duration_since(Instant::now()) {
+                    Some(left) if others && batch.open() => {
+                        std::thread::sleep(left.min(GROUP_STEP))
+                    }
+                    _ => break,
                 }
             }
-            let result = self.commit(&mut records, false);
-            for (w, r) in waiters.into_iter().zip(&records) {
+            let Batch { records, waiters, close, .. } = batch;
+            let result = self.commit(&records, false);
+            for (seq, w) in waiters.into_iter().enumerate() {
                 if let Some(w) = w {
-                    let _ = w.send(result.as_ref().map(|()| r.seq).map_err(Clone::clone));
+                    let _ = w.send(
+                        result.as_ref().map(|first| first + seq as u64).map_err(Clone::clone),
+                    );
                 }
             }
             if let Some(done) = close {
@@ -347,31 +456,26 @@ impl State {
     }
 
     /// Writes `records` durably, with an outage record first if the log was failing and a
-    /// checkpoint after them when one is due (`timed`: also when only time says so).
-    fn commit(&mut self, records: &mut [Record], timed: bool) -> Result<(), String> {
+    /// checkpoint after them when one is due (`timed`: also when only time says so). Returns
+    /// the sequence number of the first of `records`.
+    fn commit(&mut self, records: &[Body], timed: bool) -> Result<u64, String> {
         if records.is_empty() && self.outage.is_none() && !(timed && self.checkpoint_due(0, true)) {
-            return Ok(());
+            return Ok(self.head.next_seq);
         }
         let result = self.check_file().and_then(|()| {
-            let mut batch = Vec::with_capacity(records.len() + 2);
-            if let Some(o) = &self.outage {
+            let outage = self.outage.as_ref().map(|o| {
                 let mut r = Record::new(Kind::Outage);
                 (r.reason, r.since, r.refused) =
                     (Some(o.reason.clone()), Some(o.since.clone()), Some(o.refused));
-                batch.push(r);
-            }
-            batch.extend(records.iter_mut().map(std::mem::take));
+                r.body()
+            });
+            let batch: Vec<&Body> = outage.iter().chain(records).collect();
             let due = self.checkpoint_due(batch.len() as u64, timed);
-            let written = self.write(&mut batch, due);
-            // Hand the records back with their sequence numbers.
-            let skip = usize::from(self.outage.is_some());
-            for (slot, r) in records.iter_mut().zip(batch.into_iter().skip(skip)) {
-                *slot = r;
-            }
-            written
+            let first = self.write(&batch, due)?;
+            Ok(first + u64::from(outage.is_some()))
         });
         match result {
-            Ok(()) => {
+            Ok(first) => {
                 if let Some(o) = self.outage.take() {
                     tracing::warn!(since = %o.since, refused = o.refused, "audit log writable again; service resumes");
                 }
@@ -383,7 +487,7 @@ impl State {
                         tracing::error!(error = %e, "audit log rotation failed; retried on the next write");
                     }
                 }
-                Ok(())
+                Ok(first)
             }
             Err(e) => {
                 let reason = e.to_string();
@@ -412,37 +516,35 @@ impl State {
     }
 
     /// Chains `records` (and a checkpoint if `checkpoint`), writes them in one write and
-    /// syncs. On failure the file is cut back and the head is unchanged.
-    fn write(&mut self, records: &mut [Record], checkpoint: bool) -> io::Result<()> {
+    /// syncs; returns the sequence number of the first. All lines of one write carry the
+    /// same timestamp. On failure the file is cut back and the head is unchanged.
+    fn write(&mut self, records: &[&Body], checkpoint: bool) -> io::Result<u64> {
         let mut head = self.head.clone();
-        let mut buf = String::with_capacity(records.len() * 400);
-        let chain = |r: &mut Record, buf: &mut String, head: &mut Head| {
-            r.seq = head.next_seq;
-            if r.ts.is_empty() {
-                r.ts = now_rfc3339();
-            }
-            r.prev = std::mem::take(&mut head.prev);
-            let line = r.to_line();
-            head.prev = line_hash(line.as_bytes());
+        let first = head.next_seq;
+        let ts = now_rfc3339();
+        let size: usize = records.iter().map(|b| b.len() + 128).sum();
+        let mut buf = Vec::with_capacity(size + if checkpoint { 512 } else { 0 });
+        let chain = |body: &Body, buf: &mut Vec<u8>, head: &mut Head| {
+            let start = buf.len();
+            write_line(buf, head.next_seq, &ts, body, &head.prev);
+            head.prev = line_hash(&buf[start..]);
             head.next_seq += 1;
-            buf.push_str(&line);
-            buf.push('\n');
-            line
+            buf.push(b'\n');
+            start..buf.len() - 1
         };
-        for r in records.iter_mut() {
-            chain(r, &mut buf, &mut head);
+        for body in records {
+            chain(body, &mut buf, &mut head);
         }
         let mut cp_line = None;
         if checkpoint {
             let mut cp = Record::new(Kind::Checkpoint);
             cp.log_id = Some(self.log_id.clone());
-            cp.seq = head.next_seq;
-            cp.ts = now_rfc3339();
-            let msg = checkpoint_message(&self.log_id, cp.seq, &cp.ts, &head.prev);
+            let msg = checkpoint_message(&self.log_id, head.next_seq, &ts, &head.prev);
             cp.sig = Some(self.key.sign(&msg));
-            cp_line = Some(chain(&mut cp, &mut buf, &mut head));
+            let line = chain(&cp.body(), &mut buf, &mut head);
+            cp_line = Some(String::from_utf8_lossy(&buf[line]).into_owned());
         }
-        let result = self.file.write_all(buf.as_bytes()).and_then(|()| self.file.sync_data());
+        let result = self.file.write_all(&buf).and_then(|()| self.file.sync_data());
         if let Err(e) = result {
             // Cut back anything partly written, so the file ends with a whole durable line.
             let _ = self.file.set_len(self.len);
@@ -450,6 +552,9 @@ impl State {
             return Err(e);
         }
         self.len += buf.len() as u64;
+        let written = records.len() as u64 + u64::from(cp_line.is_some());
+        self.shared.records.fetch_add(written, Ordering::Relaxed);
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
         self.since_checkpoint += records.len() as u64;
         self.head = head;
         if let Some(line) = cp_line {
@@ -458,7 +563,7 @@ impl State {
             let _ = self.checkpoints.send((self.log_id.clone(), line.clone()));
             self.last_checkpoint_line = Some(line);
         }
-        Ok(())
+        Ok(first)
     }
 
     /// Notices a removed or replaced active file and starts a new one in its place.
@@ -476,7 +581,7 @@ impl State {
     /// Ends the active file with a checkpoint, renames it, and starts a new one.
     fn rotate(&mut self, reason: &str) -> io::Result<()> {
         if self.since_checkpoint > 0 || self.last_checkpoint_line.is_none() {
-            self.write(&mut [], true)?;
+            self.write(&[], true)?;
         }
         let rotated = rotated_name(&self.path, self.first_seq);
         std::fs::rename(&self.path, &rotated)?;
@@ -494,13 +599,13 @@ impl State {
         let mut r = Record::new(Kind::Continue);
         r.log_id = Some(self.log_id.clone());
         r.reason = Some(reason.into());
-        self.write(&mut [r], false)
+        self.write(&[&r.body()], false).map(drop)
     }
 
     /// The final checkpoint at shutdown.
     fn finish(&mut self) -> Option<String> {
         if self.since_checkpoint > 0 || self.last_checkpoint_line.is_none() {
-            if let Err(e) = self.check_file().and_then(|()| self.write(&mut [], true)) {
+            if let Err(e) = self.check_file().and_then(|()| self.write(&[], true)) {
                 tracing::error!(error = %e, "cannot write the final audit checkpoint");
             }
         }
