@@ -2,21 +2,23 @@
 //! encryption, embedded store) with the audit log on (fsync, group commit) and off, in the
 //! same run. `cargo bench --bench audit`.
 //!
-//! Two gateways run side by side for each operation, one with the audit log off and one with
-//! it on, each with its own store and log on the same disk (under `target/`, not a tmpfs).
-//! The load (`CLIENTS` concurrent callers on `CONNECTIONS` TLS connections) goes to one at a
-//! time in short alternating slices, so drift of the shared machine hits both sides alike;
-//! the cost is the median of the per-pair ratios. Gets read existing secrets; Puts write them
-//! (a write records an intent and an outcome, each durable before the next step). Goal
-//! (issue 5): the audit log costs under 10% of throughput.
+//! Two gateways run side by side for each operation, each `secretgate serve` in its own
+//! process (the release binary, its default runtime), one with the audit log off and one with
+//! it on, each with its own store and log on the same disk (under the temp dir, not a tmpfs).
+//! The load comes from this process: `AUDIT_BENCH_CLIENTS` (64) concurrent callers on
+//! `AUDIT_BENCH_CONNECTIONS` (4) TLS connections, sent to one gateway at a time in short
+//! alternating slices, so drift of the shared machine hits both sides alike; the cost is the
+//! median of the per-pair ratios. Gets read existing secrets; Puts write them (a write
+//! records an intent and an outcome, each durable before the next step). Goal (issue 5): the
+//! audit log costs under 10% of throughput.
 //!
 //! Environment: `AUDIT_BENCH_OPS=get,put` and `AUDIT_BENCH_PAIRS=8` choose what runs;
-//! `AUDIT_BENCH_LOG_DIR=/dev/shm` puts the log on a tmpfs (fsync is free there), to separate
-//! the cost of fsync from the rest; `AUDIT_BENCH_GROUP_US` sets `audit.group_commit_us`.
+//! `AUDIT_BENCH_GROUP_US` sets `audit.group_commit_us`; `AUDIT_BENCH_PROFILE=on|off` runs
+//! one side alone (for a profiler).
 //!
-//! Besides requests per second, each line prints the CPU time of the whole process (gateways
-//! and clients share it) per request, so a cost can be told apart from a wait, and how many
-//! records one fsync covered.
+//! Besides requests per second, each line prints the CPU time of the whole machine (gateway
+//! and load generator) per request and how busy the machine was, so a cost can be told apart
+//! from a wait, and how many records one fsync covered.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -33,10 +35,9 @@ use secretgate::proto::v1::{
     AuditStatusRequest, GetRequest, PutRequest, admin_client::AdminClient,
     secrets_client::SecretsClient,
 };
-use support::TestGateway;
+use support::audit::ServedGateway;
 use tonic::transport::Channel;
 
-const CONNECTIONS: usize = 4;
 const SLICE: Duration = Duration::from_millis(1500);
 const WARM_UP: Duration = Duration::from_millis(500);
 const KEYS: usize = 256;
@@ -46,17 +47,6 @@ const ADMIN: &str = "spiffe://test.example/admin";
 enum Op {
     Get,
     Put,
-}
-
-/// CPU time used by this process so far (all threads, including finished ones), from
-/// `/proc/self/stat` (clock ticks of 10 ms).
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<u64> = after_name.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
-    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the name.
-    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
 }
 
 /// Busy and total clock ticks of the whole machine, from `/proc/stat`.
@@ -75,36 +65,23 @@ fn machine_ticks() -> (u64, u64) {
     (total - idle, total)
 }
 
-/// One gateway under test, with its clients.
+/// One gateway under test (its own process), with clients connected to it.
 struct Side {
-    _gw: TestGateway,
-    _disk: tempfile::TempDir,
+    _gw: ServedGateway,
     clients: Vec<SecretsClient<Channel>>,
     admin: AdminClient<Channel>,
 }
 
 impl Side {
     async fn start(audit: bool) -> Self {
-        let base = std::env::current_dir().unwrap().join("target/bench-audit");
-        std::fs::create_dir_all(&base).unwrap();
-        let disk = tempfile::tempdir_in(&base).unwrap();
-        let audit_path = match std::env::var_os("AUDIT_BENCH_LOG_DIR") {
-            Some(dir) => tempfile::tempdir_in(dir).unwrap().keep().join("audit.log"),
-            None => disk.path().join("audit/audit.log"),
-        };
-        let group_us = std::env::var("AUDIT_BENCH_GROUP_US").ok().map(|v| v.parse().unwrap());
-        let store_path = disk.path().join("store.redb");
-        let gw = TestGateway::start_with(|c| {
-            c.audit.enabled = audit;
-            c.audit.path = audit_path;
-            c.store.path = store_path;
-            if let Some(us) = group_us {
-                c.audit.group_commit_us = us;
-            }
-        })
-        .await;
+        let mut extra = format!("enabled = {audit}\n");
+        if let Ok(us) = std::env::var("AUDIT_BENCH_GROUP_US") {
+            extra.push_str(&format!("group_commit_us = {us}\n"));
+        }
+        let mut gw = ServedGateway::prepare(&extra);
+        gw.serve("warn").await;
         let mut clients = Vec::new();
-        for _ in 0..CONNECTIONS {
+        for _ in 0..env_usize("AUDIT_BENCH_CONNECTIONS", 4) {
             clients.push(gw.client(ADMIN).await);
         }
         for k in 0..KEYS {
@@ -116,7 +93,7 @@ impl Side {
             clients[0].put(req).await.unwrap();
         }
         let admin = gw.admin(ADMIN).await;
-        Self { _gw: gw, _disk: disk, clients, admin }
+        Self { _gw: gw, clients, admin }
     }
 
     /// Records written and syncs so far.
@@ -126,14 +103,14 @@ impl Side {
     }
 
     /// Runs the load for `length`; returns requests per second and CPU µs per request.
-    async fn slice(&self, op: Op, length: Duration) -> (f64, f64) {
+    async fn slice(&self, op: Op, length: Duration) -> (f64, f64, f64) {
         let clients = env_usize("AUDIT_BENCH_CLIENTS", 64);
         let done = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let counting = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for i in 0..clients {
-            let mut c = self.clients[i % CONNECTIONS].clone();
+            let mut c = self.clients[i % self.clients.len()].clone();
             let (done, stop, counting) = (done.clone(), stop.clone(), counting.clone());
             tasks.push(tokio::spawn(async move {
                 let mut n = i;
@@ -157,21 +134,20 @@ impl Side {
         }
         tokio::time::sleep(Duration::from_millis(100)).await; // every client under way
         counting.store(true, Ordering::Relaxed);
-        let (started, cpu, machine) = (Instant::now(), cpu_time(), machine_ticks());
+        let (started, machine) = (Instant::now(), machine_ticks());
         tokio::time::sleep(length).await;
         let machine_after = machine_ticks();
-        if std::env::var_os("AUDIT_BENCH_PROFILE").is_some() {
-            let busy = (machine_after.0 - machine.0) as f64 / (machine_after.1 - machine.1) as f64;
-            println!("machine busy {:.0}%", busy * 100.0);
-        }
+        let busy =
+            (machine_after.0 - machine.0) as f64 / (machine_after.1 - machine.1).max(1) as f64;
         let n = done.load(Ordering::Relaxed);
         let rate = n as f64 / started.elapsed().as_secs_f64();
-        let cpu_us = (cpu_time() - cpu).as_secs_f64() * 1e6 / n.max(1) as f64;
+        // Clock ticks are 10 ms of one CPU.
+        let cpu_us = (machine_after.0 - machine.0) as f64 * 10_000.0 / n.max(1) as f64;
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
             t.await.unwrap();
         }
-        (rate, cpu_us)
+        (rate, cpu_us, busy)
     }
 }
 
@@ -193,8 +169,9 @@ async fn main() {
     let ops = std::env::var("AUDIT_BENCH_OPS").unwrap_or_else(|_| "get,put".into());
     let pairs = env_usize("AUDIT_BENCH_PAIRS", 8);
     let clients = env_usize("AUDIT_BENCH_CLIENTS", 64);
+    let connections = env_usize("AUDIT_BENCH_CONNECTIONS", 4);
     println!(
-        "audit log cost: {clients} concurrent clients on {CONNECTIONS} connections, \
+        "audit log cost: {clients} concurrent clients on {connections} connections, \
          {pairs} pairs of {SLICE:?} slices alternating off/on, 100-byte values"
     );
     for name in ops.split(',') {
@@ -206,8 +183,11 @@ async fn main() {
         if let Ok(side) = std::env::var("AUDIT_BENCH_PROFILE") {
             // One side only, for a profiler: AUDIT_BENCH_PROFILE=on or off.
             let s = Side::start(side == "on").await;
-            let (rate, cpu) = s.slice(op, SLICE * pairs as u32).await;
-            println!("{name} audit {side}: {rate:.0} req/s, CPU per request {cpu:.0} µs");
+            let (rate, cpu, busy) = s.slice(op, SLICE * pairs as u32).await;
+            println!(
+                "{name} audit {side}: {rate:.0} req/s, CPU per request {cpu:.0} µs, machine busy {:.0}%",
+                busy * 100.0
+            );
             continue;
         }
         let off = Side::start(false).await;
@@ -217,6 +197,7 @@ async fn main() {
         let before = on.stats().await;
         let (mut off_r, mut on_r, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         let (mut off_cpu, mut on_cpu) = (Vec::new(), Vec::new());
+        let (mut off_busy, mut on_busy) = (Vec::new(), Vec::new());
         for pair in 0..pairs {
             // Alternate which side goes first, so neither always follows the other.
             let (a, b) = if pair % 2 == 0 {
@@ -230,18 +211,23 @@ async fn main() {
             ratios.push(b.0 / a.0);
             off_cpu.push(a.1);
             on_cpu.push(b.1);
+            off_busy.push(a.2 * 100.0);
+            on_busy.push(b.2 * 100.0);
         }
         let after = on.stats().await;
         let per_sync = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
         let ratio = median(ratios);
         println!(
             "{name}: audit off {:>8.0} req/s  audit on {:>8.0} req/s  median on/off = {ratio:.3} \
-             (cost {:+.1}%)  CPU per request off {:.0} µs on {:.0} µs  {per_sync:.1} records per fsync",
+             (cost {:+.1}%)  CPU per request off {:.0} µs on {:.0} µs  machine busy off {:.0}% on {:.0}%  \
+             {per_sync:.1} records per fsync",
             mean(&off_r),
             mean(&on_r),
             (1.0 - ratio) * 100.0,
             mean(&off_cpu),
             mean(&on_cpu),
+            mean(&off_busy),
+            mean(&on_busy),
         );
         println!(
             "      slices off {:?}\n      slices on  {:?}",

@@ -140,10 +140,11 @@ pub struct AuditConfig {
     /// Milliseconds a request waits for its record to be durable before it fails with
     /// UNAVAILABLE. Default 2000.
     pub timeout_ms: u64,
-    /// Group commit window: while other requests are in progress, the writer waits up to
-    /// this many microseconds for their records before it syncs, so that one fsync covers
-    /// more of them (fewer fsyncs leave the disk to the store). A request alone is never
-    /// delayed. Default 1000; 0 syncs as soon as a record arrives.
+    /// Group commit window, in microseconds. While writes are in progress (intent recorded,
+    /// outcome not yet), the writer holds a batch open up to this long for their outcomes, so
+    /// one log fsync covers many store commits instead of adding one per commit. While only
+    /// other requests are in progress, it holds a batch for about one fsync's time (at most
+    /// this). A request alone is never held. Default 2000; 0 syncs as soon as a record comes.
     pub group_commit_us: u64,
 }
 
@@ -229,7 +230,7 @@ impl Default for AuditConfig {
             checkpoint_interval_secs: 10,
             max_file_bytes: 100 << 20,
             timeout_ms: 2000,
-            group_commit_us: 1000,
+            group_commit_us: 2000,
         }
     }
 }

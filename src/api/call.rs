@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
 
 use super::ApiError;
 use crate::{
-    audit::{AuditLog, InFlight, Kind, Phase, Record},
+    audit::{AuditLog, InFlight, Kind, Phase, Record, Writing},
     authz::{Action, Authorizer, Permit},
     identity::PeerIdentity,
     tls::ConnInfo,
@@ -34,7 +34,9 @@ pub(crate) struct Call {
     decision: Option<(&'static str, String, Option<String>)>,
     version: Option<u64>,
     key_id: Option<String>,
-    intent_recorded: bool,
+    /// Set once the intent of a write is durable, until its outcome is handed over (the
+    /// audit writer's group commit window waits for writes in progress).
+    writing: Option<Writing>,
     /// Tells the audit writer this request is in progress (its group commit window).
     _in_flight: InFlight,
 }
@@ -59,7 +61,7 @@ impl Call {
             decision: None,
             version: None,
             key_id: None,
-            intent_recorded: false,
+            writing: None,
             _in_flight: audit.begin(),
         }
     }
@@ -117,14 +119,14 @@ impl Call {
             tracing::error!(request_id = %self.request_id, error = %e, "write refused: its intent cannot be recorded");
             ApiError::AuditUnavailable
         })?;
-        self.intent_recorded = true;
+        self.writing = Some(self.audit.writing());
         Ok(())
     }
 
     /// Records the outcome and answers: the response, or the error as a status, both with
     /// the request id. UNAVAILABLE if the outcome record cannot be made durable.
     pub(crate) async fn finish<T>(
-        self,
+        mut self,
         result: Result<T, ApiError>,
     ) -> Result<Response<T>, Status> {
         let status = result.as_ref().err().map(Status::from);
@@ -134,13 +136,18 @@ impl Call {
             self.audit.note(record);
             result
         } else {
-            match self.audit.append(record).await {
+            let intent_recorded = self.writing.is_some();
+            let appended = match self.writing.take() {
+                Some(writing) => self.audit.append_outcome(record, writing).await,
+                None => self.audit.append(record).await,
+            };
+            match appended {
                 Ok(_) => result,
                 Err(e) => {
                     tracing::error!(request_id = %self.request_id, error = %e, "answer withheld: its audit record cannot be made durable");
                     // After a recorded intent the store call ran (if it returned Ok): the
                     // client must not be told the write was not carried out.
-                    Err(if self.intent_recorded && result.is_ok() {
+                    Err(if intent_recorded && result.is_ok() {
                         ApiError::AuditAfterWrite
                     } else {
                         ApiError::AuditUnavailable

@@ -171,7 +171,11 @@ impl Record {
     /// Every field but `seq`, `ts` and `prev`, serialized.
     pub fn body(&self) -> Body {
         // Serializing a struct of strings and integers cannot fail.
-        Body(serde_json::to_string(self).unwrap_or_else(|_| "{}".into()))
+        let mut body = Vec::with_capacity(512);
+        match serde_json::to_writer(&mut body, self) {
+            Ok(()) => Body(String::from_utf8(body).unwrap_or_else(|_| "{}".into())),
+            Err(_) => Body("{}".into()),
+        }
     }
 
     /// Parses one line (without its newline).

@@ -14,10 +14,13 @@
 //! and service resumes by itself.
 //!
 //! **Group commit window.** Records that arrive while a sync runs go into the next batch. In
-//! addition, while other requests are in progress ([`AuditLog::begin`]), the writer waits up
-//! to `group_commit_us` for their records before it syncs: under load one fsync then covers
-//! many records, and the disk stays free for the store's own syncs. A request alone is never
-//! delayed.
+//! addition, while writes are in progress (intent durable, outcome not yet handed to the
+//! writer: [`Writing`]), the writer waits up to `group_commit_us` for their outcome records
+//! before it syncs. The store is committing those writes right then, each with its own sync;
+//! without the window the log would add one more sync per store commit and take the disk from
+//! the store, so writes would pay twice. With it, one log sync covers the outcomes of many
+//! store commits (and every other record that came meanwhile). When no write is in progress
+//! (reads only) no record waits for the window.
 //!
 //! **Checkpoints.** A signed checkpoint ends the batch in which `checkpoint_every` records
 //! have accumulated since the last one, or the first write (or idle tick) after
@@ -53,7 +56,7 @@ use crate::config::AuditConfig;
 
 /// How often a failed log is retried while no request comes.
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
-/// How often the writer looks whether the records it waits for have come, during the group
+/// How often the writer looks whether the writes it waits for have ended, during the group
 /// commit window (it sleeps in between rather than waking for every record).
 const GROUP_STEP: Duration = Duration::from_micros(100);
 /// Most records written in one batch.
@@ -99,7 +102,9 @@ struct Inner {
 /// Counters shared by the handles and the writer thread.
 #[derive(Default)]
 struct Shared {
-    /// Requests in progress (see [`AuditLog::begin`]).
+    /// Writes in progress (see [`Writing`]).
+    writing: AtomicUsize,
+    /// Requests in progress (see [`InFlight`]).
     in_flight: AtomicUsize,
     /// Records sent with a waiter and not yet taken by the writer.
     pending: AtomicUsize,
@@ -118,6 +123,18 @@ pub struct AuditStats {
     pub syncs: u64,
 }
 
+/// A write in progress, from its durable intent ([`AuditLog::writing`]) until the writer
+/// takes its outcome record ([`AuditLog::append_outcome`]) or the request is dropped.
+pub struct Writing(Option<Arc<Shared>>);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.0 {
+            shared.writing.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A request in progress, from [`AuditLog::begin`] until dropped.
 pub struct InFlight(Option<Arc<Shared>>);
 
@@ -129,8 +146,11 @@ impl Drop for InFlight {
     }
 }
 
+type Waiter = oneshot::Sender<Result<u64, String>>;
+
 enum Msg {
-    Append(Body, Option<oneshot::Sender<Result<u64, String>>>),
+    /// A record, who waits for it, and the write it ends.
+    Append(Body, Option<Waiter>, Option<Writing>),
     Close(oneshot::Sender<Option<String>>),
 }
 
@@ -183,12 +203,22 @@ impl AuditLog {
         self.inner.as_deref().map_or(0, |i| i.next_seq_at_open)
     }
 
-    /// Marks a request in progress until the returned guard is dropped: while any are, the
-    /// writer holds a batch open for up to the group commit window, since their records
-    /// are likely to come soon.
+    /// Marks a write in progress, once its intent is durable: until its outcome record is
+    /// handed over with [`AuditLog::append_outcome`] (or the guard is dropped), the writer
+    /// holds batches open for up to the group commit window.
     pub fn begin(&self) -> InFlight {
         InFlight(self.inner.as_deref().map(|i| {
             i.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+            Arc::clone(&i.shared)
+        }))
+    }
+
+    /// Marks a write in progress, once its intent is durable: until its outcome record is
+    /// handed over with [`AuditLog::append_outcome`] (or the guard is dropped), the writer
+    /// holds batches open for up to the group commit window.
+    pub fn writing(&self) -> Writing {
+        Writing(self.inner.as_deref().map(|i| {
+            i.shared.writing.fetch_add(1, Ordering::Relaxed);
             Arc::clone(&i.shared)
         }))
     }
@@ -214,10 +244,27 @@ impl AuditLog {
     /// Appends `record` and waits until it is durable; returns its sequence number (0 when
     /// disabled). Fails within the configured timeout if the log cannot be written.
     pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
+        self.append_ending(record, None).await
+    }
+
+    /// Like [`AuditLog::append`], for the outcome record of the write `writing`.
+    pub async fn append_outcome(
+        &self,
+        record: Record,
+        writing: Writing,
+    ) -> Result<u64, AuditError> {
+        self.append_ending(record, Some(writing)).await
+    }
+
+    async fn append_ending(
+        &self,
+        record: Record,
+        writing: Option<Writing>,
+    ) -> Result<u64, AuditError> {
         let Some(inner) = self.inner.as_deref() else { return Ok(0) };
         let (tx, rx) = oneshot::channel();
         inner.shared.pending.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = inner.send(Msg::Append(record.body(), Some(tx))) {
+        if let Err(e) = inner.send(Msg::Append(record.body(), Some(tx), writing)) {
             inner.shared.pending.fetch_sub(1, Ordering::Relaxed);
             return Err(e);
         }
@@ -237,7 +284,7 @@ impl AuditLog {
     /// already refused because the log failed).
     pub fn note(&self, record: Record) {
         if let Some(inner) = self.inner.as_deref() {
-            let _ = inner.send(Msg::Append(record.body(), None));
+            let _ = inner.send(Msg::Append(record.body(), None, None));
         }
     }
 
@@ -263,11 +310,30 @@ impl Inner {
     }
 }
 
+/// A batch's outcome, for its waiters.
+struct Done {
+    waiters: Vec<Option<Waiter>>,
+    result: Result<u64, String>,
+}
+
+impl Done {
+    /// Tells each waiter its record's sequence number, or why the batch failed.
+    fn send(self) {
+        for (seq, w) in self.waiters.into_iter().enumerate() {
+            if let Some(w) = w {
+                let _ = w.send(
+                    self.result.as_ref().map(|first| first + seq as u64).map_err(Clone::clone),
+                );
+            }
+        }
+    }
+}
+
 /// Records taken for one batch, with their waiters.
 #[derive(Default)]
 struct Batch {
     records: Vec<Body>,
-    waiters: Vec<Option<oneshot::Sender<Result<u64, String>>>>,
+    waiters: Vec<Option<Waiter>>,
     /// Records someone waits for.
     waiting: usize,
     close: Option<oneshot::Sender<Option<String>>>,
@@ -276,7 +342,8 @@ struct Batch {
 impl Batch {
     fn take(&mut self, msg: Msg, shared: &Shared) {
         match msg {
-            Msg::Append(r, w) => {
+            // Dropping `writing` ends the write: its outcome is in hand.
+            Msg::Append(r, w, _writing) => {
                 if w.is_some() {
                     self.waiting += 1;
                     shared.pending.fetch_sub(1, Ordering::Relaxed);
@@ -330,7 +397,11 @@ struct State {
     checkpoints: tokio::sync::mpsc::UnboundedSender<(String, String)>,
     health: watch::Sender<Option<String>>,
     group_commit: Duration,
+    /// How long a write and sync take (a moving average).
+    sync_time: Duration,
     shared: Arc<Shared>,
+    /// The runtime task that answers waiters (see `open`).
+    dispatch: Option<tokio::sync::mpsc::UnboundedSender<Done>>,
 }
 
 impl State {
@@ -368,8 +439,22 @@ impl State {
             checkpoints,
             health,
             group_commit: config.group_commit(),
+            sync_time: Duration::ZERO,
             shared,
+            dispatch: None,
         };
+        // Answer waiters from a task of the runtime: one wakeup crosses threads per batch,
+        // and the waiters are woken on a worker's own queue (promptly) rather than one by
+        // one through the runtime's shared queue.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
+            runtime.spawn(async move {
+                while let Some(done) = rx.recv().await {
+                    done.send();
+                }
+            });
+            state.dispatch = Some(tx);
+        }
         let first = match found {
             Some(Tail { head, log_id, first_seq, in_active: true }) => {
                 tracing::info!(log = %path.display(), next_seq = head.next_seq, %log_id, "audit log continues");
@@ -421,38 +506,49 @@ impl State {
             };
             let mut batch = Batch::default();
             batch.take(first, &self.shared);
-            let deadline = Instant::now() + self.group_commit;
+            let started = Instant::now();
             loop {
                 while batch.open()
                     && let Ok(msg) = rx.try_recv()
                 {
                     batch.take(msg, &self.shared);
                 }
-                // The group commit window: wait while other requests in progress have not
-                // sent their records yet.
-                let waited_for = batch.waiting + self.shared.pending.load(Ordering::Relaxed);
-                let others = self.shared.in_flight.load(Ordering::Relaxed) > waited_for;
-                match deadline.checked_duration_since(Instant::now()) {
-                    Some(left) if others && batch.open() => {
-                        std::thread::sleep(left.min(GROUP_STEP))
-                    }
+                let window = self.window(&batch);
+                match (started + window).checked_duration_since(Instant::now()) {
+                    Some(left) if batch.open() => std::thread::sleep(left.min(GROUP_STEP)),
                     _ => break,
                 }
             }
             let Batch { records, waiters, close, .. } = batch;
             let result = self.commit(&records, false);
-            for (seq, w) in waiters.into_iter().enumerate() {
-                if let Some(w) = w {
-                    let _ = w.send(
-                        result.as_ref().map(|first| first + seq as u64).map_err(Clone::clone),
-                    );
+            let done = Done { waiters, result };
+            match &self.dispatch {
+                // Without the runtime (shutting down) the writer answers itself.
+                Some(d) => {
+                    if let Err(unsent) = d.send(done) {
+                        unsent.0.send();
+                    }
                 }
+                None => done.send(),
             }
             if let Some(done) = close {
                 let _ = done.send(self.finish());
                 return;
             }
         }
+    }
+
+    /// How long a batch may stay open: `group_commit` while writes are in progress; about
+    /// one sync while other requests in progress have not sent their records yet; else 0.
+    fn window(&self, batch: &Batch) -> Duration {
+        if self.shared.writing.load(Ordering::Relaxed) > 0 {
+            return self.group_commit;
+        }
+        let waited_for = batch.waiting + self.shared.pending.load(Ordering::Relaxed);
+        if self.shared.in_flight.load(Ordering::Relaxed) > waited_for {
+            return self.group_commit.min(self.sync_time);
+        }
+        Duration::ZERO
     }
 
     /// Writes `records` durably, with an outage record first if the log was failing and a
@@ -544,7 +640,9 @@ impl State {
             let line = chain(&cp.body(), &mut buf, &mut head);
             cp_line = Some(String::from_utf8_lossy(&buf[line]).into_owned());
         }
+        let syncing = Instant::now();
         let result = self.file.write_all(&buf).and_then(|()| self.file.sync_data());
+        self.sync_time = (self.sync_time * 7 + syncing.elapsed()) / 8;
         if let Err(e) = result {
             // Cut back anything partly written, so the file ends with a whole durable line.
             let _ = self.file.set_len(self.len);
@@ -888,6 +986,63 @@ mod tests {
         all.push_str(&new);
         let records = assert_chained(&all.lines().collect::<Vec<_>>(), GENESIS_PREV);
         assert_eq!(records.iter().filter(|r| r.kind() == Kind::Request).count(), 61);
+    }
+
+    fn windowed(dir: &Path) -> AuditConfig {
+        AuditConfig { group_commit_us: 100_000, ..config(dir) }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_request_is_not_held_for_the_group_commit_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _, _rx) = open(&windowed(dir.path()));
+        let before = log.stats();
+        let started = Instant::now();
+        for n in 0..5 {
+            let _request = log.begin();
+            log.append(request(n)).await.unwrap();
+        }
+        // Five windows would take 500 ms; each record went out on its own at once.
+        assert!(started.elapsed() < Duration::from_millis(250), "{:?}", started.elapsed());
+        let after = log.stats();
+        assert_eq!(after.syncs - before.syncs, 5);
+        assert_eq!(after.records - before.records, 5);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_in_progress_holds_the_batch_until_its_outcome_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _, _rx) = open(&windowed(dir.path()));
+        let before = log.stats();
+        let writing = log.writing();
+        let started = Instant::now();
+        let held = {
+            let log = log.clone();
+            tokio::spawn(async move { (log.append(request(0)).await.unwrap(), started.elapsed()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let outcome = log.append_outcome(request(1), writing).await.unwrap();
+        let (seq, waited) = held.await.unwrap();
+        // One sync covered both: the first record waited for the write's outcome, and no
+        // longer (the window is 100 ms).
+        assert_eq!(outcome, seq + 1);
+        assert_eq!(log.stats().syncs - before.syncs, 1);
+        assert!(waited >= Duration::from_millis(15), "{waited:?}");
+        assert!(waited < Duration::from_millis(90), "{waited:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_never_ends_holds_records_for_one_window_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _, _rx) = open(&windowed(dir.path()));
+        let _writing = log.writing();
+        for n in 0..2 {
+            let started = Instant::now();
+            log.append(request(n)).await.unwrap();
+            let waited = started.elapsed();
+            assert!(waited >= Duration::from_millis(90), "{waited:?}");
+            assert!(waited < Duration::from_millis(1000), "{waited:?}");
+        }
     }
 
     #[tokio::test]

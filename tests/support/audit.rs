@@ -23,7 +23,7 @@ use secretgate::{
         verify::{Verified, verify_files},
     },
     crypto::Keyring,
-    proto::v1::{PutRequest, secrets_client::SecretsClient},
+    proto::v1::{PutRequest, admin_client::AdminClient, secrets_client::SecretsClient},
 };
 use tokio::task::JoinHandle;
 use tonic::{Code, metadata::MetadataMap, transport::Channel};
@@ -249,6 +249,11 @@ impl ServedGateway {
     pub async fn client(&self, spiffe: &str) -> SecretsClient<Channel> {
         let channel = super::connect(&self.ca, self.addr, &self.ca.client(spiffe)).await.unwrap();
         SecretsClient::new(channel)
+    }
+
+    pub async fn admin(&self, spiffe: &str) -> AdminClient<Channel> {
+        let channel = super::connect(&self.ca, self.addr, &self.ca.client(spiffe)).await.unwrap();
+        AdminClient::new(channel)
     }
 
     /// SIGKILL: no graceful shutdown, no final checkpoint.
