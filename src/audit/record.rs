@@ -75,7 +75,7 @@ pub struct Record {
     /// SHA-256 of the client certificate (hex).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_fingerprint: Option<String>,
-    /// Serial number of the client certificate (hex).
+    /// Serial number of the client certificate (colon-separated hex).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_serial: Option<String>,
     /// The TCP peer, `ip:port`.

@@ -1,4 +1,5 @@
-//! `secretgate audit …`: the auditor's tools, offline over the log files.
+//! `secretgate audit …`: the auditor's tools: offline over the log files, except `checkpoint`,
+//! which asks the gateway.
 //!
 //! `keygen` makes the checkpoint signing key; `verify` checks the chain and the signatures;
 //! `query` and `tail` pick records out. `verify` exits 1 when the log was tampered with and

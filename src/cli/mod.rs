@@ -119,7 +119,8 @@ enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
-    /// Audit log tools: make the signing key, verify, query and follow the log (offline).
+    /// Audit log tools: make the signing key; verify, query and follow the log files
+    /// (offline); fetch the gateway's stored checkpoint (`audit checkpoint`, online).
     Audit {
         #[command(subcommand)]
         command: audit::AuditCommand,
