@@ -714,6 +714,11 @@ mod tests {
             (format!("{MINIMAL}\n[store]\nbackend = \"s3\"\n"), "store.backend"),
             (format!("{MINIMAL}\n[store]\npath = \"\"\n"), "store.path"),
             ("[tls]\ncert = \"a\"\n".to_owned(), "tls.key"),
+            (format!("{MINIMAL}\n[audit]\ngroup_commit_us = 200000\n"), "audit.group_commit_us"),
+            (
+                format!("{MINIMAL}\n[audit]\ntimeout_ms = 10\ngroup_commit_us = 5000\n"),
+                "audit.group_commit_us",
+            ),
         ];
         for (text, field) in cases {
             let err = load(&text, &[]).unwrap_err().to_string();
