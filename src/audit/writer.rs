@@ -20,7 +20,9 @@
 //! without the window the log would add one more sync per store commit and take the disk from
 //! the store, so writes would pay twice. With it, one log sync covers the outcomes of many
 //! store commits (and every other record that came meanwhile). When no write is in progress
-//! (reads only) no record waits for the window.
+//! but other requests are ([`InFlight`]) and have not sent their records yet, a batch stays
+//! open for about one sync's time (a moving average, at most the window), so that under
+//! read load one fsync covers about twice as many records. A request alone is never held.
 //!
 //! **Checkpoints.** A signed checkpoint ends the batch in which `checkpoint_every` records
 //! have accumulated since the last one, or the first write (or idle tick) after
@@ -203,9 +205,9 @@ impl AuditLog {
         self.inner.as_deref().map_or(0, |i| i.next_seq_at_open)
     }
 
-    /// Marks a write in progress, once its intent is durable: until its outcome record is
-    /// handed over with [`AuditLog::append_outcome`] (or the guard is dropped), the writer
-    /// holds batches open for up to the group commit window.
+    /// Marks a request in progress until the guard is dropped: while some request in
+    /// progress has not sent its record yet, the writer holds a batch open for about one
+    /// sync's time (a request alone is never held).
     pub fn begin(&self) -> InFlight {
         InFlight(self.inner.as_deref().map(|i| {
             i.shared.in_flight.fetch_add(1, Ordering::Relaxed);
