@@ -146,6 +146,11 @@ pub struct AuditConfig {
     /// other requests are in progress, it holds a batch for about one fsync's time (at most
     /// this). A request alone is never held. Default 2000; 0 syncs as soon as a record comes.
     pub group_commit_us: u64,
+    /// Begin a new log although the store keeps checkpoints of others (the old log was
+    /// moved aside on purpose, or the signing key changes). Without it the gateway refuses
+    /// to start when it finds no log but the store remembers one. The new genesis record
+    /// names the logs left behind. Set it for one start, then remove it. Default `false`.
+    pub new_log: bool,
 }
 
 /// `[limits]`
@@ -231,6 +236,7 @@ impl Default for AuditConfig {
             max_file_bytes: 100 << 20,
             timeout_ms: 2000,
             group_commit_us: 2000,
+            new_log: false,
         }
     }
 }

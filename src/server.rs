@@ -11,7 +11,7 @@ use tonic::transport::Server;
 
 use crate::{
     api::{AdminService, SecretsService, Vault},
-    audit::{AuditError, AuditLog, Record, SigningKey, signing::SigningError},
+    audit::{AuditError, AuditLog, SigningKey, signing::SigningError},
     authz::{Authorizer, Policy, PolicyError},
     config::Config,
     crypto::{Keyring, KeyringError, KeyringHandle},
@@ -216,8 +216,8 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     })
 }
 
-/// Opens the audit log (unless disabled), refuses a log that ends before the checkpoint the
-/// store holds for it, and starts the task that keeps the latest checkpoint in the store.
+/// Opens the audit log (unless disabled), checked against the checkpoints the store keeps
+/// (see [`AuditLog::open`]), and starts the task that keeps the latest checkpoint in the store.
 async fn open_audit(
     config: &Config,
     store: &Arc<dyn Store>,
@@ -228,24 +228,9 @@ async fn open_audit(
     }
     let key = SigningKey::load(&config.audit.signing_key)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
-    let audit = AuditLog::open(&config.audit, key, tx)?;
+    let stored = store.audit_checkpoints().await?;
+    let audit = AuditLog::open(&config.audit, key, tx, &stored)?;
     let log_id = audit.log_id().unwrap_or_default().to_owned();
-    if let Some(stored) = store.audit_checkpoint(&log_id).await? {
-        let stored_seq = Record::parse(&stored).map(|r| r.seq).unwrap_or(0);
-        let next = audit.next_seq_at_open();
-        if stored_seq >= next {
-            audit.close().await;
-            return Err(StartError::Audit(AuditError::Open {
-                path: config.audit.path.display().to_string(),
-                reason: format!(
-                    "the log ends at seq {} but the store holds a checkpoint at seq {stored_seq}: \
-                     it was cut short or replaced. Keep it as evidence, move it aside (with its \
-                     rotated files) and start again to begin a new log",
-                    next.saturating_sub(1)
-                ),
-            }));
-        }
-    }
     tracing::info!(log = %config.audit.path.display(), %log_id, "audit log open");
     let store = Arc::clone(store);
     let task = tokio::spawn(async move {

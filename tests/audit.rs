@@ -2,7 +2,7 @@
 //! recorded with its facts, no secret reaches any log, `audit verify` catches each kind of
 //! tampering, the log fails closed on a full disk and recovers, a crash loses no record of an
 //! acknowledged write, a removed file is noticed, rotation keeps the chain, and a log cut
-//! short is refused at start.
+//! short, a deleted log or a foreign signing key is refused at start.
 
 mod support;
 
@@ -20,7 +20,7 @@ use rustls::pki_types::{CertificateDer, pem::PemObject};
 use secretgate::{
     Gateway,
     audit::{
-        Kind, Phase, Record, VerifyingKey,
+        Kind, Phase, Record, SigningKey, VerifyingKey,
         record::{GENESIS_PREV, line_hash},
         signing::pub_path,
         verify::{Problem, Tamper, verify_files},
@@ -814,6 +814,72 @@ async fn a_log_cut_short_is_refused_at_start() {
     assert!(err.contains("cut short"), "{err}");
     assert!(err.contains(&format!("ends at seq {last_kept} ")), "{err}");
     assert!(err.contains(&format!("checkpoint at seq {}", final_checkpoint.seq)), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A deleted log, or a foreign signing key, is refused at start.
+
+#[tokio::test]
+async fn a_deleted_log_is_refused_at_start_until_a_new_log_is_asked_for() {
+    let mut gw = TestGateway::start().await;
+    let mut c = gw.client(ADMIN).await;
+    c.put(put("/gone/k", b"v")).await.unwrap();
+    drop(c);
+    gw.stop().await;
+    let old = read_log(&gw.config.audit.path);
+    let (old_id, old_last) = (old[0].1.log_id.clone().unwrap(), old.last().unwrap().1.seq);
+    for f in log_files(&gw.config.audit.path) {
+        std::fs::remove_file(f).unwrap();
+    }
+
+    let err = match Gateway::start(&gw.config).await {
+        Ok(_) => panic!("a gateway began a new log in place of a deleted one"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("no audit log here"), "{err}");
+    assert!(err.contains(&format!("{old_id} (seq {old_last})")), "{err}");
+    assert!(err.contains("audit.new_log"), "{err}");
+    let dir = gw.config.audit.path.parent().unwrap();
+    assert!(files_under(dir).is_empty(), "the refusal wrote a log: {:?}", files_under(dir));
+
+    // Asked for, a new log begins, and its genesis names the one left behind.
+    gw.config.audit.new_log = true;
+    gw.start_again().await;
+    gw.stop().await;
+    let new = read_log(&gw.config.audit.path);
+    let genesis = &new[0].1;
+    assert_eq!(genesis.kind(), Kind::Genesis);
+    assert_ne!(genesis.log_id.as_deref(), Some(old_id.as_str()));
+    let note = genesis.reason.as_deref().unwrap_or_default();
+    assert!(note.contains(&format!("{old_id} (seq {old_last})")), "{note}");
+    verify_log(&gw.config.audit.path, &gw.config.audit.signing_key);
+
+    // The new log now continues without the setting.
+    gw.config.audit.new_log = false;
+    gw.start_again().await;
+    gw.stop().await;
+    let again = read_log(&gw.config.audit.path);
+    assert_eq!(again[0].0, new[0].0, "the same log continues");
+    assert!(again.len() > new.len());
+}
+
+#[tokio::test]
+async fn a_signing_key_that_is_not_the_logs_own_is_refused_at_start() {
+    let mut gw = TestGateway::start().await;
+    gw.stop().await;
+    let before = std::fs::read(&gw.config.audit.path).unwrap();
+    let other = SigningKey::generate().unwrap();
+    std::fs::remove_file(&gw.config.audit.signing_key).unwrap();
+    let _ = std::fs::remove_file(pub_path(&gw.config.audit.signing_key));
+    other.save(&gw.config.audit.signing_key).unwrap();
+
+    let err = match Gateway::start(&gw.config).await {
+        Ok(_) => panic!("a gateway signed a log's checkpoints with another key"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("not this log's key"), "{err}");
+    assert!(err.contains(&other.verifying_key().to_string()), "{err}");
+    assert_eq!(std::fs::read(&gw.config.audit.path).unwrap(), before, "the log was written");
 }
 
 // ---------------------------------------------------------------------------------------------

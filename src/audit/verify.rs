@@ -546,7 +546,7 @@ fn links(a: &Record, a_line: &[u8], b: &Record) -> bool {
 }
 
 /// Whether checkpoint `r` carries `key`'s signature.
-fn signed(key: &VerifyingKey, r: &Record) -> bool {
+pub(crate) fn signed(key: &VerifyingKey, r: &Record) -> bool {
     let (Some(log_id), Some(sig)) = (&r.log_id, &r.sig) else { return false };
     key.verify(&checkpoint_message(log_id, r.seq, &r.ts, &r.prev), sig)
 }

@@ -53,6 +53,7 @@ use tokio::sync::{oneshot, watch};
 use super::{
     Kind, Record, SigningKey,
     record::{Body, GENESIS_PREV, checkpoint_message, line_hash, now_rfc3339, write_line},
+    verify::signed,
 };
 use crate::config::AuditConfig;
 
@@ -159,14 +160,22 @@ enum Msg {
 impl AuditLog {
     /// Opens (or continues) the log of `config`, signing checkpoints with `key`. Checkpoint
     /// lines are sent to `checkpoints` as they are written, for the store.
+    ///
+    /// `stored` is every log's latest checkpoint kept in the store (see
+    /// [`crate::store::Store::audit_checkpoints`]). Before writing anything the log is checked
+    /// against it: a log that ends before its stored checkpoint, a stored checkpoint (or a
+    /// genesis) that `key` did not sign, or a missing log where the store remembers one are
+    /// refused, so that a deleted, cut or replaced log is not silently continued.
     pub fn open(
         config: &AuditConfig,
         key: SigningKey,
         checkpoints: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+        stored: &[(String, Vec<u8>)],
     ) -> Result<Self, AuditError> {
         let (health, _) = watch::channel(None);
         let shared = Arc::new(Shared::default());
-        let state = State::open(config, key, checkpoints, health.clone(), Arc::clone(&shared))?;
+        let state =
+            State::open(config, key, checkpoints, stored, health.clone(), Arc::clone(&shared))?;
         let log_id = state.log_id.clone();
         let next_seq_at_open = state.head.next_seq;
         let (tx, rx) = mpsc::channel();
@@ -411,6 +420,7 @@ impl State {
         config: &AuditConfig,
         key: SigningKey,
         checkpoints: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+        stored: &[(String, Vec<u8>)],
         health: watch::Sender<Option<String>>,
         shared: Arc<Shared>,
     ) -> Result<Self, AuditError> {
@@ -420,6 +430,8 @@ impl State {
             create_private_dir(dir).map_err(|e| fail(format!("cannot create directory: {e}")))?;
         }
         let found = find_tail(&path).map_err(|e| fail(e.to_string()))?;
+        let genesis_note =
+            check_start(found.as_ref(), stored, &key, config.new_log).map_err(fail)?;
         let file = open_append(&path).map_err(|e| fail(e.to_string()))?;
         let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
         let mut state = Self {
@@ -458,7 +470,7 @@ impl State {
             state.dispatch = Some(tx);
         }
         let first = match found {
-            Some(Tail { head, log_id, first_seq, in_active: true }) => {
+            Some(Tail { head, log_id, first_seq, in_active: true, .. }) => {
                 tracing::info!(log = %path.display(), next_seq = head.next_seq, %log_id, "audit log continues");
                 (state.head, state.log_id, state.first_seq) = (head, log_id, first_seq);
                 None
@@ -474,6 +486,7 @@ impl State {
                 state.log_id = random_id().map_err(|e| fail(e.to_string()))?;
                 let mut r = Record::new(Kind::Genesis);
                 r.pubkey = Some(state.key.verifying_key().to_string());
+                r.reason = genesis_note;
                 Some(r)
             }
         };
@@ -727,6 +740,81 @@ struct Tail {
     first_seq: u64,
     /// Found in the active file (else in the newest rotated one).
     in_active: bool,
+    /// The public key named by the file's first line, when that is the genesis record.
+    genesis_pubkey: Option<String>,
+}
+
+/// Checks the log found on disk (`found`) against the checkpoints the store keeps
+/// (`stored`) before anything is written; returns what a new log's genesis record notes
+/// (`Some` when a new log begins although the store remembers others, with `new_log`).
+fn check_start(
+    found: Option<&Tail>,
+    stored: &[(String, Vec<u8>)],
+    key: &SigningKey,
+    new_log: bool,
+) -> Result<Option<String>, String> {
+    let public = key.verifying_key();
+    let mut known = Vec::with_capacity(stored.len());
+    for (log_id, line) in stored {
+        let r = Record::parse(line).map_err(|e| {
+            format!(
+                "the checkpoint the store keeps for audit log {log_id} cannot be read ({e}); \
+                 the store was damaged or tampered with. Restore the store from a backup"
+            )
+        })?;
+        known.push((log_id.as_str(), r));
+    }
+    let Some(tail) = found else {
+        if known.is_empty() {
+            return Ok(None);
+        }
+        let logs: Vec<String> =
+            known.iter().map(|(id, r)| format!("{id} (seq {})", r.seq)).collect();
+        let logs = logs.join(", ");
+        if !new_log {
+            return Err(format!(
+                "no audit log here, but the store keeps checkpoints of audit log {logs}: the \
+                 log was deleted or moved, or audit.path changed. Put the log files back; or, to \
+                 begin a new log on purpose, start once with audit.new_log = true \
+                 (SECRETGATE_AUDIT_NEW_LOG=true): its genesis record then names the logs left \
+                 behind"
+            ));
+        }
+        tracing::warn!(previous = %logs, "audit.new_log: beginning a new audit log; the store keeps checkpoints of others");
+        return Ok(Some(format!(
+            "begun with audit.new_log; the store keeps checkpoints of {logs}"
+        )));
+    };
+    if let Some(named) = &tail.genesis_pubkey {
+        if *named != public.to_string() {
+            return Err(format!(
+                "audit.signing_key is not this log's key: its genesis record names public key \
+                 {named}, the configured key's is {public}. Configure the log's own key; to \
+                 change keys, move the log aside (it stays verifiable with its key) and begin a \
+                 new one with audit.new_log = true"
+            ));
+        }
+    }
+    if let Some((_, cp)) = known.iter().find(|(id, _)| *id == tail.log_id) {
+        let last = tail.head.next_seq.saturating_sub(1);
+        if cp.seq >= tail.head.next_seq {
+            return Err(format!(
+                "the log ends at seq {last} but the store holds a checkpoint at seq {}: it was \
+                 cut short or replaced. Keep it as evidence, move it aside (with its rotated \
+                 files) and begin a new log with audit.new_log = true",
+                cp.seq
+            ));
+        }
+        if cp.kind() != Kind::Checkpoint || !signed(&public, cp) {
+            return Err(format!(
+                "the checkpoint the store keeps for this log (seq {}) is not signed by \
+                 audit.signing_key ({public}): the key is not this log's, or the store was \
+                 tampered with",
+                cp.seq
+            ));
+        }
+    }
+    Ok(None)
 }
 
 /// Finds where the chain ends: the active file, else the newest rotated file. Cuts a torn
@@ -807,11 +895,13 @@ fn file_tail(path: &Path, repair: bool) -> io::Result<Option<Tail>> {
         .map_err(|e| invalid(format!("first line is not a record: {e}")))?;
     let log_id =
         first.log_id.clone().ok_or_else(|| invalid("first line names no log id".into()))?;
+    let genesis_pubkey = if first.kind() == Kind::Genesis { first.pubkey.clone() } else { None };
     Ok(Some(Tail {
         head: Head { next_seq: record.seq + 1, prev: line_hash(last) },
         log_id,
         first_seq: first.seq,
         in_active: false,
+        genesis_pubkey,
     }))
 }
 
@@ -855,10 +945,20 @@ mod tests {
     fn open(
         config: &AuditConfig,
     ) -> (AuditLog, VerifyingKey, tokio::sync::mpsc::UnboundedReceiver<(String, String)>) {
-        let key = SigningKey::generate().unwrap();
+        // The log's own key, kept beside its directory, so that a reopened log is signed by
+        // it again.
+        let path = config.path.parent().unwrap().with_extension("key");
+        let key = match SigningKey::load(&path) {
+            Ok(key) => key,
+            Err(_) => {
+                let key = SigningKey::generate().unwrap();
+                key.save(&path).unwrap();
+                key
+            }
+        };
         let public = key.verifying_key();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        (AuditLog::open(config, key, tx).unwrap(), public, rx)
+        (AuditLog::open(config, key, tx, &[]).unwrap(), public, rx)
     }
 
     fn request(n: usize) -> Record {
@@ -1052,5 +1152,69 @@ mod tests {
         let log = AuditLog::disabled();
         assert_eq!(log.append(request(0)).await.unwrap(), 0);
         assert!(log.log_id().is_none() && log.failure().is_none() && log.close().await.is_none());
+    }
+
+    /// A checkpoint line of log `log_id` at `seq`, signed by `key`.
+    fn checkpoint_line(key: &SigningKey, log_id: &str, seq: u64) -> Vec<u8> {
+        let mut r = Record::new(Kind::Checkpoint);
+        (r.seq, r.ts, r.prev) = (seq, now_rfc3339(), line_hash(b"x"));
+        r.log_id = Some(log_id.into());
+        r.sig = Some(key.sign(&checkpoint_message(log_id, seq, &r.ts, &r.prev)));
+        r.to_line().into_bytes()
+    }
+
+    fn tail(log_id: &str, next_seq: u64, genesis: Option<&SigningKey>) -> Tail {
+        Tail {
+            head: Head { next_seq, prev: line_hash(b"y") },
+            log_id: log_id.into(),
+            first_seq: 0,
+            in_active: true,
+            genesis_pubkey: genesis.map(|k| k.verifying_key().to_string()),
+        }
+    }
+
+    #[test]
+    fn a_log_is_checked_against_the_stored_checkpoints_before_it_is_continued() {
+        let key = SigningKey::generate().unwrap();
+        let other = SigningKey::generate().unwrap();
+        let stored = vec![("log-1".to_owned(), checkpoint_line(&key, "log-1", 40))];
+        // Its own key, a checkpoint behind the end: continues.
+        assert_eq!(
+            check_start(Some(&tail("log-1", 50, Some(&key))), &stored, &key, false),
+            Ok(None)
+        );
+        assert_eq!(check_start(Some(&tail("log-1", 41, None)), &stored, &key, false), Ok(None));
+        // No checkpoint stored for it, or none at all: continues.
+        assert_eq!(check_start(Some(&tail("log-2", 3, None)), &stored, &key, false), Ok(None));
+        assert_eq!(check_start(Some(&tail("log-1", 3, None)), &[], &key, false), Ok(None));
+        assert_eq!(check_start(None, &[], &key, false), Ok(None));
+
+        let refused = |found: Option<&Tail>, stored: &[(String, Vec<u8>)], key, new_log| {
+            check_start(found, stored, key, new_log).expect_err("refused")
+        };
+        // Ends at or before the stored checkpoint.
+        let e = refused(Some(&tail("log-1", 40, None)), &stored, &key, false);
+        assert!(e.contains("ends at seq 39 ") && e.contains("checkpoint at seq 40"), "{e}");
+        // The genesis names another key (whatever the store holds).
+        let e = refused(Some(&tail("log-1", 50, Some(&key))), &[], &other, false);
+        assert!(e.contains("not this log's key"), "{e}");
+        // No genesis in the active file (rotated): the stored checkpoint's signature tells.
+        let e = refused(Some(&tail("log-1", 50, None)), &stored, &other, false);
+        assert!(e.contains("not signed by audit.signing_key"), "{e}");
+        // A stored line that is not a checkpoint is no proof either.
+        let mut req = Record::new(Kind::Request);
+        (req.seq, req.log_id) = (40, Some("log-1".into()));
+        let fake = vec![("log-1".to_owned(), req.to_line().into_bytes())];
+        let e = refused(Some(&tail("log-1", 50, None)), &fake, &key, false);
+        assert!(e.contains("not signed"), "{e}");
+        // An unreadable stored checkpoint is refused, not taken as seq 0.
+        let broken = vec![("log-1".to_owned(), b"{\"seq\":".to_vec())];
+        let e = refused(Some(&tail("log-1", 50, None)), &broken, &key, false);
+        assert!(e.contains("cannot be read") && e.contains("log-1"), "{e}");
+        // No log, but the store remembers one: refused unless a new log is asked for.
+        let e = refused(None, &stored, &key, false);
+        assert!(e.contains("no audit log here") && e.contains("log-1 (seq 40)"), "{e}");
+        let note = check_start(None, &stored, &key, true).unwrap().unwrap();
+        assert!(note.contains("log-1 (seq 40)"), "{note}");
     }
 }

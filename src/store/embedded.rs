@@ -314,6 +314,24 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+
+    async fn audit_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = match txn.open_table(CHECKPOINTS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(backend(e)),
+            };
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(backend)? {
+                let (id, line) = entry.map_err(backend)?;
+                out.push((id.value().to_owned(), line.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
 }
 
 fn read_meta(

@@ -517,6 +517,32 @@ impl Store for EtcdStore {
         })
         .await
     }
+
+    async fn audit_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let base = format!("{}audit/", self.prefix);
+        self.retry("audit_checkpoints", false, |deadline| {
+            let base = base.clone();
+            async move {
+                let mut resp = self
+                    .members
+                    .attempt(deadline, |mut kv| {
+                        let base = base.clone();
+                        async move { kv.get(base, Some(GetOptions::new().with_prefix())).await }
+                    })
+                    .await?;
+                let mut out = Vec::with_capacity(resp.kvs().len());
+                for kv in resp.take_kvs() {
+                    let (key, line) = kv.into_key_value();
+                    let key = String::from_utf8(key)
+                        .map_err(|e| corrupt(format!("audit checkpoint key: {e}")))?;
+                    let id = key.strip_prefix(base.as_str()).unwrap_or(&key).to_owned();
+                    out.push((id, line));
+                }
+                Ok(out)
+            }
+        })
+        .await
+    }
 }
 
 fn decode_first(path: &str, resp: &GetResponse) -> Result<(Option<SecretMeta>, i64), Failure> {

@@ -181,6 +181,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// The latest checkpoint stored for the audit log `log_id`.
     async fn audit_checkpoint(&self, log_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The latest checkpoint of every audit log the store has seen, as (log id, line), in
+    /// log id order: what the gateway checks a log it finds (or does not find) against.
+    async fn audit_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 impl UnixMillis {

@@ -262,11 +262,16 @@ async fn replace_is_compare_and_set_on_the_value(s: Arc<dyn Store>) {
 
 async fn audit_checkpoints_are_kept_per_log_and_invisible_to_secrets(s: Arc<dyn Store>) {
     assert_eq!(s.audit_checkpoint("log-a").await.unwrap(), None);
+    assert!(s.audit_checkpoints().await.unwrap().is_empty());
     s.put_audit_checkpoint("log-a", b"{\"seq\":1}").await.unwrap();
     s.put_audit_checkpoint("log-a", b"{\"seq\":2}").await.unwrap();
     s.put_audit_checkpoint("log-b", b"{\"seq\":9}").await.unwrap();
     assert_eq!(s.audit_checkpoint("log-a").await.unwrap().unwrap(), b"{\"seq\":2}");
     assert_eq!(s.audit_checkpoint("log-b").await.unwrap().unwrap(), b"{\"seq\":9}");
+    let all = s.audit_checkpoints().await.unwrap();
+    let want = [("log-a", &b"{\"seq\":2}"[..]), ("log-b", &b"{\"seq\":9}"[..])];
+    let all: Vec<(&str, &[u8])> = all.iter().map(|(i, l)| (i.as_str(), l.as_slice())).collect();
+    assert_eq!(all, want);
     assert!(s.list(&PathPrefix::Root, None, 100).await.unwrap().is_empty());
     assert!(s.scan(None, 100).await.unwrap().is_empty());
 }
