@@ -38,6 +38,7 @@ use support::{
         Answer, Load, ServedGateway, Tmpfs, files_under, fill, log_files, ok_count, read_all,
         read_log, request_id, unavailable_count, verify_log,
     },
+    etcd::EtcdCluster,
 };
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{
@@ -861,6 +862,33 @@ async fn a_deleted_log_is_refused_at_start_until_a_new_log_is_asked_for() {
     let again = read_log(&gw.config.audit.path);
     assert_eq!(again[0].0, new[0].0, "the same log continues");
     assert!(again.len() > new.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sharing_an_etcd_store_each_keep_their_own_log() {
+    let cluster = EtcdCluster::start().await;
+    let mut one = TestGateway::start_with(|c| cluster.configure(c, "/sg-replicas/", 5000)).await;
+    let mut c = one.client(ADMIN).await;
+    c.put(put("/replicas/k", b"v")).await.unwrap();
+    drop(c);
+    one.stop().await;
+    // A second replica (its own log and signing key) begins its log, though the store
+    // keeps the first one's checkpoint.
+    let mut two = TestGateway::start_with(|c| cluster.configure(c, "/sg-replicas/", 5000)).await;
+    two.stop().await;
+    assert_eq!(read_log(&two.config.audit.path)[0].1.kind(), Kind::Genesis);
+    // The first replica's log deleted: the store remembers it, by its key.
+    for f in log_files(&one.config.audit.path) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let err = match Gateway::start(&one.config).await {
+        Ok(_) => panic!("a replica began a new log in place of its deleted one"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("no audit log here"), "{err}");
+    // The second replica goes on with its own.
+    two.start_again().await;
+    two.stop().await;
 }
 
 #[tokio::test]

@@ -745,8 +745,9 @@ struct Tail {
 }
 
 /// Checks the log found on disk (`found`) against the checkpoints the store keeps
-/// (`stored`) before anything is written; returns what a new log's genesis record notes
-/// (`Some` when a new log begins although the store remembers others, with `new_log`).
+/// (`stored`, of every log: replicas sharing a store each have their own) before anything
+/// is written; returns what a new log's genesis record notes (`Some` when a new log begins,
+/// with `new_log`, although the store keeps checkpoints signed by `key`).
 fn check_start(
     found: Option<&Tail>,
     stored: &[(String, Vec<u8>)],
@@ -754,28 +755,25 @@ fn check_start(
     new_log: bool,
 ) -> Result<Option<String>, String> {
     let public = key.verifying_key();
-    let mut known = Vec::with_capacity(stored.len());
-    for (log_id, line) in stored {
-        let r = Record::parse(line).map_err(|e| {
-            format!(
-                "the checkpoint the store keeps for audit log {log_id} cannot be read ({e}); \
-                 the store was damaged or tampered with. Restore the store from a backup"
-            )
-        })?;
-        known.push((log_id.as_str(), r));
-    }
     let Some(tail) = found else {
-        if known.is_empty() {
+        // No log here. Checkpoints that this key signed are of a log that was here (or of a
+        // replica sharing the key); other replicas' logs are none of this gateway's business.
+        let mine: Vec<String> = stored
+            .iter()
+            .filter_map(|(id, line)| Record::parse(line).ok().map(|r| (id, r)))
+            .filter(|(_, r)| r.kind() == Kind::Checkpoint && signed(&public, r))
+            .map(|(id, r)| format!("{id} (seq {})", r.seq))
+            .collect();
+        if mine.is_empty() {
             return Ok(None);
         }
-        let logs: Vec<String> =
-            known.iter().map(|(id, r)| format!("{id} (seq {})", r.seq)).collect();
-        let logs = logs.join(", ");
+        let logs = mine.join(", ");
         if !new_log {
             return Err(format!(
-                "no audit log here, but the store keeps checkpoints of audit log {logs}: the \
-                 log was deleted or moved, or audit.path changed. Put the log files back; or, to \
-                 begin a new log on purpose, start once with audit.new_log = true \
+                "no audit log here, but the store keeps checkpoints that audit.signing_key \
+                 signed, of audit log {logs}: the log was deleted or moved, or audit.path \
+                 changed. Put the log files back; or, to begin a new log on purpose (or for a \
+                 new replica that shares this key), start once with audit.new_log = true \
                  (SECRETGATE_AUDIT_NEW_LOG=true): its genesis record then names the logs left \
                  behind"
             ));
@@ -795,7 +793,14 @@ fn check_start(
             ));
         }
     }
-    if let Some((_, cp)) = known.iter().find(|(id, _)| *id == tail.log_id) {
+    if let Some((_, line)) = stored.iter().find(|(id, _)| *id == tail.log_id) {
+        let cp = Record::parse(line).map_err(|e| {
+            format!(
+                "the checkpoint the store keeps for this log ({}) cannot be read ({e}); the \
+                 store was damaged or tampered with. Restore the store from a backup",
+                tail.log_id
+            )
+        })?;
         let last = tail.head.next_seq.saturating_sub(1);
         if cp.seq >= tail.head.next_seq {
             return Err(format!(
@@ -805,7 +810,7 @@ fn check_start(
                 cp.seq
             ));
         }
-        if cp.kind() != Kind::Checkpoint || !signed(&public, cp) {
+        if cp.kind() != Kind::Checkpoint || !signed(&public, &cp) {
             return Err(format!(
                 "the checkpoint the store keeps for this log (seq {}) is not signed by \
                  audit.signing_key ({public}): the key is not this log's, or the store was \
@@ -1207,14 +1212,19 @@ mod tests {
         let fake = vec![("log-1".to_owned(), req.to_line().into_bytes())];
         let e = refused(Some(&tail("log-1", 50, None)), &fake, &key, false);
         assert!(e.contains("not signed"), "{e}");
-        // An unreadable stored checkpoint is refused, not taken as seq 0.
+        // An unreadable stored checkpoint of this log is refused, not taken as seq 0.
         let broken = vec![("log-1".to_owned(), b"{\"seq\":".to_vec())];
         let e = refused(Some(&tail("log-1", 50, None)), &broken, &key, false);
         assert!(e.contains("cannot be read") && e.contains("log-1"), "{e}");
-        // No log, but the store remembers one: refused unless a new log is asked for.
+        // No log, but the store keeps a checkpoint this key signed: refused unless a new log
+        // is asked for.
         let e = refused(None, &stored, &key, false);
         assert!(e.contains("no audit log here") && e.contains("log-1 (seq 40)"), "{e}");
         let note = check_start(None, &stored, &key, true).unwrap().unwrap();
         assert!(note.contains("log-1 (seq 40)"), "{note}");
+        // Other replicas' logs (other keys), and lines that prove nothing, do not stop a new
+        // replica's first start.
+        let others = [stored.clone(), broken, fake].concat();
+        assert_eq!(check_start(None, &others, &other, false), Ok(None));
     }
 }
