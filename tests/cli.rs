@@ -22,6 +22,8 @@ impl DevGateway {
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(BIN)
             .args(["dev", "--listen", &addr])
+            // A checkpoint after every record, for `audit checkpoint`.
+            .env("SECRETGATE_AUDIT_CHECKPOINT_EVERY", "1")
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -108,6 +110,28 @@ fn new_user_puts_and_gets_a_secret_with_the_dev_gateway() {
     let bad = gw.cli(dir.path(), &["put", "/demo/../etc", "x"], None);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("InvalidArgument"));
+
+    // The auditor's view: the latest checkpoint the store keeps, as written in the log.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cp = loop {
+        let out = gw.cli(dir.path(), &["audit", "checkpoint", "-o", "json"], None);
+        if out.status.success() {
+            break serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap();
+        }
+        assert!(Instant::now() < deadline, "{}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let line = cp["checkpoint"].as_str().unwrap();
+    let log_path = dir.path().join(".secretgate-dev/audit/audit.log");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.lines().any(|l| l == line), "{line}");
+    assert!(
+        line.contains(r#""kind":"checkpoint""#) && line.contains(cp["log_id"].as_str().unwrap())
+    );
+    assert!(cp["failure"].is_null() && cp["records_written"].as_u64() > Some(0), "{cp}");
+    let human = gw.cli(dir.path(), &["audit", "checkpoint"], None);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.lines().any(|l| l == stdout(&human).trim_end()), "{}", stdout(&human));
 
     // The second dev identity works too.
     let app = gw.cli(

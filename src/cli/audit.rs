@@ -45,7 +45,21 @@ async fn checkpoint(conn: &super::ClientArgs) -> anyhow::Result<()> {
     if status.checkpoint.is_empty() {
         bail!("no checkpoint stored yet for log {}", status.log_id);
     }
-    println!("{}", status.checkpoint);
+    match conn.output {
+        super::Output::Human => println!("{}", status.checkpoint),
+        // The line as a string, byte for byte: `jq -r .checkpoint` gives a file for
+        // `verify --checkpoint`.
+        super::Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "log_id": status.log_id,
+                "failure": (!status.failure.is_empty()).then_some(&status.failure),
+                "records_written": status.records_written,
+                "syncs": status.syncs,
+                "checkpoint": status.checkpoint,
+            })
+        ),
+    }
     Ok(())
 }
 
@@ -81,7 +95,8 @@ pub(super) enum AuditCommand {
         files: Vec<PathBuf>,
     },
     /// Ask the gateway for its audit log's state and print the latest signed checkpoint it
-    /// keeps in the store (for `verify --checkpoint`). Needs `admin` on `/`.
+    /// keeps in the store (for `verify --checkpoint`). Needs `admin` on `/`. With `-o json`:
+    /// an object with log_id, failure, records_written, syncs and the checkpoint line.
     Checkpoint {
         #[command(flatten)]
         conn: super::ClientArgs,
