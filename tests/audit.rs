@@ -807,10 +807,7 @@ async fn a_log_cut_short_is_refused_at_start() {
     let text: String = kept.iter().map(|(l, _)| format!("{l}\n")).collect();
     std::fs::write(&log, text).unwrap();
 
-    let err = match Gateway::start(&gw.config).await {
-        Ok(_) => panic!("a gateway started on a log cut short"),
-        Err(e) => e.to_string(),
-    };
+    let err = refused_at_start(&gw.config, "a gateway started on a log cut short").await;
     let last_kept = kept.last().unwrap().1.seq;
     assert!(err.contains("cut short"), "{err}");
     assert!(err.contains(&format!("ends at seq {last_kept} ")), "{err}");
@@ -829,14 +826,10 @@ async fn a_deleted_log_is_refused_at_start_until_a_new_log_is_asked_for() {
     gw.stop().await;
     let old = read_log(&gw.config.audit.path);
     let (old_id, old_last) = (old[0].1.log_id.clone().unwrap(), old.last().unwrap().1.seq);
-    for f in log_files(&gw.config.audit.path) {
-        std::fs::remove_file(f).unwrap();
-    }
+    delete_log(&gw.config.audit.path);
 
-    let err = match Gateway::start(&gw.config).await {
-        Ok(_) => panic!("a gateway began a new log in place of a deleted one"),
-        Err(e) => e.to_string(),
-    };
+    let err =
+        refused_at_start(&gw.config, "a gateway began a new log in place of a deleted one").await;
     assert!(err.contains("no audit log here"), "{err}");
     assert!(err.contains(&format!("{old_id} (seq {old_last})")), "{err}");
     assert!(err.contains("audit.new_log"), "{err}");
@@ -878,13 +871,10 @@ async fn replicas_sharing_an_etcd_store_each_keep_their_own_log() {
     two.stop().await;
     assert_eq!(read_log(&two.config.audit.path)[0].1.kind(), Kind::Genesis);
     // The first replica's log deleted: the store remembers it, by its key.
-    for f in log_files(&one.config.audit.path) {
-        std::fs::remove_file(f).unwrap();
-    }
-    let err = match Gateway::start(&one.config).await {
-        Ok(_) => panic!("a replica began a new log in place of its deleted one"),
-        Err(e) => e.to_string(),
-    };
+    delete_log(&one.config.audit.path);
+    let err =
+        refused_at_start(&one.config, "a replica began a new log in place of its deleted one")
+            .await;
     assert!(err.contains("no audit log here"), "{err}");
     // The second replica goes on with its own.
     two.start_again().await;
@@ -901,10 +891,8 @@ async fn a_signing_key_that_is_not_the_logs_own_is_refused_at_start() {
     let _ = std::fs::remove_file(pub_path(&gw.config.audit.signing_key));
     other.save(&gw.config.audit.signing_key).unwrap();
 
-    let err = match Gateway::start(&gw.config).await {
-        Ok(_) => panic!("a gateway signed a log's checkpoints with another key"),
-        Err(e) => e.to_string(),
-    };
+    let err =
+        refused_at_start(&gw.config, "a gateway signed a log's checkpoints with another key").await;
     assert!(err.contains("not this log's key"), "{err}");
     assert!(err.contains(&other.verifying_key().to_string()), "{err}");
     assert_eq!(std::fs::read(&gw.config.audit.path).unwrap(), before, "the log was written");
@@ -912,6 +900,22 @@ async fn a_signing_key_that_is_not_the_logs_own_is_refused_at_start() {
 
 // ---------------------------------------------------------------------------------------------
 // Helpers (the harness is in support/audit.rs).
+
+/// Starts a gateway on `config`, which must be refused (else panics with `what`); returns
+/// the error.
+async fn refused_at_start(config: &secretgate::Config, what: &str) -> String {
+    match Gateway::start(config).await {
+        Ok(_) => panic!("{what}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Deletes every file of the log whose active file is `active`.
+fn delete_log(active: &Path) {
+    for f in log_files(active) {
+        std::fs::remove_file(f).unwrap();
+    }
+}
 
 fn put(path: &str, value: &[u8]) -> PutRequest {
     PutRequest { path: path.into(), value: value.to_vec(), expected_version: None }
