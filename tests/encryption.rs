@@ -14,6 +14,7 @@ use std::{
 
 use secretgate::{
     EmbeddedStore, SecretPath, Store,
+    audit::{Phase, Record},
     crypto::Keyring,
     proto::v1::{
         GetRequest, KeyStatusRequest, KeyStatusResponse, PutRequest, RewrapRequest,
@@ -278,6 +279,28 @@ async fn rewrap_is_resumable_and_idempotent() {
     };
     assert!(second.done && second.failed == 0, "{second:?}");
     assert_eq!(second.rewrapped + second.current, 300);
+    // Each run's outcome is recorded when it ends, with what it did: the interrupted run's
+    // as CANCELLED, the finished run's (durable before its last message) as OK.
+    let outcomes: Vec<Record> = support::audit::read_log(&gw.config.audit.path)
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| r.method.as_deref() == Some("secretgate.v1.Admin/Rewrap"))
+        .filter(|r| {
+            r.phase == Some(Phase::Outcome) && r.status.as_deref() != Some("FAILED_PRECONDITION")
+        })
+        .collect();
+    let [cancelled, finished] = outcomes.as_slice() else { panic!("{outcomes:#?}") };
+    assert_eq!(cancelled.status.as_deref(), Some("CANCELLED"), "{cancelled:?}");
+    let reason = cancelled.reason.as_deref().unwrap_or_default();
+    assert!(reason.starts_with("rewrap cancelled by the caller: scanned "), "{reason}");
+    assert_eq!(finished.status.as_deref(), Some("OK"), "{finished:?}");
+    assert_eq!(finished.key_id.as_deref(), Some(b.as_str()));
+    let want = format!(
+        "rewrap finished: scanned 300, rewrapped {}, already under the primary key {}, \
+         changed meanwhile and skipped 0, failed to open 0",
+        second.rewrapped, second.current
+    );
+    assert_eq!(finished.reason.as_deref(), Some(want.as_str()));
     let mut s = a.rewrap(RewrapRequest {}).await.unwrap().into_inner();
     let mut third = None;
     while let Some(p) = s.message().await.unwrap() {

@@ -168,6 +168,10 @@ impl Admin for AdminService {
         let primary = keys.current().primary().id.to_string();
         let to_rewrap = usage.total - usage.records.get(&primary).copied().unwrap_or(0);
         let (tx, rx) = mpsc::channel(16);
+        // The caller gets the stream now; the outcome (how the rewrap ended, with its counts)
+        // is recorded when it ends, and is durable before the stream's last message.
+        let response = call.stream_started(ReceiverStream::new(rx));
+        call.key_id(&primary);
         tokio::spawn(async move {
             let _running = guard;
             let started = Instant::now();
@@ -184,7 +188,7 @@ impl Admin for AdminService {
                 ControlFlow::Continue(())
             })
             .await;
-            match result {
+            let outcome = match result {
                 Ok(p) => {
                     let done = !tx.is_closed();
                     tracing::info!(
@@ -197,14 +201,32 @@ impl Admin for AdminService {
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "rewrap finished"
                     );
-                    let _ = tx.send(Ok(progress_message(to_rewrap, &p, done))).await;
+                    call.summary(rewrap_summary(&p, done));
+                    if done {
+                        Ok(progress_message(to_rewrap, &p, done))
+                    } else {
+                        Err(ApiError::RewrapCancelled)
+                    }
                 }
-                Err(e) => {
-                    let err = ApiError::from_store_fault(e);
-                    let _ = tx.send(Err(Status::from(&err))).await;
-                }
-            }
+                Err(e) => Err(ApiError::from_store_fault(e)),
+            };
+            let last = call.finish(outcome).await.map(Response::into_inner);
+            let _ = tx.send(last).await;
         });
-        call.finish(Ok(ReceiverStream::new(rx))).await
+        Ok(response)
     }
+}
+
+/// What a rewrap did, for its outcome record.
+fn rewrap_summary(p: &RewrapProgress, done: bool) -> String {
+    format!(
+        "rewrap {}: scanned {}, rewrapped {}, already under the primary key {}, \
+         changed meanwhile and skipped {}, failed to open {}",
+        if done { "finished" } else { "cancelled by the caller" },
+        p.scanned,
+        p.rewrapped,
+        p.current,
+        p.skipped,
+        p.failed
+    )
 }

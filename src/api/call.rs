@@ -37,8 +37,12 @@ pub(crate) struct Call {
     /// Set once the intent of a write is durable, until its outcome is handed over (the
     /// audit writer's group commit window waits for writes in progress).
     writing: Option<Writing>,
+    /// True once the intent of a write is durable.
+    intent_recorded: bool,
+    /// What a long-running request did, for its outcome record (`reason`).
+    summary: Option<String>,
     /// Tells the audit writer this request is in progress (its group commit window).
-    _in_flight: InFlight,
+    in_flight: Option<InFlight>,
 }
 
 impl Call {
@@ -62,7 +66,9 @@ impl Call {
             version: None,
             key_id: None,
             writing: None,
-            _in_flight: audit.begin(),
+            intent_recorded: false,
+            summary: None,
+            in_flight: Some(audit.begin()),
         }
     }
 
@@ -120,7 +126,23 @@ impl Call {
             ApiError::AuditUnavailable
         })?;
         self.writing = Some(self.audit.writing());
+        self.intent_recorded = true;
         Ok(())
+    }
+
+    /// Notes what a long-running request did (Rewrap's counts), for its outcome record.
+    pub(crate) fn summary(&mut self, summary: String) {
+        self.summary = Some(summary);
+    }
+
+    /// Answers a streaming request at its start, with the request id; its outcome is recorded
+    /// later by [`Call::finish`], before the stream's last message. The stream may run for
+    /// minutes: it stops counting as a request in progress for the audit writer's group
+    /// commit window, so other requests are not held for it.
+    pub(crate) fn stream_started<T>(&mut self, stream: T) -> Response<T> {
+        self.writing = None;
+        self.in_flight = None;
+        self.answer(stream)
     }
 
     /// Records the outcome and answers: the response, or the error as a status, both with
@@ -136,7 +158,7 @@ impl Call {
             self.audit.note(record);
             result
         } else {
-            let intent_recorded = self.writing.is_some();
+            let intent_recorded = self.intent_recorded;
             let appended = match self.writing.take() {
                 Some(writing) => self.audit.append_outcome(record, writing).await,
                 None => self.audit.append(record).await,
@@ -173,23 +195,29 @@ impl Call {
     }
 
     fn respond<T>(&self, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
-        let id = MetadataValue::try_from(self.request_id.as_str()).ok();
         match result {
-            Ok(resp) => {
-                let mut resp = Response::new(resp);
-                if let Some(id) = id {
-                    resp.metadata_mut().insert(REQUEST_ID_HEADER, id);
-                }
-                Ok(resp)
-            }
+            Ok(body) => Ok(self.answer(body)),
             Err(err) => {
                 let mut status = Status::from(&err);
-                if let Some(id) = id {
+                if let Some(id) = self.request_id_value() {
                     status.metadata_mut().insert(REQUEST_ID_HEADER, id);
                 }
                 Err(status)
             }
         }
+    }
+
+    /// `body` as a response carrying the request id.
+    fn answer<T>(&self, body: T) -> Response<T> {
+        let mut resp = Response::new(body);
+        if let Some(id) = self.request_id_value() {
+            resp.metadata_mut().insert(REQUEST_ID_HEADER, id);
+        }
+        resp
+    }
+
+    fn request_id_value(&self) -> Option<MetadataValue<tonic::metadata::Ascii>> {
+        MetadataValue::try_from(self.request_id.as_str()).ok()
     }
 
     fn record(&self, phase: Phase, status: Option<&Status>) -> Record {
@@ -216,6 +244,9 @@ impl Call {
         r.version = self.version;
         r.key_id = self.key_id.clone();
         r.latency_us = Some(self.started.elapsed().as_micros() as u64);
+        if phase == Phase::Outcome {
+            r.reason.clone_from(&self.summary);
+        }
         r
     }
 

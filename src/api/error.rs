@@ -81,6 +81,9 @@ pub enum ApiError {
     /// Another rewrap is already running on this gateway.
     #[error("a rewrap is already running on this gateway")]
     RewrapRunning,
+    /// The caller closed the stream before the rewrap finished; running it again resumes.
+    #[error("rewrap cancelled by the caller; run it again to resume")]
+    RewrapCancelled,
     /// The store cannot answer now.
     #[error("secret store unavailable")]
     Unavailable,
@@ -167,6 +170,7 @@ impl ApiError {
                 Code::NotFound
             }
             Self::Denied(_) => Code::PermissionDenied,
+            Self::RewrapCancelled => Code::Cancelled,
             Self::Conflict { .. } | Self::RewrapRunning => Code::FailedPrecondition,
             Self::Undecryptable { .. } => Code::DataLoss,
             Self::Contended(_) => Code::Aborted,
