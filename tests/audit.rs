@@ -266,6 +266,51 @@ impl Facts<'_> {
 // No secret value reaches any log.
 
 #[tokio::test]
+async fn a_flood_of_refused_handshakes_is_counted_not_recorded_one_by_one() {
+    use secretgate::tls::{REFUSAL_BURST, REFUSALS_PER_SEC};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const FLOOD: u64 = 600;
+    let gw = TestGateway::start().await;
+    // Anyone who reaches the port can do this: connect, send garbage, be refused.
+    let started = Instant::now();
+    for _ in 0..FLOOD {
+        let mut tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tcp.read_to_end(&mut rest).await; // the gateway closes it
+    }
+    let flood_secs = started.elapsed().as_secs_f64();
+    // Each refusal is in the log once: as a record of its own, or in a count.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (single, counted) = loop {
+        let lines = read_log(&gw.config.audit.path);
+        let handshakes = lines.iter().map(|(_, r)| r).filter(|r| r.kind() == Kind::Handshake);
+        let (counts, single): (Vec<&Record>, Vec<&Record>) =
+            handshakes.partition(|r| r.refused.is_some());
+        let counted: u64 = counts.iter().filter_map(|r| r.refused).sum();
+        if single.len() as u64 + counted == FLOOD {
+            for c in &counts {
+                let reason = c.reason.as_deref().unwrap_or_default();
+                assert!(reason.contains("counted, not recorded one by one"), "{c:?}");
+                assert!(c.since.is_some() && c.peer.is_some(), "{c:?}");
+                assert_eq!(c.status.as_deref(), Some("UNAUTHENTICATED"));
+            }
+            break (single.len() as u64, counted);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} single and {counted} counted refusals, of {FLOOD}",
+            single.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let allowed = f64::from(REFUSAL_BURST) + f64::from(REFUSALS_PER_SEC) * (flood_secs + 1.0);
+    assert!(single as f64 <= allowed, "{single} recorded one by one in {flood_secs:.1}s");
+    assert!(counted > 0, "the flood ({flood_secs:.1}s) went over the limit");
+    verify_log(&gw.config.audit.path, &gw.config.audit.signing_key);
+}
+
+#[tokio::test]
 async fn no_secret_value_reaches_any_log() {
     let mut gw = ServedGateway::prepare("");
     gw.serve("debug").await;

@@ -4,6 +4,12 @@
 //! one connection slot for at most the handshake timeout and never delays other clients.
 //! `limits.max_connections` slots bound open connections including handshakes in progress;
 //! when all are taken the loop stops accepting and the kernel backlog queues new clients.
+//!
+//! Refused handshakes are recorded in the audit log one by one up to a rate
+//! ([`REFUSALS_PER_SEC`], bursts of [`REFUSAL_BURST`]); beyond it they are counted, and one
+//! summary record per second gives the count. Anyone who can reach the port can cause a
+//! refusal, so without the limit a flood of garbage connections would fill the disk, and a
+//! full disk stops the gateway (the log fails closed).
 
 use std::{
     io,
@@ -11,7 +17,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use rustls::ServerConfig;
@@ -25,9 +31,16 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tonic::transport::server::Connected;
 
 use crate::{
-    audit::{AuditLog, Kind, Record},
+    audit::{AuditLog, Kind, Record, record::now_rfc3339},
     identity::PeerIdentity,
 };
+
+/// Refused handshakes recorded one by one per second, on average.
+pub const REFUSALS_PER_SEC: u32 = 50;
+/// Refused handshakes recorded one by one in a burst.
+pub const REFUSAL_BURST: u32 = 200;
+/// How often a count of refusals over the limit is written.
+const SUMMARY_EVERY: Duration = Duration::from_secs(1);
 
 /// Facts about a connection, available to every request on it as a request extension.
 #[derive(Debug, Clone)]
@@ -49,6 +62,8 @@ pub struct TlsConnection {
 pub struct TlsIncoming {
     rx: mpsc::Receiver<TlsConnection>,
     task: JoinHandle<()>,
+    summaries: JoinHandle<()>,
+    refusals: Arc<Refusals>,
 }
 
 impl TlsIncoming {
@@ -63,9 +78,111 @@ impl TlsIncoming {
         let (tx, rx) = mpsc::channel(64);
         let slots = Arc::new(Semaphore::new(max_connections));
         let acceptor = TlsAcceptor::from(config);
-        let task =
-            tokio::spawn(accept_loop(listener, acceptor, handshake_timeout, slots, tx, audit));
-        Self { rx, task }
+        let refusals = Arc::new(Refusals::new(audit));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            acceptor,
+            handshake_timeout,
+            slots,
+            tx,
+            Arc::clone(&refusals),
+        ));
+        let summaries = {
+            let refusals = Arc::clone(&refusals);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SUMMARY_EVERY);
+                loop {
+                    tick.tick().await;
+                    refusals.summarize();
+                }
+            })
+        };
+        Self { rx, task, summaries, refusals }
+    }
+}
+
+/// Records refused handshakes, one by one up to the rate (a token bucket), then as counts.
+struct Refusals {
+    audit: AuditLog,
+    state: std::sync::Mutex<Bucket>,
+}
+
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+    /// Refusals over the limit not yet in a summary record.
+    over: u64,
+    /// When the first of them happened, and its peer and reason (an example for auditors).
+    first: Option<(String, SocketAddr, String)>,
+}
+
+impl Bucket {
+    fn new(now: Instant) -> Self {
+        Self { tokens: f64::from(REFUSAL_BURST), refilled: now, over: 0, first: None }
+    }
+
+    /// True if a refusal now may be recorded one by one; else it is counted.
+    fn take(&mut self, now: Instant, peer: SocketAddr, reason: &str) -> bool {
+        let earned = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens =
+            (self.tokens + earned * f64::from(REFUSALS_PER_SEC)).min(f64::from(REFUSAL_BURST));
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return true;
+        }
+        self.over += 1;
+        self.first.get_or_insert_with(|| (now_rfc3339(), peer, reason.to_owned()));
+        false
+    }
+
+    /// The count of refusals over the limit since the last summary, with the first of them.
+    fn summary(&mut self) -> Option<(u64, (String, SocketAddr, String))> {
+        let first = self.first.take()?;
+        Some((std::mem::take(&mut self.over), first))
+    }
+}
+
+impl Refusals {
+    fn new(audit: AuditLog) -> Self {
+        Self { audit, state: std::sync::Mutex::new(Bucket::new(Instant::now())) }
+    }
+
+    fn bucket(&self) -> std::sync::MutexGuard<'_, Bucket> {
+        // The bucket holds counts only: a panic elsewhere leaves nothing inconsistent.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn refused(&self, peer: SocketAddr, reason: &str) {
+        if !self.bucket().take(Instant::now(), peer, reason) {
+            return;
+        }
+        tracing::info!(peer = %peer, %reason, "TLS handshake refused");
+        // Recorded without waiting: nothing was granted, so nothing waits on it.
+        let mut r = Record::new(Kind::Handshake);
+        r.peer = Some(peer.to_string());
+        r.decision = Some("deny".into());
+        r.status = Some("UNAUTHENTICATED".into());
+        r.reason = Some(reason.chars().take(300).collect());
+        self.audit.note(r);
+    }
+
+    /// Writes the count of refusals over the limit, if there were any since the last time.
+    fn summarize(&self) {
+        let Some((count, (since, peer, reason))) = self.bucket().summary() else { return };
+        tracing::warn!(count, %since, first_peer = %peer, "TLS handshakes refused over the recording limit; counted, not recorded one by one");
+        let mut r = Record::new(Kind::Handshake);
+        r.peer = Some(peer.to_string());
+        r.decision = Some("deny".into());
+        r.status = Some("UNAUTHENTICATED".into());
+        r.since = Some(since);
+        r.refused = Some(count);
+        let reason: String = reason.chars().take(300).collect();
+        r.reason = Some(format!(
+            "{count} refused handshakes over the limit of {REFUSALS_PER_SEC} per second were \
+             counted, not recorded one by one; the first, from this peer: {reason}"
+        ));
+        self.audit.note(r);
     }
 }
 
@@ -75,7 +192,7 @@ async fn accept_loop(
     handshake_timeout: Duration,
     slots: Arc<Semaphore>,
     tx: mpsc::Sender<TlsConnection>,
-    audit: AuditLog,
+    refusals: Arc<Refusals>,
 ) {
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
@@ -90,7 +207,7 @@ async fn accept_loop(
         };
         let acceptor = acceptor.clone();
         let tx = tx.clone();
-        let audit = audit.clone();
+        let refusals = Arc::clone(&refusals);
         tokio::spawn(async move {
             match handshake(acceptor, tcp, peer_addr, handshake_timeout).await {
                 Ok((stream, identity)) => {
@@ -99,16 +216,7 @@ async fn accept_loop(
                     // A closed channel means the server is shutting down: drop the connection.
                     let _ = tx.send(TlsConnection { stream, info, _slot: slot }).await;
                 }
-                Err(reason) => {
-                    tracing::info!(peer = %peer_addr, %reason, "TLS handshake refused");
-                    // Recorded without waiting: nothing was granted, so nothing waits on it.
-                    let mut r = Record::new(Kind::Handshake);
-                    r.peer = Some(peer_addr.to_string());
-                    r.decision = Some("deny".into());
-                    r.status = Some("UNAUTHENTICATED".into());
-                    r.reason = Some(reason.chars().take(300).collect());
-                    audit.note(r);
-                }
+                Err(reason) => refusals.refused(peer_addr, &reason),
             }
         });
     }
@@ -140,6 +248,9 @@ async fn handshake(
 impl Drop for TlsIncoming {
     fn drop(&mut self) {
         self.task.abort();
+        self.summaries.abort();
+        // Refusals counted since the last summary are not lost at shutdown.
+        self.refusals.summarize();
     }
 }
 
@@ -196,5 +307,32 @@ impl AsyncWrite for TlsConnection {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_over_the_rate_are_counted_and_summarized_once() {
+        let start = Instant::now();
+        let peer: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let mut b = Bucket::new(start);
+        let recorded = (0..REFUSAL_BURST + 30).filter(|_| b.take(start, peer, "bad")).count();
+        assert_eq!(recorded, REFUSAL_BURST as usize, "a burst is recorded one by one");
+        let (count, (_, first_peer, reason)) = b.summary().expect("a summary of the rest");
+        assert_eq!((count, first_peer, reason.as_str()), (30, peer, "bad"));
+        assert!(b.summary().is_none(), "each refusal is in one summary only");
+
+        // Tokens come back at the rate: after 100 ms, 5 more are recorded one by one.
+        let later = start + Duration::from_millis(100);
+        let recorded = (0..10).filter(|_| b.take(later, peer, "bad")).count();
+        assert_eq!(recorded, (REFUSALS_PER_SEC / 10) as usize);
+        assert_eq!(b.summary().map(|s| s.0), Some(5));
+        // ... and never more than a burst, however long it was quiet.
+        let much_later = start + Duration::from_secs(3600);
+        let recorded = (0..REFUSAL_BURST + 1).filter(|_| b.take(much_later, peer, "x")).count();
+        assert_eq!(recorded, REFUSAL_BURST as usize);
     }
 }

@@ -20,7 +20,7 @@ use rustls::{
     server::WebPkiClientVerifier,
 };
 
-pub use acceptor::{ConnInfo, TlsConnection, TlsIncoming};
+pub use acceptor::{ConnInfo, REFUSAL_BURST, REFUSALS_PER_SEC, TlsConnection, TlsIncoming};
 use verifier::IdentityVerifier;
 
 use crate::config::TlsConfig;
