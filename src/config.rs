@@ -662,6 +662,7 @@ fn typed_like(current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::{prelude::*, sample::Index, test_runner::TestCaseError};
 
     const MINIMAL: &str = r#"
         [tls]
@@ -803,5 +804,238 @@ mod tests {
         assert!(err.to_string().contains("max_value_byte"), "{err}");
         let err = load(&format!("{MINIMAL}\n[limits]\nmax_versions = \"x\"\n"), &[]).unwrap_err();
         assert!(err.to_string().contains("max_versions"), "{err}");
+    }
+
+    /// The README's example configuration, every field written out.
+    const EXAMPLE: &str = r#"# secretgate.toml
+listen = "127.0.0.1:7443"
+
+[tls]
+cert = "tls/server.pem"          # required
+key = "tls/server-key.pem"
+client_ca = "tls/client-ca.pem"
+min_version = "1.3"
+handshake_timeout_secs = 10
+
+[store]
+backend = "embedded"
+path = "data/secretgate.redb"
+
+[crypto]
+keyring = "keyring.toml"
+reload_interval_secs = 2
+
+[authz]
+policies = "policies"
+reload_interval_secs = 2
+
+[audit]
+enabled = true
+path = "audit/audit.log"
+signing_key = "audit.key"
+checkpoint_every = 1000
+checkpoint_interval_secs = 10
+max_file_bytes = 104857600
+timeout_ms = 2000
+group_commit_us = 2000
+new_log = false
+
+[limits]
+max_value_bytes = 65536
+max_versions = 10
+max_connections = 1024
+request_timeout_secs = 30
+"#;
+
+    /// The example with an etcd store instead.
+    fn example_etcd() -> String {
+        EXAMPLE.replace(
+            "[store]\nbackend = \"embedded\"\npath = \"data/secretgate.redb\"\n",
+            &format!(
+                "{}prefix = \"/secretgate/\"\ntimeout_ms = 5000\n",
+                ETCD.replace("        ", "")
+            ),
+        )
+    }
+
+    /// `SECTION_FIELD` -> `section.field` for every field of the configuration.
+    fn fields() -> BTreeMap<String, Vec<String>> {
+        field_index(&toml::Table::try_from(Config::default()).unwrap())
+    }
+
+    /// What every loaded configuration must satisfy, and what every refusal must say.
+    fn assert_outcome(got: Result<Config, ConfigError>) -> Result<(), TestCaseError> {
+        match got {
+            Ok(c) => {
+                prop_assert!(c.validate().is_ok());
+                for p in [
+                    &c.tls.cert,
+                    &c.tls.key,
+                    &c.tls.client_ca,
+                    &c.store.path,
+                    &c.crypto.keyring,
+                    &c.authz.policies,
+                    &c.audit.path,
+                    &c.audit.signing_key,
+                    &c.store.ca,
+                    &c.store.cert,
+                    &c.store.key,
+                    &c.store.password_file,
+                ] {
+                    prop_assert!(p.as_os_str().is_empty() || p.is_absolute(), "{}", p.display());
+                }
+                // What it serializes to loads back to the same configuration.
+                let text = toml::to_string(&c).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let back =
+                    load(&text, &[]).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+                prop_assert_eq!(back, c);
+            }
+            Err(ConfigError::Parse { path, message }) => {
+                prop_assert_eq!(path, Path::new("test.toml"));
+                prop_assert!(!message.is_empty());
+            }
+            Err(ConfigError::Invalid { field, reason }) => {
+                let known: Vec<String> = fields().into_values().map(|f| f.join(".")).collect();
+                prop_assert!(
+                    known.iter().any(|k| k == field),
+                    "unknown field {} ({})",
+                    field,
+                    reason
+                );
+            }
+            Err(ConfigError::Env { var, reason }) => {
+                prop_assert!(var.starts_with("SECRETGATE_"), "{}: {}", var, reason);
+            }
+            Err(e @ ConfigError::Read { .. }) => prop_assert!(false, "nothing is read: {}", e),
+        }
+        Ok(())
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Replace(Index, char),
+        RemoveLine(Index),
+        Truncate(Index),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            4 => (
+                any::<Index>(),
+                prop_oneof![any::<char>(), proptest::char::range(' ', '~'), Just('\n')],
+            )
+                .prop_map(|(i, c)| Edit::Replace(i, c)),
+            2 => any::<Index>().prop_map(Edit::RemoveLine),
+            1 => any::<Index>().prop_map(Edit::Truncate),
+        ]
+    }
+
+    /// Applies `edits` to `text`, at char (or line) positions.
+    fn apply_edits(text: &str, edits: &[Edit]) -> String {
+        let mut text = text.to_owned();
+        for e in edits {
+            let mut chars: Vec<char> = text.chars().collect();
+            match e {
+                Edit::Replace(i, c) if !chars.is_empty() => {
+                    let at = i.index(chars.len());
+                    chars[at] = *c;
+                    text = chars.into_iter().collect();
+                }
+                Edit::Replace(..) => {}
+                Edit::RemoveLine(i) => {
+                    let mut lines: Vec<&str> = text.split_inclusive('\n').collect();
+                    if !lines.is_empty() {
+                        lines.remove(i.index(lines.len()));
+                    }
+                    text = lines.concat();
+                }
+                Edit::Truncate(i) => {
+                    text = chars[..i.index(chars.len() + 1)].iter().collect();
+                }
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn the_examples_load_and_pass_the_outcome_checks() {
+        assert_eq!(load(EXAMPLE, &[]).unwrap().store.backend, "embedded");
+        assert_eq!(load(&example_etcd(), &[]).unwrap().store.backend, "etcd");
+        assert_outcome(load(EXAMPLE, &[])).unwrap();
+        assert_outcome(load(&example_etcd(), &[])).unwrap();
+        assert_outcome(load(&EXAMPLE.replace("max_versions = 10", "max_versions = 0"), &[]))
+            .unwrap();
+        assert!(
+            assert_outcome(Err(ConfigError::Invalid { field: "limits.nope", reason: "x".into() }))
+                .is_err()
+        );
+    }
+
+    #[test]
+    #[ignore = "finds a bug: an env value of the right type but out of the field's range is \
+                reported as SECRETGATE_*, naming neither the variable nor the field"]
+    fn env_values_out_of_a_fields_range_name_the_variable() {
+        for (var, value) in [
+            ("SECRETGATE_LISTEN", "not-an-address"),
+            ("SECRETGATE_LIMITS_MAX_VERSIONS", "-1"),
+            ("SECRETGATE_LIMITS_MAX_CONNECTIONS", "4294967296"),
+        ] {
+            let err = load(MINIMAL, &[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}={value}: {err}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn from_toml_never_panics_on_arbitrary_text(
+            text in prop_oneof![
+                any::<String>(),
+                "(\\[[a-z]{0,6}\\]\n)?([a-z_]{0,12} = (\"[a-z/.:0-9]{0,12}\"|[0-9]{1,6}|true|\\[\\])\n){0,4}",
+                // The required fields, then a section and fields of the configuration.
+                "(\\[(tls|store|crypto|audit|limits)\\]\n)?((min_version|backend|path|enabled|timeout_ms|max_versions|prefix|endpoints) = (\"[a-z/.:0-9]{0,12}\"|[0-9]{1,6}|true|\\[\\])\n){0,3}"
+                    .prop_map(|t| format!("{MINIMAL}{t}")),
+            ],
+        ) {
+            assert_outcome(load(&text, &[]))?;
+        }
+
+        #[test]
+        fn edited_example_configs_are_refused_or_valid(
+            etcd in any::<bool>(),
+            edits in proptest::collection::vec(edit(), 1..4),
+        ) {
+            let base = if etcd { example_etcd() } else { EXAMPLE.to_owned() };
+            assert_outcome(load(&apply_edits(&base, &edits), &[]))?;
+        }
+
+        #[test]
+        fn any_environment_override_is_applied_or_refused_naming_the_variable(
+            etcd in any::<bool>(),
+            field in any::<Index>(),
+            value in prop_oneof![
+                any::<String>(),
+                "-?[0-9]{1,20}",
+                "(true|false|1\\.2|1\\.3|etcd|embedded)",
+                "https://[a-z]{1,5}:[0-9]{1,5}(,.{0,8})?",
+            ],
+        ) {
+            let base = if etcd { example_etcd() } else { EXAMPLE.to_owned() };
+            let names: Vec<String> = fields().into_keys().collect();
+            let var = format!("SECRETGATE_{}", names[field.index(names.len())]);
+            match load(&base, &[(&var, &value)]) {
+                Err(ConfigError::Env { var: named, reason }) => {
+                    // A value of the right TOML type that the field still refuses (an integer
+                    // out of its range, a listen address that is not one) is reported as
+                    // `SECRETGATE_*`: see `env_values_out_of_a_fields_range_name_the_variable`.
+                    let known_gap = named == "SECRETGATE_*"
+                        && (var == "SECRETGATE_LISTEN"
+                            || reason.starts_with("invalid value: integer"));
+                    prop_assert!(named == var || known_gap, "{} as {}: {}", var, named, reason);
+                }
+                other => assert_outcome(other)?,
+            }
+        }
     }
 }

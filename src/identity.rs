@@ -211,6 +211,7 @@ impl fmt::Debug for PeerIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::{prelude::*, sample::Index, test_runner::TestCaseError};
     use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, SanType};
 
     fn cert(f: impl FnOnce(&mut CertificateParams)) -> Vec<u8> {
@@ -316,5 +317,137 @@ mod tests {
     fn garbage_is_malformed_not_a_panic() {
         assert_eq!(principal(b"\x30\x03\x02\x01"), Err(IdentityError::Malformed));
         assert_eq!(principal(&[]), Err(IdentityError::Malformed));
+    }
+
+    /// Good certificates to mutate, made once: one of each kind of identity, plus one whose
+    /// only problem is two DNS names (so a mutation may make it name exactly one).
+    fn seeds() -> &'static [Vec<u8>] {
+        static SEEDS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+        SEEDS.get_or_init(|| {
+            vec![
+                cert(|p| {
+                    p.subject_alt_names =
+                        vec![dns("a.example"), uri("spiffe://prod.example/payments/api")];
+                    p.distinguished_name.push(DnType::CommonName, "backup job");
+                }),
+                cert(|p| {
+                    p.subject_alt_names = vec![dns("Svc.Example")];
+                    p.distinguished_name.push(DnType::CommonName, "svc");
+                }),
+                cert(|p| p.distinguished_name.push(DnType::CommonName, "backup job")),
+                cert(|p| {
+                    p.subject_alt_names = vec![dns("a.example"), dns("b.example")];
+                    p.distinguished_name.push(DnType::CommonName, "ab");
+                }),
+            ]
+        })
+    }
+
+    /// What a certificate `from_der` accepted must satisfy, checked against the DER on its
+    /// own terms: the fingerprint is of these bytes, the serial is colon-separated hex, and
+    /// the principal is the one name of the highest-precedence kind the certificate carries
+    /// (no other SPIFFE ID, DNS name or CN that could also have been chosen), made only of
+    /// printable ASCII, and present in the DER.
+    fn assert_names_exactly_one(der: &[u8], id: &PeerIdentity) -> Result<(), TestCaseError> {
+        prop_assert_eq!(&id.fingerprint, &hex::encode(Sha256::digest(der)));
+        prop_assert!(
+            !id.serial.is_empty()
+                && id.serial.split(':').all(|b| b.len() == 2
+                    && b.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))),
+            "serial {:?}",
+            id.serial
+        );
+        let p = id.principal.as_str();
+        prop_assert!(p.len() <= MAX_PRINCIPAL_BYTES + 4, "{} bytes", p.len());
+        prop_assert!(p.bytes().all(|b| b.is_ascii_graphic() || b == b' '), "{:?}", p);
+
+        let (_, cert) = X509Certificate::from_der(der).expect("accepted, so it parses");
+        prop_assert!(cert.extended_key_usage().unwrap().unwrap().value.client_auth);
+        let sans = cert
+            .subject_alternative_name()
+            .unwrap()
+            .map(|e| e.value.general_names.clone())
+            .unwrap_or_default();
+        let spiffe: Vec<&str> = sans
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(u) if u.to_ascii_lowercase().starts_with("spiffe://") => Some(*u),
+                _ => None,
+            })
+            .collect();
+        let dns: Vec<&str> = sans
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        let cns = cert.subject().iter_common_name().count();
+        let contains = |needle: &[u8]| der.windows(needle.len()).any(|w| w == needle);
+        if p.starts_with("spiffe://") {
+            prop_assert_eq!(spiffe, vec![p]);
+            prop_assert!(contains(p.as_bytes()));
+        } else if let Some(name) = p.strip_prefix("dns:") {
+            prop_assert!(spiffe.is_empty(), "{} chosen over {:?}", p, spiffe);
+            prop_assert_eq!(dns.len(), 1, "{} chosen among {:?}", p, dns);
+            prop_assert_eq!(dns[0].to_ascii_lowercase(), name);
+            prop_assert!(der.windows(name.len()).any(|w| w.eq_ignore_ascii_case(name.as_bytes())));
+        } else if let Some(cn) = p.strip_prefix("cn:") {
+            prop_assert!(spiffe.is_empty() && dns.is_empty(), "{} chosen over SANs {:?}", p, sans);
+            prop_assert_eq!(cns, 1, "{} chosen among {} CNs", p, cns);
+            prop_assert!(!cn.is_empty() && cn.trim() == cn, "{:?}", cn);
+            prop_assert!(contains(cn.as_bytes()));
+        } else {
+            prop_assert!(false, "principal {:?} has no known kind", p);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_seeds_are_accepted_as_the_checker_expects() {
+        for (i, der) in seeds().iter().enumerate() {
+            match PeerIdentity::from_der(der) {
+                Ok(id) => assert_names_exactly_one(der, &id).unwrap(),
+                Err(e) => assert_eq!((i, e), (3, IdentityError::SeveralDnsNames(2))),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn from_der_never_panics_on_arbitrary_bytes(
+            der in proptest::collection::vec(any::<u8>(), 0..2000),
+        ) {
+            if let Ok(id) = PeerIdentity::from_der(&der) {
+                assert_names_exactly_one(&der, &id)?;
+            }
+        }
+
+        #[test]
+        fn mutated_certificates_are_refused_or_name_exactly_one_identity(
+            seed in 0..4usize,
+            edits in proptest::collection::vec((any::<Index>(), any::<u8>()), 0..4),
+            cut in proptest::option::of(any::<Index>()),
+        ) {
+            let mut der = seeds()[seed].clone();
+            for (at, byte) in &edits {
+                let i = at.index(der.len());
+                der[i] = *byte;
+            }
+            if let Some(cut) = cut {
+                der.truncate(cut.index(der.len()));
+            }
+            let result = PeerIdentity::from_der(&der);
+            if edits.is_empty() && cut.is_some() {
+                // Any strict prefix of a certificate is cut short inside its outer SEQUENCE.
+                prop_assert_eq!(result.clone().err(), Some(IdentityError::Malformed), "{:?}", cut);
+            }
+            match result {
+                Ok(id) => assert_names_exactly_one(&der, &id)?,
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
     }
 }

@@ -247,6 +247,7 @@ fn unreadable(path: &Path, source: io::Error) -> QueryError {
 mod tests {
     use super::*;
     use crate::audit::verify::tests::{log_files, test_log};
+    use proptest::prelude::*;
 
     fn request(seq: u64, principal: &str, path: &str, action: &str, status: &str) -> Record {
         let mut r = Record::new(Kind::Request);
@@ -360,5 +361,84 @@ mod tests {
         assert_eq!(order_key("x", lines(&[99, 11, 12])), 10);
         assert_eq!(order_key("audit.log.00000000000000000042", Vec::<String>::new()), 42);
         assert_eq!(order_key("audit.log", ["junk"]), u64::MAX);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn parse_time_never_panics_and_accepts_only_round_tripping_times(
+            text in prop_oneof![
+                any::<String>(),
+                "[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,12})?(Z|z|[+-][0-9]{2}:[0-9]{2})",
+                "2026-0[1-2]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-6][0-9](\\.[0-9]{0,3})?(Z|[+-]0[0-9]:[0-5][0-9])\\PC{0,2}",
+                "[0-9]{4}-0[1-9]-[0-2][1-8]T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]{1,9})?(Z|z|[+-][01][0-9]:[0-5][0-9])",
+            ],
+        ) {
+            match parse_time(&text) {
+                Ok(t) => {
+                    prop_assert!(text.is_ascii(), "{:?}", text);
+                    let shown = t.format(&Rfc3339).unwrap();
+                    prop_assert_eq!(parse_time(&shown).unwrap(), t);
+                    // Same instant and offset as the text says: the date and hour:minute are
+                    // written back as they were (a leap second 60 aside).
+                    prop_assert_eq!(&shown[..16], &text[..16].replace(['t', ' '], "T"));
+                }
+                Err(QueryError::BadFilter(msg)) => {
+                    let quoted = format!("{text:?} is not an RFC 3339 time");
+                    prop_assert!(msg.starts_with(&quoted), "{}", msg);
+                    prop_assert!(!msg.chars().any(char::is_control), "{:?}", msg);
+                }
+                Err(e) => prop_assert!(false, "unexpected error {}", e),
+            }
+        }
+
+        #[test]
+        fn parse_kind_accepts_exactly_the_log_names(
+            text in prop_oneof![
+                any::<String>(),
+                "(genesis|continue|request|handshake|checkpoint|outage|Request| request|requests|)",
+            ],
+        ) {
+            match parse_kind(&text) {
+                Ok(k) => prop_assert_eq!(kind_name(k), text.as_str()),
+                Err(QueryError::BadFilter(msg)) => {
+                    prop_assert!(KINDS.iter().all(|k| kind_name(*k) != text), "{:?} refused", text);
+                    prop_assert!(KINDS.iter().all(|k| msg.contains(kind_name(*k))), "{}", msg);
+                    prop_assert!(!msg.chars().any(char::is_control), "{:?}", msg);
+                }
+                Err(e) => prop_assert!(false, "unexpected error {}", e),
+            }
+        }
+
+        #[test]
+        fn order_key_never_panics_and_falls_back_to_the_file_name(
+            garbage in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..60),
+                    "\\PC{0,60}".prop_map(String::into_bytes),
+                ],
+                0..20,
+            ),
+            suffix in any::<u64>(),
+            base in 0u64..1_000_000,
+        ) {
+            // With no `{` or `[`, no line can be a JSON record.
+            let not_records: Vec<Vec<u8>> = garbage
+                .iter()
+                .map(|l| {
+                    l.iter().map(|&b| if matches!(b, b'{' | b'[') { b'x' } else { b }).collect()
+                })
+                .collect();
+            let name = format!("audit.log.{suffix:020}");
+            prop_assert_eq!(order_key(&name, &not_records), suffix);
+            prop_assert_eq!(order_key("audit.log", &not_records), u64::MAX);
+            // Two neighbouring records that agree fix the key whatever garbage follows.
+            let mut lines: Vec<Vec<u8>> = (0..2)
+                .map(|i| request(base + i, "p", "/a", "read", "OK").to_line().into_bytes())
+                .collect();
+            lines.extend(garbage.iter().cloned());
+            prop_assert_eq!(order_key(&name, &lines), base);
+        }
     }
 }

@@ -188,6 +188,7 @@ pub fn pub_path(path: &Path) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn sign_verify_and_file_round_trip() {
@@ -220,5 +221,50 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let err = SigningKey::load(&path).unwrap_err().to_string();
         assert!(err.contains("32 bytes"), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn verifying_key_parse_never_panics_and_round_trips(
+            text in prop_oneof![
+                any::<String>(),
+                "[A-Za-z0-9+/=]{0,60}",
+                // A real key's text with spaces around it, or with one character replaced.
+                ("[ \t\n]{0,2}", any::<[u8; 32]>(), "[ \t\n]{0,2}")
+                    .prop_map(|(a, k, b)| format!("{a}{}{b}", B64.encode(k))),
+                (any::<[u8; 32]>(), any::<proptest::sample::Index>(), any::<char>()).prop_map(
+                    |(k, at, c)| {
+                        let mut chars: Vec<char> = B64.encode(k).chars().collect();
+                        let i = at.index(chars.len());
+                        chars[i] = c;
+                        chars.into_iter().collect()
+                    }
+                ),
+            ],
+        ) {
+            match VerifyingKey::parse(&text) {
+                Ok(key) => {
+                    let shown = key.to_string();
+                    prop_assert_eq!(shown.len(), 44);
+                    prop_assert_eq!(B64.decode(&shown).unwrap(), key.0.to_vec());
+                    prop_assert_eq!(VerifyingKey::parse(&shown).unwrap(), key.clone());
+                    // What was parsed is the canonical text, give or take surrounding space.
+                    prop_assert_eq!(shown.as_str(), text.trim());
+                }
+                Err(reason) => {
+                    let known = ["not valid base64", "not 32 bytes (an Ed25519 public key)"];
+                    prop_assert!(known.contains(&reason.as_str()), "{}", reason);
+                }
+            }
+        }
+
+        #[test]
+        fn any_key_displays_as_text_that_parses_back(bytes in any::<[u8; 32]>()) {
+            let key = VerifyingKey(bytes);
+            prop_assert_eq!(VerifyingKey::parse(&key.to_string()).unwrap(), key.clone());
+            prop_assert_eq!(VerifyingKey::parse(&format!(" {key}\n")).unwrap(), key);
+        }
     }
 }

@@ -468,6 +468,7 @@ impl fmt::Debug for Keyring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::{prelude::*, sample::Index, test_runner::TestCaseError};
 
     fn ring_text(keys: &[(&str, &str, &str)]) -> String {
         keys.iter()
@@ -558,5 +559,228 @@ mod tests {
         assert!(reloaded.opener(a.as_str()).is_none());
         assert_eq!(reloaded.keys().len(), 2, "retired keys stay in the file");
         assert!(matches!(ring.promote("nope"), Err(KeyringError::UnknownKey(_))));
+    }
+
+    /// What every keyring `parse` accepts must satisfy: one primary key, valid unique ids,
+    /// material exactly for the keys that are not retired, and its own file text parses
+    /// back to the same ring.
+    fn assert_well_formed(ring: &Keyring) -> Result<(), TestCaseError> {
+        let keys = ring.keys();
+        prop_assert!(!keys.is_empty());
+        prop_assert_eq!(keys.iter().filter(|k| k.state == KeyState::Primary).count(), 1);
+        prop_assert_eq!(ring.primary().state, KeyState::Primary);
+        for (i, k) in keys.iter().enumerate() {
+            prop_assert_eq!(KeyId::parse(k.id.as_str()).ok(), Some(k.id.clone()));
+            prop_assert!(keys[..i].iter().all(|o| o.id != k.id), "duplicate id {}", k.id);
+            prop_assert_eq!(k.material.is_some(), k.state != KeyState::Retired, "{}", k.id);
+            prop_assert!(
+                time::OffsetDateTime::parse(
+                    &k.created,
+                    &time::format_description::well_known::Rfc3339
+                )
+                .is_ok()
+            );
+        }
+        let back = Keyring::parse(&ring.to_toml()).map_err(|e| {
+            TestCaseError::fail(format!("an accepted ring's own text is refused: {e}"))
+        })?;
+        prop_assert_eq!(back.version(), ring.version());
+        prop_assert_eq!(back.keys().len(), keys.len());
+        for (a, b) in keys.iter().zip(back.keys()) {
+            prop_assert_eq!((&a.id, a.state, &a.created), (&b.id, b.state, &b.created));
+            prop_assert_eq!(
+                a.material.as_ref().map(|m| *m.bytes()),
+                b.material.as_ref().map(|m| *m.bytes())
+            );
+        }
+        Ok(())
+    }
+
+    /// A ring with a key in each state, its file text, and the texts an error must never
+    /// show: each key's base64 and hex, and every 12-character run of its base64.
+    fn sample_ring() -> &'static (String, Vec<String>) {
+        static RING: std::sync::OnceLock<(String, Vec<String>)> = std::sync::OnceLock::new();
+        RING.get_or_init(|| {
+            let mut ring = Keyring::generate().unwrap();
+            let first = ring.primary().id.clone();
+            let second = ring.add().unwrap();
+            ring.add().unwrap();
+            ring.promote(second.as_str()).unwrap();
+            ring.retire(first.as_str()).unwrap();
+            let states: Vec<KeyState> = ring.keys().iter().map(|k| k.state).collect();
+            assert_eq!(states, [KeyState::Retired, KeyState::Primary, KeyState::Active]);
+            let mut secrets = Vec::new();
+            for k in ring.keys() {
+                let b64 = k.encoded.to_string();
+                let raw = B64.decode(&b64).unwrap();
+                secrets.push(hex::encode(&raw));
+                let chars: Vec<char> = b64.chars().collect();
+                secrets.extend(chars.windows(12).map(|w| w.iter().collect::<String>()));
+                secrets.push(b64);
+            }
+            (ring.to_toml().to_string(), secrets)
+        })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Replace(Index, char),
+        RemoveLine(Index),
+        Truncate(Index),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            4 => (
+                any::<Index>(),
+                prop_oneof![any::<char>(), proptest::char::range(' ', '~'), Just('\n')],
+            )
+                .prop_map(|(i, c)| Edit::Replace(i, c)),
+            2 => any::<Index>().prop_map(Edit::RemoveLine),
+            1 => any::<Index>().prop_map(Edit::Truncate),
+        ]
+    }
+
+    /// Applies `edits` to `text`, at char (or line) positions.
+    fn apply_edits(text: &str, edits: &[Edit]) -> String {
+        let mut text = text.to_owned();
+        for e in edits {
+            let mut chars: Vec<char> = text.chars().collect();
+            match e {
+                Edit::Replace(i, c) if !chars.is_empty() => {
+                    let at = i.index(chars.len());
+                    chars[at] = *c;
+                    text = chars.into_iter().collect();
+                }
+                Edit::Replace(..) => {}
+                Edit::RemoveLine(i) => {
+                    let mut lines: Vec<&str> = text.split_inclusive('\n').collect();
+                    if !lines.is_empty() {
+                        lines.remove(i.index(lines.len()));
+                    }
+                    text = lines.concat();
+                }
+                Edit::Truncate(i) => {
+                    text = chars[..i.index(chars.len() + 1)].iter().collect();
+                }
+            }
+        }
+        text
+    }
+
+    fn assert_no_key_material(err: &KeyringError, secrets: &[String]) -> Result<(), TestCaseError> {
+        let shown = format!("{err} {err:?}");
+        for s in secrets {
+            prop_assert!(
+                !shown.contains(s.as_str()),
+                "error shows key material {:?}: {}",
+                s,
+                shown
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_sample_ring_parses_and_its_errors_are_checked() {
+        let (text, secrets) = sample_ring();
+        assert_well_formed(&Keyring::parse(text).unwrap()).unwrap();
+        // The leak check can fail: an error that did show a key would be caught.
+        let leak = KeyringError::Parse(format!("line 3: near {}", &secrets[5]));
+        assert!(assert_no_key_material(&leak, secrets).is_err());
+    }
+
+    #[test]
+    #[ignore = "finds a bug: a TOML error at the start of a line is reported one line early"]
+    fn parse_errors_at_the_start_of_a_line_name_that_line() {
+        // `text[..span.start].lines().count()` counts the lines *before* an error that starts
+        // at column 1, so `bogus` on line 2 is reported as line 1.
+        let err = Keyring::parse("keys = []\nbogus = 1\n").unwrap_err().to_string();
+        assert!(err.contains("line 2:"), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn key_id_parse_accepts_exactly_the_id_charset(
+            s in prop_oneof![any::<String>(), "[A-Za-z0-9._-]{0,70}", "[A-Za-z0-9._ -]{0,8}"],
+        ) {
+            let charset_ok =
+                s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            match KeyId::parse(&s) {
+                Ok(id) => {
+                    prop_assert_eq!(id.as_str(), s.as_str());
+                    prop_assert!((1..=MAX_ID_LEN).contains(&s.len()) && charset_ok, "{:?}", s);
+                }
+                Err(KeyringError::BadId(shown)) => {
+                    prop_assert!(s.is_empty() || s.len() > MAX_ID_LEN || !charset_ok, "{:?}", s);
+                    prop_assert_eq!(shown, s.chars().take(80).collect::<String>());
+                }
+                Err(e) => prop_assert!(false, "unexpected error {}", e),
+            }
+        }
+
+        #[test]
+        fn key_state_parses_only_the_three_names(
+            state in prop_oneof![
+                any::<String>(),
+                "(primary|active|retired|Primary|ACTIVE| retired)",
+                "[a-z\"\\\\]{0,10}",
+            ],
+        ) {
+            let (text, _) = sample_ring();
+            // The third key is active: give it `state` instead, written as a TOML string.
+            let quoted = toml::Value::String(state.clone()).to_string();
+            let active = "state = \"active\"";
+            let at = text.rfind(active).unwrap();
+            let edited = format!("{}state = {quoted}{}", &text[..at], &text[at + active.len()..]);
+            match Keyring::parse(&edited) {
+                Ok(ring) => {
+                    prop_assert!(state == "active" || state == "retired", "{:?} accepted", state);
+                    prop_assert_eq!(format!("{:?}", ring.keys()[2].state).to_lowercase(), state);
+                    assert_well_formed(&ring)?;
+                }
+                Err(KeyringError::SeveralPrimaries(ids)) => {
+                    prop_assert_eq!(state, "primary", "{}", ids);
+                }
+                Err(e) => {
+                    let named = ["active", "retired", "primary"].contains(&state.as_str());
+                    prop_assert!(!named, "{}", e);
+                    let at_line = matches!(e, KeyringError::Parse(ref m) if m.starts_with("line "));
+                    prop_assert!(at_line, "{}", e);
+                }
+            }
+        }
+
+        #[test]
+        fn parse_never_panics_on_arbitrary_text(
+            text in prop_oneof![any::<String>(), "[\\[\\]a-z=\" \n0-9A-Za-z+/#.:-]{0,300}"],
+        ) {
+            match Keyring::parse(&text) {
+                Ok(ring) => assert_well_formed(&ring)?,
+                Err(KeyringError::Parse(m)) => {
+                    // "line N: ..." with N a line of the text, or toml's message alone.
+                    if let Some(n) = m.strip_prefix("line ").and_then(|r| r.split(':').next()) {
+                        let n: usize = n.parse().map_err(|_| TestCaseError::fail(m.clone()))?;
+                        prop_assert!((1..=text.lines().count().max(1)).contains(&n), "{}", m);
+                    }
+                    prop_assert!(!m.chars().any(|c| c == '\n' || c == '\r'), "{:?}", m);
+                }
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn edited_keyring_files_are_refused_without_showing_keys_or_are_well_formed(
+            edits in proptest::collection::vec(edit(), 1..4),
+        ) {
+            let (text, secrets) = sample_ring();
+            let edited = apply_edits(text, &edits);
+            match Keyring::parse(&edited) {
+                Ok(ring) => assert_well_formed(&ring)?,
+                Err(e) => assert_no_key_material(&e, secrets)?,
+            }
+        }
     }
 }
