@@ -69,7 +69,11 @@ pub enum IdentityError {
 impl PeerIdentity {
     /// Derives the identity of a verified leaf certificate (DER).
     pub fn from_der(der: &[u8]) -> Result<Self, IdentityError> {
-        let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::Malformed)?;
+        let (rest, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::Malformed)?;
+        // The fingerprint covers `der` whole: bytes after the certificate would change it.
+        if !rest.is_empty() {
+            return Err(IdentityError::Malformed);
+        }
         let eku = cert
             .extended_key_usage()
             .map_err(|_| IdentityError::Malformed)?
@@ -317,6 +321,11 @@ mod tests {
     fn garbage_is_malformed_not_a_panic() {
         assert_eq!(principal(b"\x30\x03\x02\x01"), Err(IdentityError::Malformed));
         assert_eq!(principal(&[]), Err(IdentityError::Malformed));
+        // A good certificate with bytes after it: the fingerprint would cover them.
+        let mut trailing = cert(|p| p.distinguished_name.push(DnType::CommonName, "x"));
+        assert!(principal(&trailing).is_ok());
+        trailing.extend_from_slice(b"garbage");
+        assert_eq!(principal(&trailing), Err(IdentityError::Malformed));
     }
 
     /// Good certificates to mutate, made once: one of each kind of identity, plus one whose
