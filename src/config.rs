@@ -683,6 +683,7 @@ pub(crate) fn toml_error_line(text: &str, error: &toml::de::Error) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{apply_edits, edit};
     use proptest::{prelude::*, sample::Index, test_runner::TestCaseError};
 
     const MINIMAL: &str = r#"
@@ -930,52 +931,6 @@ request_timeout_secs = 30
             Err(e @ ConfigError::Read { .. }) => prop_assert!(false, "nothing is read: {}", e),
         }
         Ok(())
-    }
-
-    #[derive(Debug, Clone)]
-    enum Edit {
-        Replace(Index, char),
-        RemoveLine(Index),
-        Truncate(Index),
-    }
-
-    fn edit() -> impl Strategy<Value = Edit> {
-        prop_oneof![
-            4 => (
-                any::<Index>(),
-                prop_oneof![any::<char>(), proptest::char::range(' ', '~'), Just('\n')],
-            )
-                .prop_map(|(i, c)| Edit::Replace(i, c)),
-            2 => any::<Index>().prop_map(Edit::RemoveLine),
-            1 => any::<Index>().prop_map(Edit::Truncate),
-        ]
-    }
-
-    /// Applies `edits` to `text`, at char (or line) positions.
-    fn apply_edits(text: &str, edits: &[Edit]) -> String {
-        let mut text = text.to_owned();
-        for e in edits {
-            let mut chars: Vec<char> = text.chars().collect();
-            match e {
-                Edit::Replace(i, c) if !chars.is_empty() => {
-                    let at = i.index(chars.len());
-                    chars[at] = *c;
-                    text = chars.into_iter().collect();
-                }
-                Edit::Replace(..) => {}
-                Edit::RemoveLine(i) => {
-                    let mut lines: Vec<&str> = text.split_inclusive('\n').collect();
-                    if !lines.is_empty() {
-                        lines.remove(i.index(lines.len()));
-                    }
-                    text = lines.concat();
-                }
-                Edit::Truncate(i) => {
-                    text = chars[..i.index(chars.len() + 1)].iter().collect();
-                }
-            }
-        }
-        text
     }
 
     #[test]

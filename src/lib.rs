@@ -24,6 +24,9 @@ pub mod server;
 pub mod store;
 pub mod tls;
 
+#[cfg(test)]
+mod testing;
+
 pub use api::{ApiError, SecretsService};
 pub use config::Config;
 pub use identity::{PeerIdentity, Principal};
