@@ -331,7 +331,6 @@ impl Config {
         let mut table = toml::Table::try_from(&self)
             .map_err(|e| ConfigError::Env { var: "SECRETGATE_*".into(), reason: e.to_string() })?;
         let fields = field_index(&table);
-        let original = table.clone();
         let mut applied = Vec::new();
         for (var, value) in env {
             let Some(name) = var.strip_prefix("SECRETGATE_") else { continue };
@@ -353,11 +352,14 @@ impl Config {
         table.try_into().map_err(|e: toml::de::Error| {
             // A value of the right type that the field refuses (an address, a range): name
             // the variable that is refused on its own.
-            let culprit = applied.iter().find_map(|(var, field, value)| {
-                let mut alone = original.clone();
-                *field_slot(&mut alone, field) = value.clone();
-                let refused = alone.try_into::<Self>().err()?;
-                Some((var.clone(), refused.message().to_owned()))
+            let original = toml::Table::try_from(&self).ok();
+            let culprit = original.and_then(|original| {
+                applied.iter().find_map(|(var, field, value)| {
+                    let mut alone = original.clone();
+                    *field_slot(&mut alone, field) = value.clone();
+                    let refused = alone.try_into::<Self>().err()?;
+                    Some((var.clone(), refused.message().to_owned()))
+                })
             });
             let (var, reason) = culprit.unwrap_or_else(|| {
                 let vars: Vec<&str> = applied.iter().map(|(v, ..)| v.as_str()).collect();
@@ -367,8 +369,9 @@ impl Config {
         })
     }
 
-    fn resolve_paths(&mut self, base: &Path) {
-        for p in [
+    /// Every file or directory path of the configuration.
+    fn paths_mut(&mut self) -> [&mut PathBuf; 12] {
+        [
             &mut self.tls.cert,
             &mut self.tls.key,
             &mut self.tls.client_ca,
@@ -381,7 +384,11 @@ impl Config {
             &mut self.store.cert,
             &mut self.store.key,
             &mut self.store.password_file,
-        ] {
+        ]
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in self.paths_mut() {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -828,56 +835,31 @@ mod tests {
         assert!(err.to_string().contains("max_versions"), "{err}");
     }
 
-    /// The README's example configuration, every field written out.
-    const EXAMPLE: &str = r#"# secretgate.toml
-listen = "127.0.0.1:7443"
+    /// The README's example configuration (the `toml` block after "Here is a complete
+    /// example"), every field written out with its default.
+    fn example() -> &'static str {
+        let readme = include_str!("../README.md");
+        let from = readme.find("Here is a complete example").expect("the README's example");
+        let block = &readme[from..];
+        let start = block.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let len = block[start..].find("```").expect("the end of the block");
+        &block[start..start + len]
+    }
 
-[tls]
-cert = "tls/server.pem"          # required
-key = "tls/server-key.pem"
-client_ca = "tls/client-ca.pem"
-min_version = "1.3"
-handshake_timeout_secs = 10
-
-[store]
-backend = "embedded"
-path = "data/secretgate.redb"
-
-[crypto]
-keyring = "keyring.toml"
-reload_interval_secs = 2
-
-[authz]
-policies = "policies"
-reload_interval_secs = 2
-
-[audit]
-enabled = true
-path = "audit/audit.log"
-signing_key = "audit.key"
-checkpoint_every = 1000
-checkpoint_interval_secs = 10
-max_file_bytes = 104857600
-timeout_ms = 2000
-group_commit_us = 2000
-new_log = false
-
-[limits]
-max_value_bytes = 65536
-max_versions = 10
-max_connections = 1024
-request_timeout_secs = 30
-"#;
-
-    /// The example with an etcd store instead.
+    /// The example with its etcd store lines uncommented instead of the embedded store.
     fn example_etcd() -> String {
-        EXAMPLE.replace(
-            "[store]\nbackend = \"embedded\"\npath = \"data/secretgate.redb\"\n",
-            &format!(
-                "{}prefix = \"/secretgate/\"\ntimeout_ms = 5000\n",
-                ETCD.replace("        ", "")
-            ),
-        )
+        let mut in_store = false;
+        let lines = example().lines().map(|line| {
+            if line.starts_with('[') {
+                in_store = line == "[store]";
+            }
+            match line.strip_prefix("# ") {
+                Some(field) if in_store => field.to_owned(),
+                _ if in_store && line.starts_with("backend") => "backend = \"etcd\"".to_owned(),
+                _ => line.to_owned(),
+            }
+        });
+        lines.collect::<Vec<_>>().join("\n")
     }
 
     /// `SECTION_FIELD` -> `section.field` for every field of the configuration.
@@ -890,20 +872,7 @@ request_timeout_secs = 30
         match got {
             Ok(c) => {
                 prop_assert!(c.validate().is_ok());
-                for p in [
-                    &c.tls.cert,
-                    &c.tls.key,
-                    &c.tls.client_ca,
-                    &c.store.path,
-                    &c.crypto.keyring,
-                    &c.authz.policies,
-                    &c.audit.path,
-                    &c.audit.signing_key,
-                    &c.store.ca,
-                    &c.store.cert,
-                    &c.store.key,
-                    &c.store.password_file,
-                ] {
+                for p in c.clone().paths_mut() {
                     prop_assert!(p.as_os_str().is_empty() || p.is_absolute(), "{}", p.display());
                 }
                 // What it serializes to loads back to the same configuration.
@@ -935,11 +904,11 @@ request_timeout_secs = 30
 
     #[test]
     fn the_examples_load_and_pass_the_outcome_checks() {
-        assert_eq!(load(EXAMPLE, &[]).unwrap().store.backend, "embedded");
+        assert_eq!(load(example(), &[]).unwrap().store.backend, "embedded");
         assert_eq!(load(&example_etcd(), &[]).unwrap().store.backend, "etcd");
-        assert_outcome(load(EXAMPLE, &[])).unwrap();
+        assert_outcome(load(example(), &[])).unwrap();
         assert_outcome(load(&example_etcd(), &[])).unwrap();
-        assert_outcome(load(&EXAMPLE.replace("max_versions = 10", "max_versions = 0"), &[]))
+        assert_outcome(load(&example().replace("max_versions = 10", "max_versions = 0"), &[]))
             .unwrap();
         assert!(
             assert_outcome(Err(ConfigError::Invalid { field: "limits.nope", reason: "x".into() }))
@@ -980,7 +949,7 @@ request_timeout_secs = 30
             etcd in any::<bool>(),
             edits in proptest::collection::vec(edit(), 1..4),
         ) {
-            let base = if etcd { example_etcd() } else { EXAMPLE.to_owned() };
+            let base = if etcd { example_etcd() } else { example().to_owned() };
             assert_outcome(load(&apply_edits(&base, &edits), &[]))?;
         }
 
@@ -995,7 +964,7 @@ request_timeout_secs = 30
                 "https://[a-z]{1,5}:[0-9]{1,5}(,.{0,8})?",
             ],
         ) {
-            let base = if etcd { example_etcd() } else { EXAMPLE.to_owned() };
+            let base = if etcd { example_etcd() } else { example().to_owned() };
             let names: Vec<String> = fields().into_keys().collect();
             let var = format!("SECRETGATE_{}", names[field.index(names.len())]);
             match load(&base, &[(&var, &value)]) {

@@ -159,31 +159,34 @@ impl Refusals {
         }
         tracing::info!(peer = %peer, %reason, "TLS handshake refused");
         // Recorded without waiting: nothing was granted, so nothing waits on it.
-        let mut r = Record::new(Kind::Handshake);
-        r.peer = Some(peer.to_string());
-        r.decision = Some("deny".into());
-        r.status = Some("UNAUTHENTICATED".into());
-        r.reason = Some(reason.chars().take(300).collect());
-        self.audit.note(r);
+        self.audit.note(refusal_record(peer, reason.chars().take(300).collect()));
     }
 
     /// Writes the count of refusals over the limit, if there were any since the last time.
     fn summarize(&self) {
         let Some((count, (since, peer, reason))) = self.bucket().summary() else { return };
         tracing::warn!(count, %since, first_peer = %peer, "TLS handshakes refused over the recording limit; counted, not recorded one by one");
-        let mut r = Record::new(Kind::Handshake);
-        r.peer = Some(peer.to_string());
-        r.decision = Some("deny".into());
-        r.status = Some("UNAUTHENTICATED".into());
-        r.since = Some(since);
-        r.refused = Some(count);
         let reason: String = reason.chars().take(300).collect();
-        r.reason = Some(format!(
-            "{count} refused handshakes over the limit of {REFUSALS_PER_SEC} per second were \
-             counted, not recorded one by one; the first, from this peer: {reason}"
-        ));
+        let mut r = refusal_record(
+            peer,
+            format!(
+                "{count} refused handshakes over the limit of {REFUSALS_PER_SEC} per second \
+                 were counted, not recorded one by one; the first, from this peer: {reason}"
+            ),
+        );
+        (r.since, r.refused) = (Some(since), Some(count));
         self.audit.note(r);
     }
+}
+
+/// The `handshake` record of a refusal from `peer`.
+fn refusal_record(peer: SocketAddr, reason: String) -> Record {
+    let mut r = Record::new(Kind::Handshake);
+    r.peer = Some(peer.to_string());
+    r.decision = Some("deny".into());
+    r.status = Some("UNAUTHENTICATED".into());
+    r.reason = Some(reason);
+    r
 }
 
 async fn accept_loop(
