@@ -62,6 +62,11 @@ pub struct TlsConfig {
     pub min_version: String,
     /// Seconds a client has to complete the TLS handshake. Default 10.
     pub handshake_timeout_secs: u64,
+    /// PEM file of certificate revocation lists (`X509 CRL` blocks), one from each client
+    /// CA. Empty (default): no revocation checking. Reloaded when it changes.
+    pub client_crl: PathBuf,
+    /// Seconds between checks of `client_crl` for changes. Default 10.
+    pub crl_reload_interval_secs: u64,
 }
 
 /// `[store]`
@@ -255,6 +260,8 @@ impl Default for TlsConfig {
             client_ca: PathBuf::new(),
             min_version: "1.3".into(),
             handshake_timeout_secs: 10,
+            client_crl: PathBuf::new(),
+            crl_reload_interval_secs: 10,
         }
     }
 }
@@ -370,11 +377,12 @@ impl Config {
     }
 
     /// Every file or directory path of the configuration.
-    fn paths_mut(&mut self) -> [&mut PathBuf; 12] {
+    fn paths_mut(&mut self) -> [&mut PathBuf; 13] {
         [
             &mut self.tls.cert,
             &mut self.tls.key,
             &mut self.tls.client_ca,
+            &mut self.tls.client_crl,
             &mut self.store.path,
             &mut self.crypto.keyring,
             &mut self.authz.policies,
@@ -413,6 +421,9 @@ impl Config {
         }
         if !(1..=300).contains(&self.tls.handshake_timeout_secs) {
             return invalid("tls.handshake_timeout_secs", "must be between 1 and 300");
+        }
+        if !(1..=3600).contains(&self.tls.crl_reload_interval_secs) {
+            return invalid("tls.crl_reload_interval_secs", "must be between 1 and 3600");
         }
         match self.store.backend.as_str() {
             "embedded" if self.store.path.as_os_str().is_empty() => {
@@ -457,6 +468,11 @@ impl TlsConfig {
     /// The handshake timeout as a `Duration`.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
+    }
+
+    /// How often `client_crl` is checked for changes.
+    pub fn crl_reload_interval(&self) -> Duration {
+        Duration::from_secs(self.crl_reload_interval_secs)
     }
 }
 

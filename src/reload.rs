@@ -23,6 +23,13 @@ pub struct Reloadable<T> {
     what: &'static str,
 }
 
+impl<T: std::fmt::Debug> std::fmt::Debug for Reloadable<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("Reloadable").field("what", &self.what).field("current", &*current).finish()
+    }
+}
+
 impl<T: Send + Sync + 'static> Reloadable<T> {
     /// Wraps an initial value loaded from `path`.
     pub fn new(value: T, path: &Path, what: &'static str) -> Arc<Self> {

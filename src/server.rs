@@ -21,7 +21,7 @@ use crate::{
     },
     reload::Reloadable,
     store::{EmbeddedStore, EtcdStore, Store, StoreError},
-    tls::{self, TlsError, TlsIncoming},
+    tls::{self, ClientCrl, TlsError, TlsIncoming},
 };
 
 /// Bytes a request may carry beyond the value itself (path, framing).
@@ -73,7 +73,12 @@ pub struct Gateway {
 impl Gateway {
     /// Starts serving according to `config`.
     pub async fn start(config: &Config) -> Result<Self, StartError> {
-        let tls = tls::server_config(&config.tls)?;
+        let crl = tls::client_crl(&config.tls)?;
+        if let Some((crl, _)) = &crl {
+            tracing::info!(crl = %config.tls.client_crl.display(), version = %crl.current().describe(), "client CRL loaded");
+        }
+        let crl_handle = crl.as_ref().map(|(handle, _)| Arc::clone(handle));
+        let tls = tls::server_config(&config.tls, crl_handle.clone())?;
         let keys = load_keyring(config)?;
         let authz = Authorizer::load(&config.authz.policies)?;
         tracing::info!(
@@ -96,6 +101,7 @@ impl Gateway {
             config.tls.handshake_timeout(),
             config.limits.max_connections as usize,
             audit.clone(),
+            crl_handle,
         );
 
         let max_message = config.limits.max_value_bytes as usize + REQUEST_OVERHEAD_BYTES;
@@ -148,6 +154,13 @@ impl Gateway {
         });
         tracing::info!(%addr, store = %config.store.describe(), "secretgate serving");
         watchers.extend([keyring_watcher, policy_watcher]);
+        if let Some((handle, load)) = crl {
+            watchers.push(handle.watch(
+                config.tls.crl_reload_interval(),
+                load,
+                ClientCrl::describe,
+            ));
+        }
         Ok(Self { addr, shutdown: Some(tx), task, watchers, audit, checkpoint_task })
     }
 

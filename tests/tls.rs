@@ -137,3 +137,193 @@ async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     // Meanwhile other clients were served.
     gw.probe(Some(&gw.ca.client("spiffe://test.example/app")), false).await.unwrap();
 }
+
+// Revocation (`tls.client_crl`): CRLs made with rcgen, checked in real handshakes and on
+// requests over connections made before the revocation.
+
+fn next_week() -> OffsetDateTime {
+    OffsetDateTime::now_utc() + time::Duration::days(7)
+}
+
+/// Writes `pem` over `path` atomically, as a CA's publishing job would.
+fn publish(path: &std::path::Path, pem: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, pem).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A gateway whose CA signed `crl(ca)`, written next to its other files as
+/// `client-crl.pem` and checked for changes every second.
+async fn with_crl(ca: Ca, crl: impl FnOnce(&Ca) -> String) -> Result<TestGateway, String> {
+    let pem = crl(&ca);
+    TestGateway::try_start(ca, support::TEST_POLICY, |c| {
+        c.tls.client_crl = c.tls.client_ca.with_file_name("client-crl.pem");
+        c.tls.crl_reload_interval_secs = 1;
+        std::fs::write(&c.tls.client_crl, pem).unwrap();
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
+fn crl_path(gw: &TestGateway) -> &std::path::Path {
+    &gw.config.tls.client_crl
+}
+
+async fn get(client: &mut SecretsClient<tonic::transport::Channel>) -> Result<(), tonic::Status> {
+    // NotFound is an answer: the caller got past authentication and authorization.
+    match client.get(GetRequest { path: "/app/none".into(), version: None }).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+        Err(s) => Err(s),
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_in_the_handshake_and_others_are_accepted() {
+    let ca = Ca::new(support::TEST_CA);
+    let revoked = ca.client("spiffe://test.example/admin");
+    let kept = ca.client("spiffe://test.example/admin");
+    let gw = with_crl(ca, |ca| ca.crl(&[&revoked], next_week())).await.unwrap();
+    refused(&gw, Some(&revoked), "CertificateRevoked").await;
+    gw.probe(Some(&kept), false).await.unwrap();
+    get(&mut SecretsClient::new(gw.channel(&kept).await.unwrap())).await.unwrap();
+    // The refusal is in the audit log, with the reason.
+    let log = std::fs::read_to_string(&gw.config.audit.path).unwrap();
+    assert!(log.lines().any(|l| l.contains("\"handshake\"") && l.contains("Revoked")), "{log}");
+}
+
+#[tokio::test]
+async fn revoking_a_connected_certificate_stops_its_next_request_without_a_restart() {
+    let ca = Ca::new(support::TEST_CA);
+    let victim = ca.client("spiffe://test.example/admin");
+    let other = ca.client("spiffe://test.example/admin");
+    let gw = with_crl(ca, |ca| ca.crl(&[], next_week())).await.unwrap();
+    let mut victim_client = SecretsClient::new(gw.channel(&victim).await.unwrap());
+    let mut other_client = SecretsClient::new(gw.channel(&other).await.unwrap());
+    get(&mut victim_client).await.unwrap();
+
+    publish(crl_path(&gw), &gw.ca.crl(&[&victim], next_week()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match get(&mut victim_client).await {
+            Err(s) => break s,
+            Ok(()) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Ok(()) => panic!("the revoked certificate still works after 10 s"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("revoked"), "{status:?}");
+    // The same connection stays refused, a new handshake is refused, others carry on.
+    assert_eq!(get(&mut victim_client).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    refused(&gw, Some(&victim), "CertificateRevoked").await;
+    get(&mut other_client).await.unwrap();
+    // Each refused request is audited with its status.
+    let log = std::fs::read_to_string(&gw.config.audit.path).unwrap();
+    let serial =
+        support::serial(&victim).iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    assert!(
+        log.lines().any(|l| l.contains(&serial)
+            && l.contains("\"UNAUTHENTICATED\"")
+            && l.contains("\"request\"")),
+        "no UNAUTHENTICATED request record for serial {serial}"
+    );
+}
+
+#[tokio::test]
+async fn a_broken_crl_update_is_refused_and_the_crls_in_force_stay() {
+    let ca = Ca::new(support::TEST_CA);
+    let revoked = ca.client("spiffe://test.example/admin");
+    let kept = ca.client("spiffe://test.example/admin");
+    let gw = with_crl(ca, |ca| ca.crl(&[&revoked], next_week())).await.unwrap();
+    let mut client = SecretsClient::new(gw.channel(&kept).await.unwrap());
+    // Garbage, then a file removed: each is refused; the revocation stays in force.
+    publish(crl_path(&gw), "-----BEGIN X509 CRL-----\nbm90IGEgQ1JM\n-----END X509 CRL-----\n");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    refused(&gw, Some(&revoked), "CertificateRevoked").await;
+    get(&mut client).await.unwrap();
+    std::fs::remove_file(crl_path(&gw)).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    refused(&gw, Some(&revoked), "CertificateRevoked").await;
+    get(&mut client).await.unwrap();
+    // A good file is taken again: the certificate is reinstated.
+    publish(crl_path(&gw), &gw.ca.crl(&[], next_week()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.probe(Some(&revoked), false).await.is_err() {
+        assert!(Instant::now() < deadline, "the new CRL was not taken within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_does_not_start_with_an_unusable_crl_and_says_why() {
+    type Crl = Box<dyn FnOnce(&Ca) -> String>;
+    let cases: [(&str, Crl); 5] = [
+        ("no X509 CRL found", Box::new(|_| "not a CRL\n".to_owned())),
+        (
+            "does not parse",
+            Box::new(|_| {
+                "-----BEGIN X509 CRL-----\nbm90IGEgQ1JM\n-----END X509 CRL-----\n".to_owned()
+            }),
+        ),
+        (
+            "expired at",
+            Box::new(|ca| ca.crl(&[], OffsetDateTime::now_utc() - time::Duration::hours(1))),
+        ),
+        // A CA with the same name but another key: its CRL claims to be ours.
+        (
+            "is not signed by that client CA's key",
+            Box::new(|_| Ca::new(support::TEST_CA).crl(&[], next_week())),
+        ),
+        (
+            "second CRL from the same issuer",
+            Box::new(|ca| format!("{}{}", ca.crl(&[], next_week()), ca.crl(&[], next_week()))),
+        ),
+    ];
+    for (expected, crl) in cases {
+        let err = with_crl(Ca::new(support::TEST_CA), crl).await.err().expect(expected);
+        assert!(
+            err.contains("client CRL") && err.contains(expected),
+            "expected {expected:?}: {err}"
+        );
+        assert!(err.contains("client-crl.pem"), "the error names the file: {err}");
+    }
+}
+
+/// Starts a gateway trusting `ca` and `other`, with the CRLs `crls(ca)`.
+async fn with_two_cas(
+    ca: Ca,
+    other: &Ca,
+    crls: impl FnOnce(&Ca) -> String,
+) -> Result<TestGateway, String> {
+    let (bundle, pem) = (format!("{}{}", ca.cert_pem, other.cert_pem), crls(&ca));
+    TestGateway::try_start(ca, support::TEST_POLICY, |c| {
+        std::fs::write(&c.tls.client_ca, bundle).unwrap();
+        c.tls.client_crl = c.tls.client_ca.with_file_name("client-crl.pem");
+        std::fs::write(&c.tls.client_crl, pem).unwrap();
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn every_ca_of_the_bundle_needs_a_crl() {
+    let other = Ca::new("second client CA");
+    let err = with_two_cas(Ca::new(support::TEST_CA), &other, |ca| ca.crl(&[], next_week()))
+        .await
+        .err()
+        .expect("a CA without a CRL must be refused");
+    assert!(err.contains("no CRL from the client CA") && err.contains("second client CA"), "{err}");
+    // With a CRL from each, clients of both CAs are accepted, and revocations of both apply.
+    let (kept, revoked) =
+        (other.client("spiffe://test.example/a"), other.client("spiffe://test.example/b"));
+    let gw = with_two_cas(Ca::new(support::TEST_CA), &other, |ca| {
+        format!("{}{}", ca.crl(&[], next_week()), other.crl(&[&revoked], next_week()))
+    })
+    .await
+    .unwrap();
+    gw.probe(Some(&gw.ca.client("spiffe://test.example/admin")), false).await.unwrap();
+    gw.probe(Some(&kept), false).await.unwrap();
+    refused(&gw, Some(&revoked), "CertificateRevoked").await;
+}

@@ -72,9 +72,14 @@ impl Call {
         }
     }
 
-    /// The caller's verified identity.
+    /// The caller's verified identity, unless the CRLs in force now revoke its certificate
+    /// (the connection may predate the revocation).
     pub(crate) fn identity(&self) -> Result<Arc<PeerIdentity>, ApiError> {
-        self.conn.as_ref().map(|c| Arc::clone(&c.identity)).ok_or(ApiError::NoIdentity)
+        let conn = self.conn.as_ref().ok_or(ApiError::NoIdentity)?;
+        if conn.revoked() {
+            return Err(ApiError::CertificateRevoked);
+        }
+        Ok(Arc::clone(&conn.identity))
     }
 
     /// Authorizes `action` on `target` for the caller, noting the decision for the record.

@@ -1,5 +1,5 @@
 //! The development PKI written by `secretgate dev`: a CA, a server certificate for the local
-//! machine, and two client identities. Throw-away material: regenerated as a whole when any
+//! machine, two client identities, and the CA's (empty) certificate revocation list. Throw-away material: regenerated as a whole when any
 //! file is missing or a certificate expires within a week.
 
 use std::{
@@ -11,8 +11,8 @@ use std::{
 
 use anyhow::Context;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -39,27 +39,34 @@ impl DevPki {
         self.dir.join(format!("{stem}-key.pem"))
     }
 
+    /// `certs-dev/client-crl.pem`: the CA's CRL, revoking nothing.
+    pub fn crl(&self) -> PathBuf {
+        self.dir.join("client-crl.pem")
+    }
+
     fn stems() -> impl Iterator<Item = &'static str> {
         ["ca", "server"].into_iter().chain(CLIENTS.iter().map(|(s, _)| *s))
     }
 
-    /// Whether every file exists and no certificate expires within a week.
+    /// Whether every file exists and no certificate expires within a week (the CRL's next
+    /// update is the CA's expiry).
     fn is_usable(&self) -> bool {
         let soon = OffsetDateTime::now_utc() + Duration::days(7);
-        Self::stems().all(|stem| {
-            self.key(stem).is_file()
-                && fs::read(self.cert(stem)).ok().is_some_and(|pem| {
-                    rustls::pki_types::CertificateDer::pem_slice_iter(&pem).next().is_some_and(
-                        |der| {
-                            der.ok().is_some_and(|der| {
-                                X509Certificate::from_der(&der).is_ok_and(|(_, c)| {
-                                    c.validity().not_after.timestamp() > soon.unix_timestamp()
+        self.crl().is_file()
+            && Self::stems().all(|stem| {
+                self.key(stem).is_file()
+                    && fs::read(self.cert(stem)).ok().is_some_and(|pem| {
+                        rustls::pki_types::CertificateDer::pem_slice_iter(&pem).next().is_some_and(
+                            |der| {
+                                der.ok().is_some_and(|der| {
+                                    X509Certificate::from_der(&der).is_ok_and(|(_, c)| {
+                                        c.validity().not_after.timestamp() > soon.unix_timestamp()
+                                    })
                                 })
-                            })
-                        },
-                    )
-                })
-        })
+                            },
+                        )
+                    })
+            })
     }
 }
 
@@ -109,6 +116,16 @@ pub fn ensure_dev_pki(dir: &Path) -> anyhow::Result<(DevPki, bool)> {
         let key = KeyPair::generate()?;
         write_pair(&pki, stem, &client.signed_by(&key, &issuer)?.pem(), &key.serialize_pem())?;
     }
+    let crl = CertificateRevocationListParams {
+        this_update: now - Duration::hours(1),
+        next_update: now + Duration::days(365),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![],
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)?;
+    write_file(&pki.crl(), crl.pem()?.as_bytes(), 0o644)?;
     Ok((pki, true))
 }
 
@@ -162,9 +179,14 @@ mod tests {
         let der = rustls::pki_types::CertificateDer::from_pem_slice(&admin).unwrap();
         let id = crate::PeerIdentity::from_der(&der).unwrap();
         assert_eq!(id.principal.as_str(), "spiffe://dev.secretgate/admin");
+        let ca = crate::tls::read_certs(&pki.cert("ca"), "ca").unwrap();
+        let crl = crate::tls::ClientCrl::load(&pki.crl(), &ca, &crate::tls::provider()).unwrap();
+        assert!(!crl.revokes(&id), "the dev CRL revokes nothing");
         let (_, again) = ensure_dev_pki(dir.path()).unwrap();
         assert!(!again, "a usable PKI must be kept");
         fs::remove_file(pki.key("app")).unwrap();
         assert!(ensure_dev_pki(dir.path()).unwrap().1, "a missing key regenerates the PKI");
+        fs::remove_file(pki.crl()).unwrap();
+        assert!(ensure_dev_pki(dir.path()).unwrap().1, "a missing CRL regenerates the PKI");
     }
 }

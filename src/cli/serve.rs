@@ -70,6 +70,7 @@ listen = "127.0.0.1:7443"
 cert = "../certs-dev/server.pem"
 key = "../certs-dev/server-key.pem"
 client_ca = "../certs-dev/ca.pem"
+client_crl = "../certs-dev/client-crl.pem"
 
 [store]
 backend = "embedded"

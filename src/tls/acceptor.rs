@@ -30,6 +30,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tonic::transport::server::Connected;
 
+use super::CrlHandle;
 use crate::{
     audit::{AuditLog, Kind, Record, record::now_rfc3339},
     identity::PeerIdentity,
@@ -49,6 +50,15 @@ pub struct ConnInfo {
     pub peer_addr: SocketAddr,
     /// The verified identity of the client certificate.
     pub identity: Arc<PeerIdentity>,
+    /// The CRLs in force (`tls.client_crl`), to check the certificate on every request.
+    pub crl: Option<CrlHandle>,
+}
+
+impl ConnInfo {
+    /// True if the CRLs in force now revoke this connection's certificate.
+    pub fn revoked(&self) -> bool {
+        self.crl.as_ref().is_some_and(|crl| crl.current().revokes(&self.identity))
+    }
 }
 
 /// One authenticated client connection.
@@ -67,13 +77,14 @@ pub struct TlsIncoming {
 }
 
 impl TlsIncoming {
-    /// Starts accepting on `listener`.
+    /// Starts accepting on `listener`; `crl` is the CRLs in force (see [`ConnInfo::crl`]).
     pub fn new(
         listener: TcpListener,
         config: Arc<ServerConfig>,
         handshake_timeout: Duration,
         max_connections: usize,
         audit: AuditLog,
+        crl: Option<CrlHandle>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(64);
         let slots = Arc::new(Semaphore::new(max_connections));
@@ -86,6 +97,7 @@ impl TlsIncoming {
             slots,
             tx,
             Arc::clone(&refusals),
+            crl,
         ));
         let summaries = {
             let refusals = Arc::clone(&refusals);
@@ -196,6 +208,7 @@ async fn accept_loop(
     slots: Arc<Semaphore>,
     tx: mpsc::Sender<TlsConnection>,
     refusals: Arc<Refusals>,
+    crl: Option<CrlHandle>,
 ) {
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
@@ -211,11 +224,12 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         let refusals = Arc::clone(&refusals);
+        let crl = crl.clone();
         tokio::spawn(async move {
             match handshake(acceptor, tcp, peer_addr, handshake_timeout).await {
                 Ok((stream, identity)) => {
                     tracing::debug!(peer = %peer_addr, principal = %identity.principal, "client connected");
-                    let info = ConnInfo { peer_addr, identity: Arc::new(identity) };
+                    let info = ConnInfo { peer_addr, identity: Arc::new(identity), crl };
                     // A closed channel means the server is shutting down: drop the connection.
                     let _ = tx.send(TlsConnection { stream, info, _slot: slot }).await;
                 }

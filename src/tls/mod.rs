@@ -6,9 +6,11 @@
 //! carry the clientAuth EKU and name exactly one identity ([`crate::identity`]) — otherwise
 //! the handshake itself fails with an alert, before any request is read. A handshake that
 //! does not finish within the timeout is dropped. The accept loop is ours (not tonic's) so
-//! refused handshakes are observable and certificate reloads and CRLs can be added here.
+//! refused handshakes are observable, and each connection carries the CRLs in force
+//! ([`crl`]) so every request on it is checked against the newest.
 
 mod acceptor;
+pub mod crl;
 mod verifier;
 
 use std::{path::Path, sync::Arc};
@@ -21,6 +23,7 @@ use rustls::{
 };
 
 pub use acceptor::{ConnInfo, REFUSAL_BURST, REFUSALS_PER_SEC, TlsConnection, TlsIncoming};
+pub use crl::{ClientCrl, CrlHandle};
 use verifier::IdentityVerifier;
 
 use crate::config::TlsConfig;
@@ -59,8 +62,28 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds the listener's rustls configuration from `[tls]`.
-pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+/// Reloads the CRLs of `tls.client_crl` (checked against the client CA bundle read once).
+pub type CrlLoader = Box<dyn Fn(&Path) -> Result<ClientCrl, TlsError> + Send + Sync>;
+
+/// Loads `tls.client_crl`, if set, and returns the CRLs in force with the loader that
+/// reloads them (for [`crate::reload::Reloadable::watch`]).
+pub fn client_crl(tls: &TlsConfig) -> Result<Option<(CrlHandle, CrlLoader)>, TlsError> {
+    if tls.client_crl.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let cas = read_certs(&tls.client_ca, "client CA bundle")?;
+    let provider = provider();
+    let load: CrlLoader = Box::new(move |path: &Path| ClientCrl::load(path, &cas, &provider));
+    let crl = load(&tls.client_crl)?;
+    Ok(Some((crate::reload::Reloadable::new(crl, &tls.client_crl, "client CRL"), load)))
+}
+
+/// Builds the listener's rustls configuration from `[tls]`; client certificates are also
+/// checked against `crl` (the CRLs in force at each handshake) when given.
+pub fn server_config(
+    tls: &TlsConfig,
+    crl: Option<CrlHandle>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let certs = read_certs(&tls.cert, "server certificate")?;
     let key = read_key(&tls.key, "server private key")?;
@@ -83,7 +106,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .map_err(|e| TlsError::Rustls(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(IdentityVerifier::new(webpki)))
+        .with_client_cert_verifier(Arc::new(IdentityVerifier::new(webpki, crl)))
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];

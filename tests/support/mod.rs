@@ -34,6 +34,9 @@ pub struct Pem {
     pub key: String,
 }
 
+/// The name of the CA of every test gateway.
+pub const TEST_CA: &str = "test client and server CA";
+
 /// A test certificate authority.
 pub struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
@@ -64,6 +67,29 @@ impl Ca {
         Pem { cert: cert.pem(), key: key.serialize_pem() }
     }
 
+    /// A PEM CRL signed by this CA revoking `revoked`, next updated at `next_update`.
+    pub fn crl(&self, revoked: &[&Pem], next_update: OffsetDateTime) -> String {
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: (now - time::Duration::hours(1))
+                .min(next_update - time::Duration::hours(1)),
+            next_update,
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|pem| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&serial(pem)),
+                    revocation_time: now - time::Duration::minutes(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer).unwrap().pem().unwrap()
+    }
+
     pub fn server(&self) -> Pem {
         self.issue(|p| {
             p.subject_alt_names = vec![
@@ -81,6 +107,14 @@ impl Ca {
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         })
     }
+}
+
+/// The serial number bytes of a PEM certificate.
+pub fn serial(pem: &Pem) -> Vec<u8> {
+    use x509_parser::prelude::FromDer;
+    let der = CertificateDer::from_pem_slice(pem.cert.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::prelude::X509Certificate::from_der(&der).unwrap();
+    cert.raw_serial().to_vec()
 }
 
 /// A gateway running in this process on 127.0.0.1 with a fresh PKI and store.
@@ -103,7 +137,16 @@ impl TestGateway {
 
     /// Starts with the policy `csv` and a config adjusted by `f`.
     pub async fn start_with_policy(csv: &str, f: impl FnOnce(&mut Config)) -> Self {
-        let ca = Ca::new("test client and server CA");
+        Self::try_start(Ca::new(TEST_CA), csv, f).await.unwrap()
+    }
+
+    /// Starts with the CA `ca` (made with the name [`TEST_CA`]), the policy `csv` and a config
+    /// adjusted by `f`; returns why the gateway refused to start, if it did.
+    pub async fn try_start(
+        ca: Ca,
+        csv: &str,
+        f: impl FnOnce(&mut Config),
+    ) -> Result<Self, secretgate::StartError> {
         let dir = tempfile::tempdir().unwrap();
         let server = ca.server();
         write(dir.path(), "server.pem", &server.cert);
@@ -125,8 +168,8 @@ impl TestGateway {
         secretgate::audit::SigningKey::generate().unwrap().save(&config.audit.signing_key).unwrap();
         f(&mut config);
         config.validate().unwrap();
-        let gateway = Gateway::start(&config).await.unwrap();
-        Self { ca, dir, config, gateway: Some(gateway) }
+        let gateway = Gateway::start(&config).await?;
+        Ok(Self { ca, dir, config, gateway: Some(gateway) })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -1,0 +1,263 @@
+//! Client certificate revocation (`tls.client_crl`): certificate revocation lists from the
+//! client CAs, checked in every handshake and again on every request.
+//!
+//! The file holds one PEM `X509 CRL` block per CA. It is checked whole before it is put in
+//! force: every block parses, no issuer appears twice, a CRL from a CA of the client CA
+//! bundle carries that CA's signature, none is past its next update, and every CA of the
+//! bundle has one (without it, rustls could not tell whether that CA's certificates are
+//! revoked and would refuse them all). A file that fails any check is refused with an error
+//! naming the CRL at fault; on reload the CRLs in force stay.
+//!
+//! In the handshake rustls checks the whole chain against the CRLs (a certificate whose
+//! status is unknown is refused, and so is every certificate once a CRL is past its next
+//! update). Connections outlive handshakes, so each request also looks its certificate up
+//! in the CRLs in force ([`ClientCrl::revokes`]): revoking a certificate stops it at its
+//! next request, without a restart or a reconnect.
+
+use std::{collections::HashSet, path::Path, sync::Arc};
+
+use rustls::{
+    RootCertStore,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, CertificateRevocationListDer, pem::PemObject},
+    server::{WebPkiClientVerifier, danger::ClientCertVerifier},
+};
+use sha2::{Digest, Sha256};
+use x509_parser::{
+    prelude::{FromDer, X509Certificate},
+    revocation_list::CertificateRevocationList,
+};
+
+use super::{TlsError, pem_error, read};
+use crate::{identity::PeerIdentity, reload::Reloadable};
+
+const WHAT: &str = "client CRL";
+
+/// The CRLs in force, shared by the handshake verifier and every connection.
+pub type CrlHandle = Arc<Reloadable<ClientCrl>>;
+
+/// A checked set of CRLs: the verifier rustls uses in handshakes, and the revoked
+/// certificates by issuer for the per-request check.
+pub struct ClientCrl {
+    verifier: Arc<dyn ClientCertVerifier>,
+    /// (DER of the issuer's name, serial number bytes) of every revoked certificate.
+    revoked: HashSet<(Vec<u8>, Vec<u8>)>,
+    version: String,
+    crls: usize,
+    next_update: Option<String>,
+}
+
+impl std::fmt::Debug for ClientCrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl ClientCrl {
+    /// Reads and checks the CRL file at `path` against the client CA bundle `cas` (see the
+    /// module docs for the checks).
+    pub fn load(
+        path: &Path,
+        cas: &[CertificateDer<'static>],
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let pem = read(path, WHAT)?;
+        let fail = |reason: String| pem_error(path, WHAT, reason);
+        let ders = CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail(e.to_string()))?;
+        if ders.is_empty() {
+            return Err(fail("no X509 CRL found (a PEM file of CRLs is expected)".into()));
+        }
+        let parsed = cas
+            .iter()
+            .map(|der| X509Certificate::from_der(der).map(|(_, c)| c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail(format!("the client CA bundle does not parse: {e}")))?;
+        let now = x509_parser::time::ASN1Time::now();
+        let mut revoked = HashSet::new();
+        let mut issuers: Vec<Vec<u8>> = Vec::new();
+        let mut next_update: Option<x509_parser::time::ASN1Time> = None;
+        for (n, der) in ders.iter().enumerate() {
+            let which = format!("CRL {} of {}", n + 1, ders.len());
+            let crl = match CertificateRevocationList::from_der(der) {
+                Ok(([], crl)) => crl,
+                Ok(_) => return Err(fail(format!("{which}: bytes after the CRL"))),
+                Err(e) => return Err(fail(format!("{which} does not parse: {e}"))),
+            };
+            let issuer = crl.issuer();
+            let which = format!("{which} (issuer {issuer})");
+            if issuers.iter().any(|i| i == issuer.as_raw()) {
+                return Err(fail(format!(
+                    "{which}: a second CRL from the same issuer; keep only the newest"
+                )));
+            }
+            issuers.push(issuer.as_raw().to_vec());
+            if let Some(ca) = parsed.iter().find(|c| c.subject().as_raw() == issuer.as_raw()) {
+                crl.verify_signature(ca.public_key()).map_err(|e| {
+                    fail(format!("{which} is not signed by that client CA's key ({e})"))
+                })?;
+            }
+            if let Some(next) = crl.next_update() {
+                if next < now {
+                    return Err(fail(format!(
+                        "{which} expired at {next} (its next update); install a fresh one"
+                    )));
+                }
+                next_update = Some(next_update.map_or(next, |t| t.min(next)));
+            }
+            for r in crl.iter_revoked_certificates() {
+                revoked.insert((issuer.as_raw().to_vec(), r.raw_serial().to_vec()));
+            }
+        }
+        if let Some(ca) = parsed.iter().find(|c| !issuers.iter().any(|i| i == c.subject().as_raw()))
+        {
+            return Err(fail(format!(
+                "no CRL from the client CA {}: the revocation status of every certificate it \
+                 issued would be unknown, and each would be refused",
+                ca.subject()
+            )));
+        }
+        let mut roots = RootCertStore::empty();
+        for ca in cas {
+            roots.add(ca.clone()).map_err(|e| fail(format!("client CA bundle: {e}")))?;
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .with_crls(ders)
+                .enforce_revocation_expiration()
+                .build()
+                .map_err(|e| fail(format!("refused by rustls: {e}")))?;
+        Ok(Self {
+            verifier,
+            revoked,
+            version: hex::encode(&Sha256::digest(&pem)[..6]),
+            crls: issuers.len(),
+            next_update: next_update.map(|t| t.to_string()),
+        })
+    }
+
+    /// The verifier for handshakes: the client CA bundle with these CRLs.
+    pub(super) fn verifier(&self) -> &Arc<dyn ClientCertVerifier> {
+        &self.verifier
+    }
+
+    /// True if `id`'s certificate is on one of these CRLs.
+    pub fn revokes(&self, id: &PeerIdentity) -> bool {
+        self.revoked.contains(id.revocation_key())
+    }
+
+    /// For the log: the file's digest, how many CRLs and revoked certificates, and the
+    /// earliest next update.
+    pub fn describe(&self) -> String {
+        format!(
+            "sha256:{} ({} CRLs, {} revoked certificates, next update {})",
+            self.version,
+            self.crls,
+            self.revoked.len(),
+            self.next_update.as_deref().unwrap_or("not given")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::LazyLock;
+
+    use base64::{Engine, engine::general_purpose::STANDARD as B64};
+    use proptest::{prelude::*, sample::Index};
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+        IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
+    };
+
+    use super::*;
+    use crate::testing::{apply_edits, edit};
+
+    /// A client CA and the DER of a CRL it signed, revoking two serials.
+    static SEED: LazyLock<(CertificateDer<'static>, Vec<u8>)> = LazyLock::new(|| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let revoked = |n: u64| RevokedCertParams {
+            serial_number: SerialNumber::from(n),
+            revocation_time: now,
+            reason_code: None,
+            invalidity_date: None,
+        };
+        let crl = CertificateRevocationListParams {
+            this_update: now - time::Duration::hours(1),
+            next_update: now + time::Duration::days(30),
+            crl_number: SerialNumber::from(7u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![revoked(1000), revoked(1001)],
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca)
+        .unwrap();
+        (ca.der().clone(), crl.der().to_vec())
+    });
+
+    fn pem(der: &[u8]) -> String {
+        let b64 = B64.encode(der);
+        let lines: Vec<&str> =
+            b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+        format!("-----BEGIN X509 CRL-----\n{}\n-----END X509 CRL-----\n", lines.join("\n"))
+    }
+
+    fn load(text: &str) -> Result<ClientCrl, TlsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crl.pem");
+        std::fs::write(&path, text).unwrap();
+        ClientCrl::load(&path, std::slice::from_ref(&SEED.0), &super::super::provider())
+    }
+
+    #[test]
+    fn the_seed_loads_and_is_described() {
+        let crl = load(&pem(&SEED.1)).unwrap();
+        let shown = crl.describe();
+        assert!(shown.starts_with("sha256:") && shown.contains("1 CRLs, 2 revoked"), "{shown}");
+        assert_eq!(format!("{crl:?}"), shown);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Bytes of the CRL changed, cut or added: refused with a reason naming the file, or
+        /// (a change the signature does not cover) loaded whole; never a panic.
+        #[test]
+        fn a_damaged_crl_is_refused_never_a_panic(
+            changes in proptest::collection::vec((any::<Index>(), any::<u8>()), 0..4),
+            cut in proptest::option::of(any::<Index>()),
+            extra in proptest::collection::vec(any::<u8>(), 0..3),
+        ) {
+            let mut der = SEED.1.clone();
+            for (at, byte) in &changes {
+                let i = at.index(der.len());
+                der[i] = *byte;
+            }
+            if let Some(cut) = cut {
+                der.truncate(cut.index(der.len() + 1));
+            }
+            der.extend(&extra);
+            match load(&pem(&der)) {
+                Ok(crl) => prop_assert!(crl.revoked.len() <= 2, "{}", crl.describe()),
+                Err(e) => prop_assert!(e.to_string().contains("crl.pem"), "{e}"),
+            }
+        }
+
+        /// The PEM text edited by hand: the same.
+        #[test]
+        fn an_edited_crl_file_is_refused_never_a_panic(
+            edits in proptest::collection::vec(edit(), 1..4),
+        ) {
+            let text = apply_edits(&pem(&SEED.1), &edits);
+            match load(&text) {
+                Ok(crl) => prop_assert!(crl.revoked.len() <= 2, "{}", crl.describe()),
+                Err(e) => prop_assert!(e.to_string().contains("crl.pem"), "{e}"),
+            }
+        }
+    }
+}
