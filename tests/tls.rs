@@ -188,8 +188,7 @@ async fn a_revoked_certificate_is_refused_in_the_handshake_and_others_are_accept
     gw.probe(Some(&kept), false).await.unwrap();
     get(&mut SecretsClient::new(gw.channel(&kept).await.unwrap())).await.unwrap();
     // The refusal is in the audit log, with the reason.
-    let log = std::fs::read_to_string(&gw.config.audit.path).unwrap();
-    assert!(log.lines().any(|l| l.contains("\"handshake\"") && l.contains("Revoked")), "{log}");
+    handshake_record(&gw, "Revoked").await;
 }
 
 #[tokio::test]
@@ -326,4 +325,33 @@ async fn every_ca_of_the_bundle_needs_a_crl() {
     gw.probe(Some(&gw.ca.client("spiffe://test.example/admin")), false).await.unwrap();
     gw.probe(Some(&kept), false).await.unwrap();
     refused(&gw, Some(&revoked), "CertificateRevoked").await;
+}
+
+#[tokio::test]
+async fn a_crl_past_its_next_update_refuses_every_certificate_of_its_ca() {
+    let ca = Ca::new(support::TEST_CA);
+    let id = ca.client("spiffe://test.example/admin");
+    let soon = OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let gw = with_crl(ca, |ca| ca.crl(&[], soon)).await.unwrap();
+    gw.probe(Some(&id), false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let err = gw.probe(Some(&id), false).await.expect_err("a stale CRL must fail closed");
+    println!("refusal after the next update: {err}");
+    assert!(err.contains("alert"), "{err}");
+    let refusal = handshake_record(&gw, "xpired").await;
+    println!("{refusal}");
+}
+
+/// The first `handshake` record whose line contains `text` (refusals are written without
+/// holding up the accept loop, so this waits a little for them).
+async fn handshake_record(gw: &TestGateway, text: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(&gw.config.audit.path).unwrap_or_default();
+        if let Some(l) = log.lines().find(|l| l.contains("\"handshake\"") && l.contains(text)) {
+            return l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no handshake record with {text:?} in:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
