@@ -65,8 +65,8 @@ pub struct TlsConfig {
     /// PEM file of certificate revocation lists (`X509 CRL` blocks), one from each client
     /// CA. Empty (default): no revocation checking. Reloaded when it changes.
     pub client_crl: PathBuf,
-    /// Seconds between checks of `client_crl` for changes. Default 10.
-    pub crl_reload_interval_secs: u64,
+    /// Seconds between checks of `cert`, `key` and `client_crl` for changes. Default 10.
+    pub reload_interval_secs: u64,
 }
 
 /// `[store]`
@@ -261,7 +261,7 @@ impl Default for TlsConfig {
             min_version: "1.3".into(),
             handshake_timeout_secs: 10,
             client_crl: PathBuf::new(),
-            crl_reload_interval_secs: 10,
+            reload_interval_secs: 10,
         }
     }
 }
@@ -422,8 +422,8 @@ impl Config {
         if !(1..=300).contains(&self.tls.handshake_timeout_secs) {
             return invalid("tls.handshake_timeout_secs", "must be between 1 and 300");
         }
-        if !(1..=3600).contains(&self.tls.crl_reload_interval_secs) {
-            return invalid("tls.crl_reload_interval_secs", "must be between 1 and 3600");
+        if !(1..=3600).contains(&self.tls.reload_interval_secs) {
+            return invalid("tls.reload_interval_secs", "must be between 1 and 3600");
         }
         match self.store.backend.as_str() {
             "embedded" if self.store.path.as_os_str().is_empty() => {
@@ -470,9 +470,9 @@ impl TlsConfig {
         Duration::from_secs(self.handshake_timeout_secs)
     }
 
-    /// How often `client_crl` is checked for changes.
-    pub fn crl_reload_interval(&self) -> Duration {
-        Duration::from_secs(self.crl_reload_interval_secs)
+    /// How often `cert`, `key` and `client_crl` are checked for changes.
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_secs(self.reload_interval_secs)
     }
 }
 

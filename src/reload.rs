@@ -1,4 +1,5 @@
-//! Hot reload of a file-backed value (the keyring now, policies later).
+//! Hot reload of file-backed values: the keyring, the policy, the server certificate and key,
+//! and the client CRLs.
 //!
 //! A [`Reloadable`] holds the last good value. A background task re-reads the file when its
 //! contents change (checked every interval) and on SIGHUP; a new file that fails to load is
@@ -20,6 +21,9 @@ pub struct Reloadable<T> {
     current: RwLock<Arc<T>>,
     last_error: RwLock<Option<String>>,
     path: PathBuf,
+    /// Further files read by the loader (a private key next to its certificate): a change
+    /// to any of them is a change.
+    also: Vec<PathBuf>,
     what: &'static str,
 }
 
@@ -33,10 +37,16 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Reloadable<T> {
 impl<T: Send + Sync + 'static> Reloadable<T> {
     /// Wraps an initial value loaded from `path`.
     pub fn new(value: T, path: &Path, what: &'static str) -> Arc<Self> {
+        Self::with_files(value, path, &[], what)
+    }
+
+    /// Like [`Reloadable::new`], for a value whose loader also reads the files `also`.
+    pub fn with_files(value: T, path: &Path, also: &[&Path], what: &'static str) -> Arc<Self> {
         Arc::new(Self {
             current: RwLock::new(Arc::new(value)),
             last_error: RwLock::new(None),
             path: path.to_owned(),
+            also: also.iter().map(|p| p.to_path_buf()).collect(),
             what,
         })
     }
@@ -70,7 +80,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         }
     }
 
-    /// Spawns the watcher: reload when the file's contents change (polled every `interval`)
+    /// Spawns the watcher: reload when the contents of its files change (polled every `interval`)
     /// or on SIGHUP. `describe` names the new value in the log (e.g. its version).
     pub fn watch<E, L, D>(
         self: &Arc<Self>,
@@ -88,7 +98,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             // Signal registration fails only without a signal driver; polling still works.
             let mut hup =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-            let mut last = digest(&this.path);
+            let mut last = this.digest();
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -96,7 +106,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                     _ = tick.tick() => false,
                     Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
                 };
-                let now = digest(&this.path);
+                let now = this.digest();
                 if !forced && now == last {
                     continue;
                 }
@@ -112,6 +122,14 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                 }
             }
         })
+    }
+}
+
+impl<T> Reloadable<T> {
+    /// The digest of every file the value is loaded from (see [`digest`]); `None` if one
+    /// cannot be read.
+    fn digest(&self) -> Option<Vec<[u8; 32]>> {
+        std::iter::once(&self.path).chain(&self.also).map(|p| digest(p)).collect()
     }
 }
 

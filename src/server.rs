@@ -21,7 +21,7 @@ use crate::{
     },
     reload::Reloadable,
     store::{EmbeddedStore, EtcdStore, Store, StoreError},
-    tls::{self, ClientCrl, TlsError, TlsIncoming},
+    tls::{self, ClientCrl, ServerCert, TlsError, TlsIncoming},
 };
 
 /// Bytes a request may carry beyond the value itself (path, framing).
@@ -78,7 +78,9 @@ impl Gateway {
             tracing::info!(crl = %config.tls.client_crl.display(), version = %crl.current().describe(), "client CRL loaded");
         }
         let crl_handle = crl.as_ref().map(|(handle, _)| Arc::clone(handle));
-        let tls = tls::server_config(&config.tls, crl_handle.clone())?;
+        let (server_cert, load_server_cert) = tls::server_cert(&config.tls)?;
+        tracing::info!(cert = %config.tls.cert.display(), version = %server_cert.current().describe(), "server certificate loaded");
+        let tls = tls::server_config(&config.tls, Arc::clone(&server_cert), crl_handle.clone())?;
         let keys = load_keyring(config)?;
         let authz = Authorizer::load(&config.authz.policies)?;
         tracing::info!(
@@ -154,12 +156,13 @@ impl Gateway {
         });
         tracing::info!(%addr, store = %config.store.describe(), "secretgate serving");
         watchers.extend([keyring_watcher, policy_watcher]);
+        watchers.push(server_cert.watch(
+            config.tls.reload_interval(),
+            load_server_cert,
+            ServerCert::describe,
+        ));
         if let Some((handle, load)) = crl {
-            watchers.push(handle.watch(
-                config.tls.crl_reload_interval(),
-                load,
-                ClientCrl::describe,
-            ));
+            watchers.push(handle.watch(config.tls.reload_interval(), load, ClientCrl::describe));
         }
         Ok(Self { addr, shutdown: Some(tx), task, watchers, audit, checkpoint_task })
     }

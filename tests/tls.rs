@@ -158,7 +158,7 @@ async fn with_crl(ca: Ca, crl: impl FnOnce(&Ca) -> String) -> Result<TestGateway
     let pem = crl(&ca);
     TestGateway::try_start(ca, support::TEST_POLICY, |c| {
         c.tls.client_crl = c.tls.client_ca.with_file_name("client-crl.pem");
-        c.tls.crl_reload_interval_secs = 1;
+        c.tls.reload_interval_secs = 1;
         std::fs::write(&c.tls.client_crl, pem).unwrap();
     })
     .await
@@ -354,4 +354,80 @@ async fn handshake_record(gw: &TestGateway, text: &str) -> String {
         assert!(Instant::now() < deadline, "no handshake record with {text:?} in:\n{log}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// Server certificate rotation: `tls.cert` and `tls.key` are reloaded when they change.
+
+/// The serial number of the certificate the gateway presents in a new handshake.
+async fn served_serial(gw: &TestGateway) -> Vec<u8> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    let id = gw.ca.client("spiffe://test.example/admin");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(gw.ca.cert_pem.as_bytes()).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![CertificateDer::from_pem_slice(id.cert.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(id.key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(gw.addr()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    use x509_parser::prelude::FromDer;
+    x509_parser::prelude::X509Certificate::from_der(&leaf).unwrap().1.raw_serial().to_vec()
+}
+
+#[tokio::test]
+async fn a_rotated_server_certificate_is_presented_without_a_restart() {
+    let gw = TestGateway::start_with(|c| c.tls.reload_interval_secs = 1).await;
+    let (cert, key) = (gw.config.tls.cert.clone(), gw.config.tls.key.clone());
+    let first = served_serial(&gw).await;
+    let mut open =
+        SecretsClient::new(gw.channel(&gw.ca.client("spiffe://test.example/admin")).await.unwrap());
+    get(&mut open).await.unwrap();
+
+    // The certificate first, the key a few reloads later, as a careless rotation does: the
+    // pair in between does not match and is refused; the old pair stays until the key comes.
+    let next = gw.ca.server();
+    std::fs::write(&cert, &next.cert).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(served_serial(&gw).await, first, "a certificate without its key must not be taken");
+    std::fs::write(&key, &next.key).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_serial(&gw).await != support::serial(&next) {
+        assert!(Instant::now() < deadline, "the new certificate was not presented within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Connections made before the rotation carry on.
+    get(&mut open).await.unwrap();
+    // A key of another certificate is refused; the pair in force stays.
+    std::fs::write(&key, &gw.ca.server().key).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(served_serial(&gw).await, support::serial(&next));
+}
+
+#[tokio::test]
+async fn a_gateway_does_not_start_with_a_key_of_another_certificate() {
+    let ca = Ca::new(support::TEST_CA);
+    let other = ca.server();
+    let err = TestGateway::try_start(ca, support::TEST_POLICY, |c| {
+        std::fs::write(&c.tls.key, &other.key).unwrap();
+    })
+    .await
+    .err()
+    .expect("a mismatched key must be refused")
+    .to_string();
+    assert!(
+        err.contains("server-key.pem")
+            && err.contains("cannot be used with the server certificate"),
+        "{err}"
+    );
 }

@@ -19,7 +19,8 @@ use rustls::{
     RootCertStore, ServerConfig,
     crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::WebPkiClientVerifier,
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
 };
 
 pub use acceptor::{ConnInfo, REFUSAL_BURST, REFUSALS_PER_SEC, TlsConnection, TlsIncoming};
@@ -62,31 +63,103 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reloads the CRLs of `tls.client_crl` (checked against the client CA bundle read once).
-pub type CrlLoader = Box<dyn Fn(&Path) -> Result<ClientCrl, TlsError> + Send + Sync>;
+/// Loads a TLS file again, for [`crate::reload::Reloadable::watch`].
+pub type Loader<T> = Box<dyn Fn(&Path) -> Result<T, TlsError> + Send + Sync>;
 
 /// Loads `tls.client_crl`, if set, and returns the CRLs in force with the loader that
-/// reloads them (for [`crate::reload::Reloadable::watch`]).
-pub fn client_crl(tls: &TlsConfig) -> Result<Option<(CrlHandle, CrlLoader)>, TlsError> {
+/// reloads them (checked against the client CA bundle read once).
+pub fn client_crl(tls: &TlsConfig) -> Result<Option<(CrlHandle, Loader<ClientCrl>)>, TlsError> {
     if tls.client_crl.as_os_str().is_empty() {
         return Ok(None);
     }
     let cas = read_certs(&tls.client_ca, "client CA bundle")?;
     let provider = provider();
-    let load: CrlLoader = Box::new(move |path: &Path| ClientCrl::load(path, &cas, &provider));
+    let load: Loader<ClientCrl> =
+        Box::new(move |path: &Path| ClientCrl::load(path, &cas, &provider));
     let crl = load(&tls.client_crl)?;
     Ok(Some((crate::reload::Reloadable::new(crl, &tls.client_crl, "client CRL"), load)))
 }
 
-/// Builds the listener's rustls configuration from `[tls]`; client certificates are also
-/// checked against `crl` (the CRLs in force at each handshake) when given.
+/// The server certificate chain and key in force (`tls.cert`, `tls.key`).
+pub struct ServerCert {
+    key: Arc<CertifiedKey>,
+    described: String,
+}
+
+impl std::fmt::Debug for ServerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.described)
+    }
+}
+
+impl ServerCert {
+    /// Reads the chain at `cert` and the private key at `key`; refuses a key that does not
+    /// belong to the chain's first certificate.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let chain = read_certs(cert, "server certificate")?;
+        let private = read_key(key, "server private key")?;
+        let described = x509_parser::parse_x509_certificate(&chain[0]).map_or_else(
+            |_| "a certificate x509-parser cannot read".to_owned(),
+            |(_, c)| {
+                format!(
+                    "serial {}, valid until {}",
+                    c.raw_serial_as_string(),
+                    c.validity().not_after
+                )
+            },
+        );
+        let certified = CertifiedKey::from_der(chain, private, &provider()).map_err(|e| {
+            pem_error(
+                key,
+                "server private key",
+                format!("cannot be used with the server certificate {}: {e}", cert.display()),
+            )
+        })?;
+        Ok(Self { key: Arc::new(certified), described })
+    }
+
+    /// For the log: the leaf's serial number and expiry.
+    pub fn describe(&self) -> String {
+        self.described.clone()
+    }
+}
+
+/// The server certificate in force, reloaded when `tls.cert` or `tls.key` changes.
+pub type ServerCertHandle = Arc<crate::reload::Reloadable<ServerCert>>;
+
+/// Loads `tls.cert` and `tls.key`; returns them with the loader that reloads them.
+pub fn server_cert(tls: &TlsConfig) -> Result<(ServerCertHandle, Loader<ServerCert>), TlsError> {
+    let key = tls.key.clone();
+    let load: Loader<ServerCert> = Box::new(move |cert: &Path| ServerCert::load(cert, &key));
+    let current = load(&tls.cert)?;
+    let handle = crate::reload::Reloadable::with_files(
+        current,
+        &tls.cert,
+        &[&tls.key],
+        "server certificate",
+    );
+    Ok((handle, load))
+}
+
+/// Hands every handshake the server certificate in force.
+#[derive(Debug)]
+struct ReloadingCert(ServerCertHandle);
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0.current().key))
+    }
+}
+
+/// Builds the listener's rustls configuration from `[tls]`: it presents `cert` (the one in
+/// force at each handshake), and checks client certificates against the client CA bundle
+/// and, when given, `crl` (the CRLs in force at each handshake).
 pub fn server_config(
     tls: &TlsConfig,
+    cert: ServerCertHandle,
     crl: Option<CrlHandle>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let certs = read_certs(&tls.cert, "server certificate")?;
-    let key = read_key(&tls.key, "server private key")?;
     let mut roots = RootCertStore::empty();
     for ca in read_certs(&tls.client_ca, "client CA bundle")? {
         roots.add(ca).map_err(|e| TlsError::Pem {
@@ -107,8 +180,7 @@ pub fn server_config(
         .with_protocol_versions(versions)
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .with_client_cert_verifier(Arc::new(IdentityVerifier::new(webpki, crl)))
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        .with_cert_resolver(Arc::new(ReloadingCert(cert)));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
