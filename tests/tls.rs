@@ -155,8 +155,19 @@ fn publish(path: &std::path::Path, pem: &str) {
 /// A gateway whose CA signed `crl(ca)`, written next to its other files as
 /// `client-crl.pem` and checked for changes every second.
 async fn with_crl(ca: Ca, crl: impl FnOnce(&Ca) -> String) -> Result<TestGateway, String> {
+    with_cas_and_crl(ca, &[], crl).await
+}
+
+/// Like [`with_crl`], with the CAs `also` in the client CA bundle too.
+async fn with_cas_and_crl(
+    ca: Ca,
+    also: &[&Ca],
+    crl: impl FnOnce(&Ca) -> String,
+) -> Result<TestGateway, String> {
+    let bundle = also.iter().fold(ca.cert_pem.clone(), |b, other| b + other.cert_pem.as_str());
     let pem = crl(&ca);
     TestGateway::try_start(ca, support::TEST_POLICY, |c| {
+        std::fs::write(&c.tls.client_ca, bundle).unwrap();
         c.tls.client_crl = c.tls.client_ca.with_file_name("client-crl.pem");
         c.tls.reload_interval_secs = 1;
         std::fs::write(&c.tls.client_crl, pem).unwrap();
@@ -178,12 +189,18 @@ async fn get(client: &mut SecretsClient<tonic::transport::Channel>) -> Result<()
     }
 }
 
-#[tokio::test]
-async fn a_revoked_certificate_is_refused_in_the_handshake_and_others_are_accepted() {
+/// A gateway whose CRL revokes the first of two admin certificates, with both.
+async fn one_revoked() -> (TestGateway, Pem, Pem) {
     let ca = Ca::new(support::TEST_CA);
     let revoked = ca.client("spiffe://test.example/admin");
     let kept = ca.client("spiffe://test.example/admin");
     let gw = with_crl(ca, |ca| ca.crl(&[&revoked], next_week())).await.unwrap();
+    (gw, revoked, kept)
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_in_the_handshake_and_others_are_accepted() {
+    let (gw, revoked, kept) = one_revoked().await;
     refused(&gw, Some(&revoked), "CertificateRevoked").await;
     gw.probe(Some(&kept), false).await.unwrap();
     get(&mut SecretsClient::new(gw.channel(&kept).await.unwrap())).await.unwrap();
@@ -232,10 +249,7 @@ async fn revoking_a_connected_certificate_stops_its_next_request_without_a_resta
 
 #[tokio::test]
 async fn a_broken_crl_update_is_refused_and_the_crls_in_force_stay() {
-    let ca = Ca::new(support::TEST_CA);
-    let revoked = ca.client("spiffe://test.example/admin");
-    let kept = ca.client("spiffe://test.example/admin");
-    let gw = with_crl(ca, |ca| ca.crl(&[&revoked], next_week())).await.unwrap();
+    let (gw, revoked, kept) = one_revoked().await;
     let mut client = SecretsClient::new(gw.channel(&kept).await.unwrap());
     // Garbage, then a file removed: each is refused; the revocation stays in force.
     publish(crl_path(&gw), "-----BEGIN X509 CRL-----\nbm90IGEgQ1JM\n-----END X509 CRL-----\n");
@@ -290,26 +304,10 @@ async fn a_gateway_does_not_start_with_an_unusable_crl_and_says_why() {
     }
 }
 
-/// Starts a gateway trusting `ca` and `other`, with the CRLs `crls(ca)`.
-async fn with_two_cas(
-    ca: Ca,
-    other: &Ca,
-    crls: impl FnOnce(&Ca) -> String,
-) -> Result<TestGateway, String> {
-    let (bundle, pem) = (format!("{}{}", ca.cert_pem, other.cert_pem), crls(&ca));
-    TestGateway::try_start(ca, support::TEST_POLICY, |c| {
-        std::fs::write(&c.tls.client_ca, bundle).unwrap();
-        c.tls.client_crl = c.tls.client_ca.with_file_name("client-crl.pem");
-        std::fs::write(&c.tls.client_crl, pem).unwrap();
-    })
-    .await
-    .map_err(|e| e.to_string())
-}
-
 #[tokio::test]
 async fn every_ca_of_the_bundle_needs_a_crl() {
     let other = Ca::new("second client CA");
-    let err = with_two_cas(Ca::new(support::TEST_CA), &other, |ca| ca.crl(&[], next_week()))
+    let err = with_cas_and_crl(Ca::new(support::TEST_CA), &[&other], |ca| ca.crl(&[], next_week()))
         .await
         .err()
         .expect("a CA without a CRL must be refused");
@@ -317,7 +315,7 @@ async fn every_ca_of_the_bundle_needs_a_crl() {
     // With a CRL from each, clients of both CAs are accepted, and revocations of both apply.
     let (kept, revoked) =
         (other.client("spiffe://test.example/a"), other.client("spiffe://test.example/b"));
-    let gw = with_two_cas(Ca::new(support::TEST_CA), &other, |ca| {
+    let gw = with_cas_and_crl(Ca::new(support::TEST_CA), &[&other], |ca| {
         format!("{}{}", ca.crl(&[], next_week()), other.crl(&[&revoked], next_week()))
     })
     .await

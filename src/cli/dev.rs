@@ -179,8 +179,8 @@ mod tests {
         let der = rustls::pki_types::CertificateDer::from_pem_slice(&admin).unwrap();
         let id = crate::PeerIdentity::from_der(&der).unwrap();
         assert_eq!(id.principal.as_str(), "spiffe://dev.secretgate/admin");
-        let ca = crate::tls::read_certs(&pki.cert("ca"), "ca").unwrap();
-        let crl = crate::tls::ClientCrl::load(&pki.crl(), &ca, &crate::tls::provider()).unwrap();
+        let cas = crate::tls::ClientCas::read(&pki.cert("ca")).unwrap();
+        let crl = crate::tls::ClientCrl::load(&pki.crl(), &cas).unwrap();
         assert!(!crl.revokes(&id), "the dev CRL revokes nothing");
         let (_, again) = ensure_dev_pki(dir.path()).unwrap();
         assert!(!again, "a usable PKI must be kept");

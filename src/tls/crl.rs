@@ -17,10 +17,8 @@
 use std::{collections::HashSet, path::Path, sync::Arc};
 
 use rustls::{
-    RootCertStore,
-    crypto::CryptoProvider,
-    pki_types::{CertificateDer, CertificateRevocationListDer, pem::PemObject},
-    server::{WebPkiClientVerifier, danger::ClientCertVerifier},
+    pki_types::{CertificateRevocationListDer, pem::PemObject},
+    server::danger::ClientCertVerifier,
 };
 use sha2::{Digest, Sha256};
 use x509_parser::{
@@ -28,7 +26,7 @@ use x509_parser::{
     revocation_list::CertificateRevocationList,
 };
 
-use super::{TlsError, pem_error, read};
+use super::{ClientCas, TlsError, pem_error, read};
 use crate::{identity::PeerIdentity, reload::Reloadable};
 
 const WHAT: &str = "client CRL";
@@ -56,11 +54,7 @@ impl std::fmt::Debug for ClientCrl {
 impl ClientCrl {
     /// Reads and checks the CRL file at `path` against the client CA bundle `cas` (see the
     /// module docs for the checks).
-    pub fn load(
-        path: &Path,
-        cas: &[CertificateDer<'static>],
-        provider: &Arc<CryptoProvider>,
-    ) -> Result<Self, TlsError> {
+    pub fn load(path: &Path, cas: &ClientCas) -> Result<Self, TlsError> {
         let pem = read(path, WHAT)?;
         let fail = |reason: String| pem_error(path, WHAT, reason);
         let ders = CertificateRevocationListDer::pem_slice_iter(&pem)
@@ -70,6 +64,7 @@ impl ClientCrl {
             return Err(fail("no X509 CRL found (a PEM file of CRLs is expected)".into()));
         }
         let parsed = cas
+            .certs()
             .iter()
             .map(|der| X509Certificate::from_der(der).map(|(_, c)| c))
             .collect::<Result<Vec<_>, _>>()
@@ -118,16 +113,7 @@ impl ClientCrl {
                 ca.subject()
             )));
         }
-        let mut roots = RootCertStore::empty();
-        for ca in cas {
-            roots.add(ca.clone()).map_err(|e| fail(format!("client CA bundle: {e}")))?;
-        }
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .with_crls(ders)
-                .enforce_revocation_expiration()
-                .build()
-                .map_err(|e| fail(format!("refused by rustls: {e}")))?;
+        let verifier = cas.verifier(ders).map_err(|e| fail(format!("refused by rustls: {e}")))?;
         Ok(Self {
             verifier,
             revoked,
@@ -175,30 +161,31 @@ mod tests {
     use crate::testing::{apply_edits, edit};
 
     /// A client CA and the DER of a CRL it signed, revoking two serials.
-    static SEED: LazyLock<(CertificateDer<'static>, Vec<u8>)> = LazyLock::new(|| {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
-        let now = time::OffsetDateTime::now_utc();
-        let revoked = |n: u64| RevokedCertParams {
-            serial_number: SerialNumber::from(n),
-            revocation_time: now,
-            reason_code: None,
-            invalidity_date: None,
-        };
-        let crl = CertificateRevocationListParams {
-            this_update: now - time::Duration::hours(1),
-            next_update: now + time::Duration::days(30),
-            crl_number: SerialNumber::from(7u64),
-            issuing_distribution_point: None,
-            revoked_certs: vec![revoked(1000), revoked(1001)],
-            key_identifier_method: KeyIdMethod::Sha256,
-        }
-        .signed_by(&ca)
-        .unwrap();
-        (ca.der().clone(), crl.der().to_vec())
-    });
+    static SEED: LazyLock<(rustls::pki_types::CertificateDer<'static>, Vec<u8>)> =
+        LazyLock::new(|| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+            let now = time::OffsetDateTime::now_utc();
+            let revoked = |n: u64| RevokedCertParams {
+                serial_number: SerialNumber::from(n),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            };
+            let crl = CertificateRevocationListParams {
+                this_update: now - time::Duration::hours(1),
+                next_update: now + time::Duration::days(30),
+                crl_number: SerialNumber::from(7u64),
+                issuing_distribution_point: None,
+                revoked_certs: vec![revoked(1000), revoked(1001)],
+                key_identifier_method: KeyIdMethod::Sha256,
+            }
+            .signed_by(&ca)
+            .unwrap();
+            (ca.der().clone(), crl.der().to_vec())
+        });
 
     fn pem(der: &[u8]) -> String {
         let b64 = B64.encode(der);
@@ -211,7 +198,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("crl.pem");
         std::fs::write(&path, text).unwrap();
-        ClientCrl::load(&path, std::slice::from_ref(&SEED.0), &super::super::provider())
+        let cas = ClientCas::from_der(vec![SEED.0.clone()], Path::new("ca.pem")).unwrap();
+        ClientCrl::load(&path, &cas)
     }
 
     #[test]

@@ -18,8 +18,8 @@ use std::{path::Path, sync::Arc};
 use rustls::{
     RootCertStore, ServerConfig,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier, danger::ClientCertVerifier},
     sign::CertifiedKey,
 };
 
@@ -66,16 +66,62 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Loads a TLS file again, for [`crate::reload::Reloadable::watch`].
 pub type Loader<T> = Box<dyn Fn(&Path) -> Result<T, TlsError> + Send + Sync>;
 
+/// The client CA bundle (`tls.client_ca`), read once: its certificates, and the trust anchors
+/// client chains are verified against (with or without CRLs).
+#[derive(Clone)]
+pub struct ClientCas {
+    der: Arc<[CertificateDer<'static>]>,
+    roots: Arc<RootCertStore>,
+}
+
+impl ClientCas {
+    /// Reads the bundle at `path`; at least one usable CA certificate is required.
+    pub fn read(path: &Path) -> Result<Self, TlsError> {
+        Self::from_der(read_certs(path, "client CA bundle")?, path)
+    }
+
+    /// The bundle of `der` (read from `path`, named in errors).
+    pub fn from_der(der: Vec<CertificateDer<'static>>, path: &Path) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in &der {
+            roots.add(ca.clone()).map_err(|e| {
+                pem_error(path, "client CA bundle", format!("not a usable CA certificate: {e}"))
+            })?;
+        }
+        Ok(Self { der: der.into(), roots: Arc::new(roots) })
+    }
+
+    /// The bundle's certificates.
+    pub fn certs(&self) -> &[CertificateDer<'static>] {
+        &self.der
+    }
+
+    /// webpki's verifier of client chains against these CAs and, unless empty, `crls`: the
+    /// whole chain is checked, and an unknown status or an expired CRL is a refusal.
+    fn verifier(
+        &self,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<Arc<dyn ClientCertVerifier>, rustls::server::VerifierBuilderError> {
+        let builder = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
+        if crls.is_empty() {
+            builder.build()
+        } else {
+            builder.with_crls(crls).enforce_revocation_expiration().build()
+        }
+    }
+}
+
 /// Loads `tls.client_crl`, if set, and returns the CRLs in force with the loader that
-/// reloads them (checked against the client CA bundle read once).
-pub fn client_crl(tls: &TlsConfig) -> Result<Option<(CrlHandle, Loader<ClientCrl>)>, TlsError> {
+/// reloads them (checked against `cas`).
+pub fn client_crl(
+    tls: &TlsConfig,
+    cas: &ClientCas,
+) -> Result<Option<(CrlHandle, Loader<ClientCrl>)>, TlsError> {
     if tls.client_crl.as_os_str().is_empty() {
         return Ok(None);
     }
-    let cas = read_certs(&tls.client_ca, "client CA bundle")?;
-    let provider = provider();
-    let load: Loader<ClientCrl> =
-        Box::new(move |path: &Path| ClientCrl::load(path, &cas, &provider));
+    let cas = cas.clone();
+    let load: Loader<ClientCrl> = Box::new(move |path: &Path| ClientCrl::load(path, &cas));
     let crl = load(&tls.client_crl)?;
     Ok(Some((crate::reload::Reloadable::new(crl, &tls.client_crl, "client CRL"), load)))
 }
@@ -152,25 +198,16 @@ impl ResolvesServerCert for ReloadingCert {
 }
 
 /// Builds the listener's rustls configuration from `[tls]`: it presents `cert` (the one in
-/// force at each handshake), and checks client certificates against the client CA bundle
-/// and, when given, `crl` (the CRLs in force at each handshake).
+/// force at each handshake), and checks client certificates against `cas` and, when given,
+/// `crl` (the CRLs in force at each handshake).
 pub fn server_config(
     tls: &TlsConfig,
+    cas: &ClientCas,
     cert: ServerCertHandle,
     crl: Option<CrlHandle>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let mut roots = RootCertStore::empty();
-    for ca in read_certs(&tls.client_ca, "client CA bundle")? {
-        roots.add(ca).map_err(|e| TlsError::Pem {
-            what: "client CA bundle",
-            path: tls.client_ca.display().to_string(),
-            reason: format!("not a usable CA certificate: {e}"),
-        })?;
-    }
-    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let webpki = cas.verifier(Vec::new()).map_err(|e| TlsError::Rustls(e.to_string()))?;
     let versions: &[&rustls::SupportedProtocolVersion] = if tls.min_version == "1.2" {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     } else {
