@@ -73,14 +73,14 @@ pub struct Gateway {
 impl Gateway {
     /// Starts serving according to `config`.
     pub async fn start(config: &Config) -> Result<Self, StartError> {
+        let (server_cert, load_server_cert) = tls::server_cert(&config.tls)?;
+        tracing::info!(cert = %config.tls.cert.display(), version = %server_cert.current().describe(), "server certificate loaded");
         let cas = tls::ClientCas::read(&config.tls.client_ca)?;
         let crl = tls::client_crl(&config.tls, &cas)?;
         if let Some((crl, _)) = &crl {
             tracing::info!(crl = %config.tls.client_crl.display(), version = %crl.current().describe(), "client CRL loaded");
         }
         let crl_handle = crl.as_ref().map(|(handle, _)| Arc::clone(handle));
-        let (server_cert, load_server_cert) = tls::server_cert(&config.tls)?;
-        tracing::info!(cert = %config.tls.cert.display(), version = %server_cert.current().describe(), "server certificate loaded");
         let tls =
             tls::server_config(&config.tls, &cas, Arc::clone(&server_cert), crl_handle.clone())?;
         let keys = load_keyring(config)?;
