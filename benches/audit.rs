@@ -65,9 +65,33 @@ fn machine_ticks() -> (u64, u64) {
     (total - idle, total)
 }
 
+/// CPU clock ticks (user + system) used so far by process `pid`, from `/proc/<pid>/stat`.
+fn process_ticks(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// What one slice measured.
+#[derive(Clone, Copy)]
+struct Slice {
+    /// Requests per second.
+    rate: f64,
+    /// CPU µs per request, whole machine.
+    cpu_us: f64,
+    /// CPU µs per request in the gateway process alone.
+    gateway_us: f64,
+    /// How busy the machine was (0..1).
+    busy: f64,
+}
+
 /// One gateway under test (its own process), with clients connected to it.
 struct Side {
-    _gw: ServedGateway,
+    gw: ServedGateway,
     clients: Vec<SecretsClient<Channel>>,
     admin: AdminClient<Channel>,
 }
@@ -93,7 +117,7 @@ impl Side {
             clients[0].put(req).await.unwrap();
         }
         let admin = gw.admin(ADMIN).await;
-        Self { _gw: gw, clients, admin }
+        Self { gw, clients, admin }
     }
 
     /// Records written and syncs so far.
@@ -102,8 +126,8 @@ impl Side {
         (s.records_written, s.syncs)
     }
 
-    /// Runs the load for `length`; returns requests per second and CPU µs per request.
-    async fn slice(&self, op: Op, length: Duration) -> (f64, f64, f64) {
+    /// Runs the load for `length`.
+    async fn slice(&self, op: Op, length: Duration) -> Slice {
         let clients = env_usize("AUDIT_BENCH_CLIENTS", 64);
         let done = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -134,20 +158,22 @@ impl Side {
         }
         tokio::time::sleep(Duration::from_millis(100)).await; // every client under way
         counting.store(true, Ordering::Relaxed);
-        let (started, machine) = (Instant::now(), machine_ticks());
+        let pid = self.gw.pid();
+        let (started, machine, gateway) = (Instant::now(), machine_ticks(), process_ticks(pid));
         tokio::time::sleep(length).await;
-        let machine_after = machine_ticks();
+        let (machine_after, gateway_after) = (machine_ticks(), process_ticks(pid));
         let busy =
             (machine_after.0 - machine.0) as f64 / (machine_after.1 - machine.1).max(1) as f64;
         let n = done.load(Ordering::Relaxed);
         let rate = n as f64 / started.elapsed().as_secs_f64();
         // Clock ticks are 10 ms of one CPU.
         let cpu_us = (machine_after.0 - machine.0) as f64 * 10_000.0 / n.max(1) as f64;
+        let gateway_us = gateway_after.saturating_sub(gateway) as f64 * 10_000.0 / n.max(1) as f64;
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
             t.await.unwrap();
         }
-        (rate, cpu_us, busy)
+        Slice { rate, cpu_us, gateway_us, busy }
     }
 }
 
@@ -183,10 +209,14 @@ async fn main() {
         if let Ok(side) = std::env::var("AUDIT_BENCH_PROFILE") {
             // One side only, for a profiler: AUDIT_BENCH_PROFILE=on or off.
             let s = Side::start(side == "on").await;
-            let (rate, cpu, busy) = s.slice(op, SLICE * pairs as u32).await;
+            let r = s.slice(op, SLICE * pairs as u32).await;
             println!(
-                "{name} audit {side}: {rate:.0} req/s, CPU per request {cpu:.0} µs, machine busy {:.0}%",
-                busy * 100.0
+                "{name} audit {side}: {:.0} req/s, CPU per request {:.0} µs (gateway {:.0} µs), \
+                 machine busy {:.0}%",
+                r.rate,
+                r.cpu_us,
+                r.gateway_us,
+                r.busy * 100.0
             );
             continue;
         }
@@ -195,9 +225,7 @@ async fn main() {
         off.slice(op, WARM_UP).await;
         on.slice(op, WARM_UP).await;
         let before = on.stats().await;
-        let (mut off_r, mut on_r, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut off_cpu, mut on_cpu) = (Vec::new(), Vec::new());
-        let (mut off_busy, mut on_busy) = (Vec::new(), Vec::new());
+        let (mut off_s, mut on_s, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for pair in 0..pairs {
             // Alternate which side goes first, so neither always follows the other.
             let (a, b) = if pair % 2 == 0 {
@@ -206,33 +234,35 @@ async fn main() {
                 let b = on.slice(op, SLICE).await;
                 (off.slice(op, SLICE).await, b)
             };
-            off_r.push(a.0);
-            on_r.push(b.0);
-            ratios.push(b.0 / a.0);
-            off_cpu.push(a.1);
-            on_cpu.push(b.1);
-            off_busy.push(a.2 * 100.0);
-            on_busy.push(b.2 * 100.0);
+            ratios.push(b.rate / a.rate);
+            off_s.push(a);
+            on_s.push(b);
         }
         let after = on.stats().await;
         let per_sync = (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64;
         let ratio = median(ratios);
+        let avg = |v: &[Slice], f: fn(&Slice) -> f64| mean(&v.iter().map(f).collect::<Vec<_>>());
         println!(
             "{name}: audit off {:>8.0} req/s  audit on {:>8.0} req/s  median on/off = {ratio:.3} \
-             (cost {:+.1}%)  CPU per request off {:.0} µs on {:.0} µs  machine busy off {:.0}% on {:.0}%  \
-             {per_sync:.1} records per fsync",
-            mean(&off_r),
-            mean(&on_r),
+             (cost {:+.1}%)  {per_sync:.1} records per fsync",
+            avg(&off_s, |s| s.rate),
+            avg(&on_s, |s| s.rate),
             (1.0 - ratio) * 100.0,
-            mean(&off_cpu),
-            mean(&on_cpu),
-            mean(&off_busy),
-            mean(&on_busy),
+        );
+        println!(
+            "      CPU per request off {:.1} µs (gateway {:.1})  on {:.1} µs (gateway {:.1})  \
+             machine busy off {:.0}% on {:.0}%",
+            avg(&off_s, |s| s.cpu_us),
+            avg(&off_s, |s| s.gateway_us),
+            avg(&on_s, |s| s.cpu_us),
+            avg(&on_s, |s| s.gateway_us),
+            avg(&off_s, |s| s.busy * 100.0),
+            avg(&on_s, |s| s.busy * 100.0),
         );
         println!(
             "      slices off {:?}\n      slices on  {:?}",
-            off_r.iter().map(|r| *r as u64).collect::<Vec<_>>(),
-            on_r.iter().map(|r| *r as u64).collect::<Vec<_>>(),
+            off_s.iter().map(|s| s.rate as u64).collect::<Vec<_>>(),
+            on_s.iter().map(|s| s.rate as u64).collect::<Vec<_>>(),
         );
     }
 }

@@ -242,6 +242,11 @@ impl ServedGateway {
         }
     }
 
+    /// The gateway process, while serving.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn gateway_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
