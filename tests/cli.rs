@@ -181,6 +181,8 @@ fn serve_with_a_broken_config_names_the_field() {
     let out = Command::new(BIN).args(["serve", "--config"]).arg(&missing_tls).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nope.pem") && err.contains("server certificate"), "{err}");
+    // The OS error is said once, not again as the cause.
+    assert_eq!(err.matches("(os error 2)").count(), 1, "{err}");
 }
 
 fn policy_cmd(dir: &Path, args: &[&str]) -> Output {

@@ -173,10 +173,26 @@ pub fn run(cli: Cli) -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             if audit { audit::exit_code(&e) } else { ExitCode::FAILURE }
         }
     }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause whose text the message
+/// before it already ends with (most of our errors put their OS error in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if text.is_empty() {
+            text = cause;
+        } else if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
@@ -205,4 +221,22 @@ fn init_logging(default: &str) {
         .unwrap_or_else(|| EnvFilter::new(default));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(crate::config::ConfigError::Read {
+            path: "/x.toml".into(),
+            source: io,
+        });
+        assert_eq!(error_chain(&e), "cannot read config file /x.toml: no such file");
+        // Context that does not repeat its cause keeps the cause.
+        let e = anyhow::anyhow!("inner cause").context("outer step");
+        assert_eq!(error_chain(&e), "outer step: inner cause");
+    }
 }
