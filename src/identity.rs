@@ -38,9 +38,6 @@ pub struct PeerIdentity {
     pub fingerprint: String,
     /// The certificate serial number, colon-separated hex.
     pub serial: String,
-    /// The DER of the issuer's name and the serial number's bytes: how revocation lists
-    /// name the certificate.
-    revocation_key: (Vec<u8>, Vec<u8>),
 }
 
 /// Why a verified certificate still cannot name a caller.
@@ -89,13 +86,7 @@ impl PeerIdentity {
             principal,
             fingerprint: hex::encode(Sha256::digest(der)),
             serial: cert.raw_serial_as_string(),
-            revocation_key: (cert.issuer().as_raw().to_vec(), cert.raw_serial().to_vec()),
         })
-    }
-
-    /// The issuer's name (DER) and the serial number (bytes), as CRLs list them.
-    pub(crate) fn revocation_key(&self) -> &(Vec<u8>, Vec<u8>) {
-        &self.revocation_key
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{
     },
     reload::Reloadable,
     store::{EmbeddedStore, EtcdStore, Store, StoreError},
-    tls::{self, ClientCrl, ServerCert, TlsError, TlsIncoming},
+    tls::{self, ClientTrust, ServerCert, TlsError, TlsIncoming},
 };
 
 /// Bytes a request may carry beyond the value itself (path, framing).
@@ -75,14 +75,8 @@ impl Gateway {
     pub async fn start(config: &Config) -> Result<Self, StartError> {
         let (server_cert, load_server_cert) = tls::server_cert(&config.tls)?;
         tracing::info!(cert = %config.tls.cert.display(), version = %server_cert.current().describe(), "server certificate loaded");
-        let cas = tls::ClientCas::read(&config.tls.client_ca)?;
-        let crl = tls::client_crl(&config.tls, &cas)?;
-        if let Some((crl, _)) = &crl {
-            tracing::info!(crl = %config.tls.client_crl.display(), version = %crl.current().describe(), "client CRL loaded");
-        }
-        let crl_handle = crl.as_ref().map(|(handle, _)| Arc::clone(handle));
-        let tls =
-            tls::server_config(&config.tls, &cas, Arc::clone(&server_cert), crl_handle.clone())?;
+        let (trust, load_trust) = tls::client_trust(&config.tls, &server_cert)?;
+        tracing::info!(client_ca = %config.tls.client_ca.display(), version = %trust.current().describe(), "client trust loaded");
         let keys = load_keyring(config)?;
         let authz = Authorizer::load(&config.authz.policies)?;
         tracing::info!(
@@ -101,11 +95,10 @@ impl Gateway {
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let incoming = TlsIncoming::new(
             listener,
-            tls,
+            Arc::clone(&trust),
             config.tls.handshake_timeout(),
             config.limits.max_connections as usize,
             audit.clone(),
-            crl_handle,
         );
 
         let max_message = config.limits.max_value_bytes as usize + REQUEST_OVERHEAD_BYTES;
@@ -163,9 +156,7 @@ impl Gateway {
             load_server_cert,
             ServerCert::describe,
         ));
-        if let Some((handle, load)) = crl {
-            watchers.push(handle.watch(config.tls.reload_interval(), load, ClientCrl::describe));
-        }
+        watchers.push(trust.watch(config.tls.reload_interval(), load_trust, ClientTrust::describe));
         Ok(Self { addr, shutdown: Some(tx), task, watchers, audit, checkpoint_task })
     }
 

@@ -72,13 +72,12 @@ impl Call {
         }
     }
 
-    /// The caller's verified identity, unless the CRLs in force now revoke its certificate
-    /// (the connection may predate the revocation).
+    /// The caller's verified identity, unless the client trust in force no longer accepts its
+    /// certificate (the connection may predate a revocation, the removal of its CA, or the
+    /// certificate's expiry).
     pub(crate) fn identity(&self) -> Result<Arc<PeerIdentity>, ApiError> {
         let conn = self.conn.as_ref().ok_or(ApiError::NoIdentity)?;
-        if conn.revoked() {
-            return Err(ApiError::CertificateRevoked);
-        }
+        conn.check()?;
         Ok(Arc::clone(&conn.identity))
     }
 

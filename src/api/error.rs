@@ -111,10 +111,11 @@ pub enum ApiError {
     /// A fault inside the gateway. Detail is logged, not returned.
     #[error("internal error")]
     Internal,
-    /// The client certificate of this connection was revoked after the connection was made
-    /// (`tls.client_crl` was updated); the connection can no longer be used.
-    #[error("client certificate revoked: it is on the gateway's certificate revocation list")]
-    CertificateRevoked,
+    /// The client certificate of this connection is no longer accepted: revoked, its CA
+    /// removed from the bundle, or expired since the connection was made; the connection can
+    /// no longer be used.
+    #[error("{0}")]
+    CertificateNotAccepted(#[from] crate::tls::Untrusted),
     /// The request arrived without connection identity (a wiring fault, never a client's).
     #[error("no authenticated identity on this connection")]
     NoIdentity,
@@ -174,7 +175,7 @@ impl ApiError {
                 Code::NotFound
             }
             Self::Denied(_) => Code::PermissionDenied,
-            Self::CertificateRevoked => Code::Unauthenticated,
+            Self::CertificateNotAccepted(_) => Code::Unauthenticated,
             Self::RewrapCancelled => Code::Cancelled,
             Self::Conflict { .. } | Self::RewrapRunning => Code::FailedPrecondition,
             Self::Undecryptable { .. } => Code::DataLoss,

@@ -181,7 +181,7 @@ mod tests {
         assert_eq!(id.principal.as_str(), "spiffe://dev.secretgate/admin");
         let cas = crate::tls::ClientCas::read(&pki.cert("ca")).unwrap();
         let crl = crate::tls::ClientCrl::load(&pki.crl(), &cas).unwrap();
-        assert!(!crl.revokes(&id), "the dev CRL revokes nothing");
+        assert!(crl.describe().contains("0 revoked"), "the dev CRL revokes nothing");
         let (_, again) = ensure_dev_pki(dir.path()).unwrap();
         assert!(!again, "a usable PKI must be kept");
         fs::remove_file(pki.key("app")).unwrap();

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -30,7 +30,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tonic::transport::server::Connected;
 
-use super::CrlHandle;
+use super::{ConnTrust, TrustHandle, Untrusted};
 use crate::{
     audit::{AuditLog, Kind, Record, record::now_rfc3339},
     identity::PeerIdentity,
@@ -50,14 +50,15 @@ pub struct ConnInfo {
     pub peer_addr: SocketAddr,
     /// The verified identity of the client certificate.
     pub identity: Arc<PeerIdentity>,
-    /// The CRLs in force (`tls.client_crl`), to check the certificate on every request.
-    pub crl: Option<CrlHandle>,
+    /// The certificate chain, checked against the client trust in force.
+    pub trust: Arc<ConnTrust>,
 }
 
 impl ConnInfo {
-    /// True if the CRLs in force now revoke this connection's certificate.
-    pub fn revoked(&self) -> bool {
-        self.crl.as_ref().is_some_and(|crl| crl.current().revokes(&self.identity))
+    /// Whether the connection's certificate is still accepted by the client trust in force
+    /// (see [`ConnTrust::check`]).
+    pub fn check(&self) -> Result<(), Untrusted> {
+        self.trust.check()
     }
 }
 
@@ -77,27 +78,25 @@ pub struct TlsIncoming {
 }
 
 impl TlsIncoming {
-    /// Starts accepting on `listener`; `crl` is the CRLs in force (see [`ConnInfo::crl`]).
+    /// Starts accepting on `listener`; each handshake uses the client trust in force when
+    /// it starts (see [`ConnInfo::trust`]).
     pub fn new(
         listener: TcpListener,
-        config: Arc<ServerConfig>,
+        trust: TrustHandle,
         handshake_timeout: Duration,
         max_connections: usize,
         audit: AuditLog,
-        crl: Option<CrlHandle>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(64);
         let slots = Arc::new(Semaphore::new(max_connections));
-        let acceptor = TlsAcceptor::from(config);
         let refusals = Arc::new(Refusals::new(audit));
         let task = tokio::spawn(accept_loop(
             listener,
-            acceptor,
+            trust,
             handshake_timeout,
             slots,
             tx,
             Arc::clone(&refusals),
-            crl,
         ));
         let summaries = {
             let refusals = Arc::clone(&refusals);
@@ -203,12 +202,11 @@ fn refusal_record(peer: SocketAddr, reason: String) -> Record {
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    trust: TrustHandle,
     handshake_timeout: Duration,
     slots: Arc<Semaphore>,
     tx: mpsc::Sender<TlsConnection>,
     refusals: Arc<Refusals>,
-    crl: Option<CrlHandle>,
 ) {
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
@@ -221,15 +219,16 @@ async fn accept_loop(
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
+        let (handle, current) = (Arc::clone(&trust), trust.current());
         let tx = tx.clone();
         let refusals = Arc::clone(&refusals);
-        let crl = crl.clone();
         tokio::spawn(async move {
+            let acceptor = TlsAcceptor::from(current.config());
             match handshake(acceptor, tcp, peer_addr, handshake_timeout).await {
-                Ok((stream, identity)) => {
+                Ok((stream, identity, chain)) => {
                     tracing::debug!(peer = %peer_addr, principal = %identity.principal, "client connected");
-                    let info = ConnInfo { peer_addr, identity: Arc::new(identity), crl };
+                    let trust = Arc::new(ConnTrust::new(handle, current, chain));
+                    let info = ConnInfo { peer_addr, identity: Arc::new(identity), trust };
                     // A closed channel means the server is shutting down: drop the connection.
                     let _ = tx.send(TlsConnection { stream, info, _slot: slot }).await;
                 }
@@ -244,22 +243,18 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     timeout: Duration,
-) -> Result<(TlsStream<TcpStream>, PeerIdentity), String> {
+) -> Result<(TlsStream<TcpStream>, PeerIdentity, Vec<CertificateDer<'static>>), String> {
     let _ = tcp.set_nodelay(true);
     let stream = tokio::time::timeout(timeout, acceptor.accept(tcp))
         .await
         .map_err(|_| format!("handshake not completed within {timeout:?}"))?
         .map_err(|e| e.to_string())?;
-    let leaf = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or_else(|| format!("{peer}: no client certificate"))?;
+    let chain = stream.get_ref().1.peer_certificates().unwrap_or_default().to_vec();
+    let leaf = chain.first().ok_or_else(|| format!("{peer}: no client certificate"))?;
     // The verifier already accepted this identity; deriving it again here cannot fail
     // unless the verifier was bypassed, and then refusing is right.
     let identity = PeerIdentity::from_der(leaf).map_err(|e| e.to_string())?;
-    Ok((stream, identity))
+    Ok((stream, identity, chain))
 }
 
 impl Drop for TlsIncoming {

@@ -10,11 +10,11 @@
 //!
 //! In the handshake rustls checks the whole chain against the CRLs (a certificate whose
 //! status is unknown is refused, and so is every certificate once a CRL is past its next
-//! update). Connections outlive handshakes, so each request also looks its certificate up
-//! in the CRLs in force ([`ClientCrl::revokes`]): revoking a certificate stops it at its
-//! next request, without a restart or a reconnect.
+//! update). Connections outlive handshakes: each connection's chain is checked again when
+//! the CRLs change ([`super::trust`]), so revoking a certificate stops it at its next
+//! request, without a restart or a reconnect.
 
-use std::{collections::HashSet, path::Path, sync::Arc};
+use std::{path::Path, sync::Arc};
 
 use rustls::{
     pki_types::{CertificateRevocationListDer, pem::PemObject},
@@ -27,19 +27,13 @@ use x509_parser::{
 };
 
 use super::{ClientCas, TlsError, pem_error, read};
-use crate::{identity::PeerIdentity, reload::Reloadable};
-
 const WHAT: &str = "client CRL";
 
-/// The CRLs in force, shared by the handshake verifier and every connection.
-pub type CrlHandle = Arc<Reloadable<ClientCrl>>;
-
-/// A checked set of CRLs: the verifier rustls uses in handshakes, and the revoked
-/// certificates by issuer for the per-request check.
+/// A checked set of CRLs, and the verifier rustls uses with them.
 pub struct ClientCrl {
     verifier: Arc<dyn ClientCertVerifier>,
-    /// (DER of the issuer's name, serial number bytes) of every revoked certificate.
-    revoked: HashSet<(Vec<u8>, Vec<u8>)>,
+    /// Revoked certificates listed, over every CRL.
+    revoked: usize,
     version: String,
     crls: usize,
     next_update: Option<String>,
@@ -70,7 +64,7 @@ impl ClientCrl {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| fail(format!("the client CA bundle does not parse: {e}")))?;
         let now = x509_parser::time::ASN1Time::now();
-        let mut revoked = HashSet::new();
+        let mut revoked = 0;
         let mut issuers: Vec<Vec<u8>> = Vec::new();
         let mut next_update: Option<x509_parser::time::ASN1Time> = None;
         for (n, der) in ders.iter().enumerate() {
@@ -101,9 +95,7 @@ impl ClientCrl {
                 }
                 next_update = Some(next_update.map_or(next, |t| t.min(next)));
             }
-            for r in crl.iter_revoked_certificates() {
-                revoked.insert((issuer.as_raw().to_vec(), r.raw_serial().to_vec()));
-            }
+            revoked += crl.iter_revoked_certificates().count();
         }
         if let Some(ca) = parsed.iter().find(|c| !issuers.iter().any(|i| i == c.subject().as_raw()))
         {
@@ -128,11 +120,6 @@ impl ClientCrl {
         &self.verifier
     }
 
-    /// True if `id`'s certificate is on one of these CRLs.
-    pub fn revokes(&self, id: &PeerIdentity) -> bool {
-        self.revoked.contains(id.revocation_key())
-    }
-
     /// For the log: the file's digest, how many CRLs and revoked certificates, and the
     /// earliest next update.
     pub fn describe(&self) -> String {
@@ -140,7 +127,7 @@ impl ClientCrl {
             "sha256:{} ({} CRLs, {} revoked certificates, next update {})",
             self.version,
             self.crls,
-            self.revoked.len(),
+            self.revoked,
             self.next_update.as_deref().unwrap_or("not given")
         )
     }
@@ -231,7 +218,7 @@ mod tests {
             }
             der.extend(&extra);
             match load(&pem(&der)) {
-                Ok(crl) => prop_assert!(crl.revoked.len() <= 2, "{}", crl.describe()),
+                Ok(crl) => prop_assert!(crl.revoked <= 2, "{}", crl.describe()),
                 Err(e) => prop_assert!(e.to_string().contains("crl.pem"), "{e}"),
             }
         }
@@ -243,7 +230,7 @@ mod tests {
         ) {
             let text = apply_edits(&pem(&SEED.1), &edits);
             match load(&text) {
-                Ok(crl) => prop_assert!(crl.revoked.len() <= 2, "{}", crl.describe()),
+                Ok(crl) => prop_assert!(crl.revoked <= 2, "{}", crl.describe()),
                 Err(e) => prop_assert!(e.to_string().contains("crl.pem"), "{e}"),
             }
         }

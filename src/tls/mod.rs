@@ -6,11 +6,13 @@
 //! carry the clientAuth EKU and name exactly one identity ([`crate::identity`]) — otherwise
 //! the handshake itself fails with an alert, before any request is read. A handshake that
 //! does not finish within the timeout is dropped. The accept loop is ours (not tonic's) so
-//! refused handshakes are observable, and each connection carries the CRLs in force
-//! ([`crl`]) so every request on it is checked against the newest.
+//! refused handshakes are observable, and each connection carries its chain and the client
+//! trust in force ([`trust`]: CA bundle and CRLs, reloaded together), so its requests are
+//! refused once the certificate is revoked, its CA removed, or it expires.
 
 mod acceptor;
 pub mod crl;
+pub mod trust;
 mod verifier;
 
 use std::{path::Path, sync::Arc};
@@ -24,8 +26,8 @@ use rustls::{
 };
 
 pub use acceptor::{ConnInfo, REFUSAL_BURST, REFUSALS_PER_SEC, TlsConnection, TlsIncoming};
-pub use crl::{ClientCrl, CrlHandle};
-use verifier::IdentityVerifier;
+pub use crl::ClientCrl;
+pub use trust::{ClientTrust, ConnTrust, TrustHandle, Untrusted, client_trust};
 
 use crate::config::TlsConfig;
 
@@ -111,21 +113,6 @@ impl ClientCas {
     }
 }
 
-/// Loads `tls.client_crl`, if set, and returns the CRLs in force with the loader that
-/// reloads them (checked against `cas`).
-pub fn client_crl(
-    tls: &TlsConfig,
-    cas: &ClientCas,
-) -> Result<Option<(CrlHandle, Loader<ClientCrl>)>, TlsError> {
-    if tls.client_crl.as_os_str().is_empty() {
-        return Ok(None);
-    }
-    let cas = cas.clone();
-    let load: Loader<ClientCrl> = Box::new(move |path: &Path| ClientCrl::load(path, &cas));
-    let crl = load(&tls.client_crl)?;
-    Ok(Some((crate::reload::Reloadable::new(crl, &tls.client_crl, "client CRL"), load)))
-}
-
 /// The server certificate chain and key in force (`tls.cert`, `tls.key`).
 pub struct ServerCert {
     key: Arc<CertifiedKey>,
@@ -198,25 +185,21 @@ impl ResolvesServerCert for ReloadingCert {
 }
 
 /// Builds the listener's rustls configuration from `[tls]`: it presents `cert` (the one in
-/// force at each handshake), and checks client certificates against `cas` and, when given,
-/// `crl` (the CRLs in force at each handshake).
-pub fn server_config(
+/// force at each handshake) and checks client certificates with `verifier`.
+fn server_config(
     tls: &TlsConfig,
-    cas: &ClientCas,
+    verifier: Arc<dyn ClientCertVerifier>,
     cert: ServerCertHandle,
-    crl: Option<CrlHandle>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
-    let webpki = cas.verifier(Vec::new()).map_err(|e| TlsError::Rustls(e.to_string()))?;
     let versions: &[&rustls::SupportedProtocolVersion] = if tls.min_version == "1.2" {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     } else {
         &[&rustls::version::TLS13]
     };
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
         .map_err(|e| TlsError::Rustls(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(IdentityVerifier::new(webpki, crl)))
+        .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(ReloadingCert(cert)));
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))

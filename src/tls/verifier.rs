@@ -3,8 +3,8 @@
 //! Wrapping the webpki verifier puts the identity rules ([`PeerIdentity::from_der`]) inside
 //! the handshake: a certificate that chains correctly but has no clientAuth EKU or an
 //! ambiguous identity is refused with a TLS alert, exactly like one from the wrong CA, and
-//! never reaches request handling. With `tls.client_crl` set, the chain is checked by the
-//! verifier of the CRLs in force at the time of the handshake.
+//! never reaches request handling. The inner verifier is that of the client trust in force
+//! when the handshake started (CA bundle, and CRLs when configured: see [`super::trust`]).
 
 use std::sync::Arc;
 
@@ -15,20 +15,17 @@ use rustls::{
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
 
-use super::CrlHandle;
 use crate::identity::{IdentityError, PeerIdentity};
 
 #[derive(Debug)]
 pub(super) struct IdentityVerifier {
-    /// The client CA bundle without CRLs: root hints and signature checks (the same for
-    /// every CRL), and chain checks when no CRL is configured.
+    /// webpki's verifier of the client CA bundle (and CRLs).
     inner: Arc<dyn ClientCertVerifier>,
-    crl: Option<CrlHandle>,
 }
 
 impl IdentityVerifier {
-    pub(super) fn new(inner: Arc<dyn ClientCertVerifier>, crl: Option<CrlHandle>) -> Self {
-        Self { inner, crl }
+    pub(super) fn new(inner: Arc<dyn ClientCertVerifier>) -> Self {
+        Self { inner }
     }
 }
 
@@ -51,12 +48,7 @@ impl ClientCertVerifier for IdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let verified = match &self.crl {
-            Some(crl) => {
-                crl.current().verifier().verify_client_cert(end_entity, intermediates, now)
-            }
-            None => self.inner.verify_client_cert(end_entity, intermediates, now),
-        }?;
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
         match PeerIdentity::from_der(end_entity) {
             Ok(_) => Ok(verified),
             Err(IdentityError::NotForClientAuth) => {

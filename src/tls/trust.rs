@@ -1,0 +1,216 @@
+//! Client trust: the client CA bundle (`tls.client_ca`) and the CRLs (`tls.client_crl`) in
+//! force, reloaded together, and the check that keeps open connections honest.
+//!
+//! Both files are read and checked as one unit ([`ClientTrust::load`]): a CRL file is
+//! checked against the bundle it will be used with, so a new bundle and its CRLs can be put
+//! in place one after the other and the pair is taken once it is consistent. Until then,
+//! and whenever either file is broken or missing, the trust in force stays.
+//!
+//! A handshake uses the trust in force when it starts. A connection outlives its handshake,
+//! so before each request the connection's certificate chain is checked again
+//! ([`ConnTrust::check`]) whenever the trust has changed since its last check, every
+//! [`RECHECK_EVERY`] (intermediate certificates and CRLs expire too), and once its own
+//! certificate has expired. Revoking a certificate, removing its CA from the bundle, or
+//! letting it expire thus stops it at its next request, without a restart or a reconnect.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use rustls::{
+    CertificateError, ServerConfig,
+    pki_types::{CertificateDer, UnixTime},
+    server::danger::ClientCertVerifier,
+};
+use sha2::{Digest, Sha256};
+
+use super::{ClientCas, ClientCrl, Loader, ServerCertHandle, TlsError, verifier::IdentityVerifier};
+use crate::{config::TlsConfig, reload::Reloadable};
+
+/// How often an open connection's chain is checked again when nothing else changed.
+pub const RECHECK_EVERY: Duration = Duration::from_secs(60);
+
+/// The client CA bundle and CRLs in force, with the rustls configuration built on them.
+pub struct ClientTrust {
+    cas: ClientCas,
+    crl: Option<ClientCrl>,
+    /// webpki's verifier for the bundle and the CRLs (the one handshakes use).
+    verifier: Arc<dyn ClientCertVerifier>,
+    config: Arc<ServerConfig>,
+    bundle_version: String,
+}
+
+impl std::fmt::Debug for ClientTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// The trust in force, shared by the accept loop and every connection.
+pub type TrustHandle = Arc<Reloadable<ClientTrust>>;
+
+impl ClientTrust {
+    /// Reads the client CA bundle and, when `tls.client_crl` is set, the CRLs (checked
+    /// against that bundle), and builds the listener's configuration presenting `cert`.
+    pub fn load(tls: &TlsConfig, cert: &ServerCertHandle) -> Result<Self, TlsError> {
+        let cas = ClientCas::read(&tls.client_ca)?;
+        let crl = if tls.client_crl.as_os_str().is_empty() {
+            None
+        } else {
+            Some(ClientCrl::load(&tls.client_crl, &cas)?)
+        };
+        let verifier = match &crl {
+            Some(crl) => Arc::clone(crl.verifier()),
+            None => cas.verifier(Vec::new()).map_err(|e| TlsError::Rustls(e.to_string()))?,
+        };
+        let identity = Arc::new(IdentityVerifier::new(Arc::clone(&verifier)));
+        let config = super::server_config(tls, identity, Arc::clone(cert))?;
+        let mut h = Sha256::new();
+        for ca in cas.certs() {
+            h.update(ca);
+        }
+        let bundle_version = hex::encode(&h.finalize()[..6]);
+        Ok(Self { cas, crl, verifier, config, bundle_version })
+    }
+
+    /// The rustls configuration for handshakes under this trust.
+    pub(super) fn config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.config)
+    }
+
+    /// Checks a client's chain (leaf first, as it sent it) against this trust at `now`:
+    /// signed by a CA of the bundle, every certificate within its validity, none revoked
+    /// (when CRLs are configured).
+    pub fn verify(&self, chain: &[CertificateDer<'_>], now: SystemTime) -> Result<(), Untrusted> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(Untrusted::Other("the connection has no client certificate".into()))?;
+        let now = UnixTime::since_unix_epoch(
+            now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(),
+        );
+        match self.verifier.verify_client_cert(leaf, intermediates, now) {
+            Ok(_) => Ok(()),
+            Err(rustls::Error::InvalidCertificate(e)) => Err(Untrusted::from(e)),
+            Err(e) => Err(Untrusted::Other(e.to_string())),
+        }
+    }
+
+    /// For the log: the bundle's digest and size, and the CRLs'.
+    pub fn describe(&self) -> String {
+        let crl = self.crl.as_ref().map_or_else(|| "no CRL".to_owned(), ClientCrl::describe);
+        format!(
+            "CA bundle sha256:{} ({} CAs); CRLs {crl}",
+            self.bundle_version,
+            self.cas.certs().len()
+        )
+    }
+}
+
+/// Loads the client trust of `tls` (presenting `cert`); returns it in force, watching
+/// `tls.client_ca` and `tls.client_crl`, with the loader that reloads it.
+pub fn client_trust(
+    tls: &TlsConfig,
+    cert: &ServerCertHandle,
+) -> Result<(TrustHandle, Loader<ClientTrust>), TlsError> {
+    let (settings, cert) = (tls.clone(), Arc::clone(cert));
+    let load: Loader<ClientTrust> =
+        Box::new(move |_bundle: &Path| ClientTrust::load(&settings, &cert));
+    let current = load(&tls.client_ca)?;
+    let also: Vec<&Path> = if tls.client_crl.as_os_str().is_empty() {
+        Vec::new()
+    } else {
+        vec![tls.client_crl.as_path()]
+    };
+    let handle = Reloadable::with_files(current, &tls.client_ca, &also, "client trust");
+    Ok((handle, load))
+}
+
+/// Why a connection's certificate is no longer accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Untrusted {
+    /// A certificate of the chain is on a CRL in force.
+    #[error("client certificate revoked: it is on the gateway's certificate revocation list")]
+    Revoked,
+    /// A certificate of the chain is past its validity.
+    #[error("client certificate expired")]
+    Expired,
+    /// The chain no longer leads to a CA of the bundle (the CA was removed).
+    #[error(
+        "client certificate no longer trusted: its CA is not in the gateway's client CA bundle"
+    )]
+    UnknownIssuer,
+    /// Anything else (e.g. a CRL past its next update: the status cannot be known).
+    #[error("client certificate no longer accepted: {0}")]
+    Other(String),
+}
+
+impl From<CertificateError> for Untrusted {
+    fn from(e: CertificateError) -> Self {
+        match e {
+            CertificateError::Revoked => Self::Revoked,
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => Self::Expired,
+            CertificateError::UnknownIssuer => Self::UnknownIssuer,
+            other => Self::Other(rustls::Error::InvalidCertificate(other).to_string()),
+        }
+    }
+}
+
+/// One connection's chain, checked against the trust in force before its requests.
+pub struct ConnTrust {
+    handle: TrustHandle,
+    chain: Vec<CertificateDer<'static>>,
+    /// When the leaf expires.
+    leaf_expires: SystemTime,
+    last: Mutex<Checked>,
+}
+
+struct Checked {
+    against: Arc<ClientTrust>,
+    at: Instant,
+    result: Result<(), Untrusted>,
+}
+
+impl std::fmt::Debug for ConnTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnTrust").field("chain_len", &self.chain.len()).finish_non_exhaustive()
+    }
+}
+
+impl ConnTrust {
+    /// A connection whose handshake accepted `chain` under `trust` (from `handle`).
+    pub(super) fn new(
+        handle: TrustHandle,
+        trust: Arc<ClientTrust>,
+        chain: Vec<CertificateDer<'static>>,
+    ) -> Self {
+        let leaf_expires = chain
+            .first()
+            .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
+            .map_or(SystemTime::UNIX_EPOCH, |(_, c)| {
+                let secs = u64::try_from(c.validity().not_after.timestamp()).unwrap_or(0);
+                SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+            });
+        let last = Mutex::new(Checked { against: trust, at: Instant::now(), result: Ok(()) });
+        Self { handle, chain, leaf_expires, last }
+    }
+
+    /// Whether the connection's certificate is still accepted: checked again when the trust
+    /// in force changed, every [`RECHECK_EVERY`], and once the leaf has expired.
+    pub fn check(&self) -> Result<(), Untrusted> {
+        let current = self.handle.current();
+        let now = SystemTime::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = !Arc::ptr_eq(&last.against, &current)
+            || last.at.elapsed() >= RECHECK_EVERY
+            || now > self.leaf_expires;
+        // An expired certificate stays expired; anything else may mend (a CRL entry lifted,
+        // a CA put back), so it is checked again like a good one.
+        if stale && last.result != Err(Untrusted::Expired) {
+            let result = current.verify(&self.chain, now);
+            *last = Checked { against: current, at: Instant::now(), result };
+        }
+        last.result.clone()
+    }
+}
