@@ -219,16 +219,7 @@ async fn revoking_a_connected_certificate_stops_its_next_request_without_a_resta
     get(&mut victim_client).await.unwrap();
 
     publish(crl_path(&gw), &gw.ca.crl(&[&victim], next_week()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        match get(&mut victim_client).await {
-            Err(s) => break s,
-            Ok(()) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Ok(()) => panic!("the revoked certificate still works after 10 s"),
-        }
-    };
+    let status = next_refusal(&mut victim_client).await;
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("revoked"), "{status:?}");
     // The same connection stays refused, a new handshake is refused, others carry on.
@@ -236,15 +227,7 @@ async fn revoking_a_connected_certificate_stops_its_next_request_without_a_resta
     refused(&gw, Some(&victim), "CertificateRevoked").await;
     get(&mut other_client).await.unwrap();
     // Each refused request is audited with its status.
-    let log = std::fs::read_to_string(&gw.config.audit.path).unwrap();
-    let serial =
-        support::serial(&victim).iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-    assert!(
-        log.lines().any(|l| l.contains(&serial)
-            && l.contains("\"UNAUTHENTICATED\"")
-            && l.contains("\"request\"")),
-        "no UNAUTHENTICATED request record for serial {serial}"
-    );
+    assert!(refusal_audited(&gw, &victim, "revoked"), "the refusal is not audited");
 }
 
 #[tokio::test]
@@ -262,11 +245,7 @@ async fn a_broken_crl_update_is_refused_and_the_crls_in_force_stay() {
     get(&mut client).await.unwrap();
     // A good file is taken again: the certificate is reinstated.
     publish(crl_path(&gw), &gw.ca.crl(&[], next_week()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.probe(Some(&revoked), false).await.is_err() {
-        assert!(Instant::now() < deadline, "the new CRL was not taken within 10 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    accepted_soon(&gw, &revoked).await;
 }
 
 #[tokio::test]
@@ -352,6 +331,134 @@ async fn handshake_record(gw: &TestGateway, text: &str) -> String {
         assert!(Instant::now() < deadline, "no handshake record with {text:?} in:\n{log}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// Client CA bundle changes: `tls.client_ca` is reloaded (with `tls.client_crl`), and open
+// connections are checked against the new trust before their next request.
+
+/// Waits (up to 10 s) until a request on `client` is refused; returns the refusal.
+async fn next_refusal(client: &mut SecretsClient<tonic::transport::Channel>) -> tonic::Status {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match get(client).await {
+            Err(s) => return s,
+            Ok(()) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Ok(()) => panic!("still accepted after 10 s"),
+        }
+    }
+}
+
+/// Waits (up to 10 s) until a handshake with `id` is accepted.
+async fn accepted_soon(gw: &TestGateway, id: &Pem) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = gw.probe(Some(id), false).await {
+        assert!(Instant::now() < deadline, "not accepted within 10 s: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// True if the audit log has an UNAUTHENTICATED request record of `id`'s certificate whose
+/// message contains `text`.
+fn refusal_audited(gw: &TestGateway, id: &Pem, text: &str) -> bool {
+    let log = std::fs::read_to_string(&gw.config.audit.path).unwrap();
+    let serial =
+        support::serial(id).iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    log.lines().any(|l| {
+        l.contains(&serial)
+            && l.contains("\"request\"")
+            && l.contains("\"UNAUTHENTICATED\"")
+            && l.contains(text)
+    })
+}
+
+#[tokio::test]
+async fn a_client_ca_added_or_removed_takes_effect_without_a_restart() {
+    let gw = TestGateway::start_with(|c| c.tls.reload_interval_secs = 1).await;
+    let bundle = gw.config.tls.client_ca.clone();
+    let old_id = gw.ca.client("spiffe://test.example/admin");
+    let mut old = SecretsClient::new(gw.channel(&old_id).await.unwrap());
+    get(&mut old).await.unwrap();
+    let next_ca = Ca::new("next client CA");
+    let new_id = next_ca.client("spiffe://test.example/admin");
+    refused(&gw, Some(&new_id), "UnknownCA").await;
+
+    // Both CAs, as during a CA rotation: the new CA's clients come in, the old ones carry on.
+    publish(&bundle, &format!("{}{}", gw.ca.cert_pem, next_ca.cert_pem));
+    accepted_soon(&gw, &new_id).await;
+    let mut new = SecretsClient::new(gw.channel(&new_id).await.unwrap());
+    get(&mut new).await.unwrap();
+    get(&mut old).await.unwrap();
+
+    // The old CA removed: its open connection is refused at its next request (and stays
+    // refused), and so is a new handshake; the new CA's clients carry on.
+    publish(&bundle, &next_ca.cert_pem);
+    let status = next_refusal(&mut old).await;
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("no longer trusted"), "{status:?}");
+    assert_eq!(get(&mut old).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    refused(&gw, Some(&old_id), "UnknownCA").await;
+    get(&mut new).await.unwrap();
+    assert!(refusal_audited(&gw, &old_id, "no longer trusted"), "the refusal is not audited");
+}
+
+#[tokio::test]
+async fn a_broken_client_ca_bundle_is_refused_and_the_trust_in_force_stays() {
+    let gw = TestGateway::start_with(|c| c.tls.reload_interval_secs = 1).await;
+    let bundle = gw.config.tls.client_ca.clone();
+    let id = gw.ca.client("spiffe://test.example/admin");
+    let mut open = SecretsClient::new(gw.channel(&id).await.unwrap());
+    for broken in ["garbage", "removed", "empty"] {
+        match broken {
+            "garbage" => {
+                publish(&bundle, "-----BEGIN CERTIFICATE-----\nbm90\n-----END CERTIFICATE-----\n")
+            }
+            "removed" => std::fs::remove_file(&bundle).unwrap(),
+            _ => publish(&bundle, ""),
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        get(&mut open).await.unwrap_or_else(|e| panic!("{broken} bundle: {e:?}"));
+        gw.probe(Some(&id), false).await.unwrap_or_else(|e| panic!("{broken} bundle: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn a_new_client_ca_waits_for_its_crl_and_the_pair_is_taken_together() {
+    let next_ca = Ca::new("next client CA");
+    let new_id = next_ca.client("spiffe://test.example/admin");
+    let gw = with_crl(Ca::new(support::TEST_CA), |ca| ca.crl(&[], next_week())).await.unwrap();
+    let old_id = gw.ca.client("spiffe://test.example/admin");
+    let mut old = SecretsClient::new(gw.channel(&old_id).await.unwrap());
+    // The bundle first: without a CRL from the new CA the pair is refused, the trust in force
+    // stays (the new CA's clients are still refused, the old ones carry on).
+    publish(&gw.config.tls.client_ca, &format!("{}{}", gw.ca.cert_pem, next_ca.cert_pem));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    refused(&gw, Some(&new_id), "UnknownCA").await;
+    get(&mut old).await.unwrap();
+    // Then its CRL: the pair is taken.
+    let crls = format!("{}{}", gw.ca.crl(&[], next_week()), next_ca.crl(&[], next_week()));
+    publish(crl_path(&gw), &crls);
+    accepted_soon(&gw, &new_id).await;
+    get(&mut old).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_certificate_that_expires_while_connected_is_refused_at_its_next_request() {
+    let gw = TestGateway::start().await;
+    let expires = OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let short = gw.ca.issue(|p| {
+        p.subject_alt_names = vec![SanType::URI("spiffe://test.example/admin".try_into().unwrap())];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.not_after = expires;
+    });
+    let mut client = SecretsClient::new(gw.channel(&short).await.unwrap());
+    get(&mut client).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let status = get(&mut client).await.expect_err("an expired certificate must be refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("expired"), "{status:?}");
+    assert!(refusal_audited(&gw, &short, "expired"), "the refusal is not audited");
 }
 
 // Server certificate rotation: `tls.cert` and `tls.key` are reloaded when they change.
