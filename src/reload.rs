@@ -1,5 +1,5 @@
 //! Hot reload of file-backed values: the keyring, the policy, the server certificate and key,
-//! and the client CRLs.
+//! and the client trust (CA bundle and CRLs).
 //!
 //! A [`Reloadable`] holds the last good value. A background task re-reads the file when its
 //! contents change (checked every interval) and on SIGHUP; a new file that fails to load is
