@@ -16,7 +16,7 @@
 use std::{
     path::Path,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use rustls::{
@@ -168,7 +168,7 @@ pub struct ConnTrust {
 
 struct Checked {
     against: Arc<ClientTrust>,
-    at: Instant,
+    at: SystemTime,
     result: Result<(), Untrusted>,
 }
 
@@ -192,7 +192,7 @@ impl ConnTrust {
                 let secs = u64::try_from(c.validity().not_after.timestamp()).unwrap_or(0);
                 SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
             });
-        let last = Mutex::new(Checked { against: trust, at: Instant::now(), result: Ok(()) });
+        let last = Mutex::new(Checked { against: trust, at: SystemTime::now(), result: Ok(()) });
         Self { handle, chain, leaf_expires, last }
     }
 
@@ -203,13 +203,14 @@ impl ConnTrust {
         let now = SystemTime::now();
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let stale = !Arc::ptr_eq(&last.against, &current)
-            || last.at.elapsed() >= RECHECK_EVERY
+            // A clock set back counts as stale too.
+            || now.duration_since(last.at).map_or(true, |d| d >= RECHECK_EVERY)
             || now > self.leaf_expires;
         // An expired certificate stays expired; anything else may mend (a CRL entry lifted,
         // a CA put back), so it is checked again like a good one.
         if stale && last.result != Err(Untrusted::Expired) {
             let result = current.verify(&self.chain, now);
-            *last = Checked { against: current, at: Instant::now(), result };
+            *last = Checked { against: current, at: now, result };
         }
         last.result.clone()
     }
