@@ -157,6 +157,7 @@ impl Gateway {
             ServerCert::describe,
         ));
         watchers.push(trust.watch(config.tls.reload_interval(), load_trust, ClientTrust::describe));
+        watchers.push(tls::warn_when_crls_are_due(Arc::clone(&trust)));
         Ok(Self { addr, shutdown: Some(tx), task, watchers, audit, checkpoint_task })
     }
 

@@ -37,6 +37,9 @@ pub struct ClientCrl {
     version: String,
     crls: usize,
     next_update: Option<String>,
+    /// The CRL due first: when a warning is due (a quarter of its validity left, in Unix
+    /// seconds), and what to say.
+    due: Option<(i64, String)>,
 }
 
 impl std::fmt::Debug for ClientCrl {
@@ -67,6 +70,7 @@ impl ClientCrl {
         let mut revoked = 0;
         let mut issuers: Vec<Vec<u8>> = Vec::new();
         let mut next_update: Option<x509_parser::time::ASN1Time> = None;
+        let mut due: Option<(i64, String)> = None;
         for (n, der) in ders.iter().enumerate() {
             let which = format!("CRL {} of {}", n + 1, ders.len());
             let crl = match CertificateRevocationList::from_der(der) {
@@ -94,6 +98,15 @@ impl ClientCrl {
                     )));
                 }
                 next_update = Some(next_update.map_or(next, |t| t.min(next)));
+                let (this, next_secs) = (crl.last_update().timestamp(), next.timestamp());
+                let warn_at = next_secs - (next_secs - this).max(0) / 4;
+                if due.as_ref().is_none_or(|(at, _)| warn_at < *at) {
+                    let say = format!(
+                        "the client CRL of {issuer} expires at {next} (its next update): publish \
+                         a fresh one before then, or every certificate of that CA is refused"
+                    );
+                    due = Some((warn_at, say));
+                }
             }
             revoked += crl.iter_revoked_certificates().count();
         }
@@ -112,7 +125,15 @@ impl ClientCrl {
             version: hex::encode(&Sha256::digest(&pem)[..6]),
             crls: issuers.len(),
             next_update: next_update.map(|t| t.to_string()),
+            due,
         })
+    }
+
+    /// A warning once a CRL has less than a quarter of its validity (this update to next
+    /// update) left at `now` (Unix seconds): its publisher is late, and the CRL will soon
+    /// refuse every certificate of its CA.
+    pub fn due(&self, now: i64) -> Option<&str> {
+        self.due.as_ref().filter(|(at, _)| now >= *at).map(|(_, say)| say.as_str())
     }
 
     /// The verifier for handshakes: the client CA bundle with these CRLs.
@@ -194,6 +215,13 @@ mod tests {
         let crl = load(&pem(&SEED.1)).unwrap();
         let shown = crl.describe();
         assert!(shown.starts_with("sha256:") && shown.contains("1 CRLs, 2 revoked"), "{shown}");
+        // Valid from an hour ago for 30 days: due for a warning in the last quarter only.
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert_eq!(crl.due(now), None);
+        let late = now + 23 * 86_400;
+        let warning = crl.due(late).expect("a quarter of the validity left");
+        assert!(warning.contains("expires at") && warning.contains("publish"), "{warning}");
+        assert!(crl.due(late - 86_400).is_none(), "{warning}");
         assert_eq!(format!("{crl:?}"), shown);
     }
 

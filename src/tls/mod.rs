@@ -27,7 +27,9 @@ use rustls::{
 
 pub use acceptor::{ConnInfo, REFUSAL_BURST, REFUSALS_PER_SEC, TlsConnection, TlsIncoming};
 pub use crl::ClientCrl;
-pub use trust::{ClientTrust, ConnTrust, TrustHandle, Untrusted, client_trust};
+pub use trust::{
+    ClientTrust, ConnTrust, TrustHandle, Untrusted, client_trust, warn_when_crls_are_due,
+};
 
 use crate::config::TlsConfig;
 

@@ -97,6 +97,12 @@ impl ClientTrust {
         }
     }
 
+    /// A warning when a CRL in force is near its next update (see [`ClientCrl::due`]).
+    pub fn due(&self, now: SystemTime) -> Option<&str> {
+        let secs = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.crl.as_ref().and_then(|crl| crl.due(i64::try_from(secs).unwrap_or(i64::MAX)))
+    }
+
     /// For the log: the bundle's digest and size, and the CRLs'.
     pub fn describe(&self) -> String {
         let crl = self.crl.as_ref().map_or_else(|| "no CRL".to_owned(), ClientCrl::describe);
@@ -125,6 +131,33 @@ pub fn client_trust(
     };
     let handle = Reloadable::with_files(current, &tls.client_ca, &also, "client trust");
     Ok((handle, load))
+}
+
+/// How often the CRLs in force are looked at for a coming next update.
+const DUE_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// How often the warning of a CRL near its next update is repeated.
+const DUE_WARN_EVERY: Duration = Duration::from_secs(3600);
+
+/// Spawns the task that warns in the log (every hour, and at once after each change) while a
+/// CRL in force has less than a quarter of its validity left: past its next update it would
+/// refuse every certificate of its CA.
+pub fn warn_when_crls_are_due(handle: TrustHandle) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(DUE_CHECK_EVERY);
+        let mut warned: Option<(Arc<ClientTrust>, std::time::Instant)> = None;
+        loop {
+            tick.tick().await;
+            let current = handle.current();
+            let Some(warning) = current.due(SystemTime::now()) else { continue };
+            let repeat = warned.as_ref().is_none_or(|(trust, at)| {
+                !Arc::ptr_eq(trust, &current) || at.elapsed() >= DUE_WARN_EVERY
+            });
+            if repeat {
+                tracing::warn!("{warning}");
+                warned = Some((Arc::clone(&current), std::time::Instant::now()));
+            }
+        }
+    })
 }
 
 /// Why a connection's certificate is no longer accepted.
