@@ -15,10 +15,16 @@
 //! Every name is checked for a strict character set, so a principal is safe to print in a
 //! log line or use as a policy subject.
 
-use std::fmt;
+use std::{
+    fmt,
+    time::{Duration, SystemTime},
+};
 
 use sha2::{Digest, Sha256};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::{
+    prelude::{FromDer, GeneralName, X509Certificate},
+    time::ASN1Time,
+};
 
 /// Longest accepted principal text, in bytes.
 const MAX_PRINCIPAL_BYTES: usize = 1024;
@@ -38,6 +44,8 @@ pub struct PeerIdentity {
     pub fingerprint: String,
     /// The certificate serial number, colon-separated hex.
     pub serial: String,
+    /// When the certificate expires (its notAfter).
+    pub expires: SystemTime,
 }
 
 /// Why a verified certificate still cannot name a caller.
@@ -86,8 +94,15 @@ impl PeerIdentity {
             principal,
             fingerprint: hex::encode(Sha256::digest(der)),
             serial: cert.raw_serial_as_string(),
+            expires: system_time(cert.validity().not_after),
         })
     }
+}
+
+/// An X.509 time as a [`SystemTime`] (times before 1970 as the epoch).
+pub(crate) fn system_time(t: ASN1Time) -> SystemTime {
+    let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
 fn principal_of(cert: &X509Certificate<'_>) -> Result<Principal, IdentityError> {
@@ -246,6 +261,17 @@ mod tests {
             p.distinguished_name.push(DnType::CommonName, "ignored");
         });
         assert_eq!(principal(&der).unwrap(), "spiffe://prod.example/payments/api");
+    }
+
+    #[test]
+    fn the_expiry_is_the_certificates_not_after() {
+        let not_after = time::OffsetDateTime::from_unix_timestamp(2_000_000_000).unwrap();
+        let der = cert(|p| {
+            p.subject_alt_names = vec![uri("spiffe://prod.example/payments/api")];
+            p.not_after = not_after;
+        });
+        let expires = PeerIdentity::from_der(&der).unwrap().expires;
+        assert_eq!(expires, SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000));
     }
 
     #[test]

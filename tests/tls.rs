@@ -219,15 +219,8 @@ async fn revoking_a_connected_certificate_stops_its_next_request_without_a_resta
     get(&mut victim_client).await.unwrap();
 
     publish(crl_path(&gw), &gw.ca.crl(&[&victim], next_week()));
-    let status = next_refusal(&mut victim_client).await;
-    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
-    assert!(status.message().contains("revoked"), "{status:?}");
-    // The same connection stays refused, a new handshake is refused, others carry on.
-    assert_eq!(get(&mut victim_client).await.unwrap_err().code(), tonic::Code::Unauthenticated);
-    refused(&gw, Some(&victim), "CertificateRevoked").await;
-    get(&mut other_client).await.unwrap();
-    // Each refused request is audited with its status.
-    assert!(refusal_audited(&gw, &victim, "revoked"), "the refusal is not audited");
+    let cut = Cut { message: "revoked", alert: "CertificateRevoked" };
+    cut.off(&gw, &mut victim_client, &victim, &mut other_client).await;
 }
 
 #[tokio::test]
@@ -350,6 +343,34 @@ async fn next_refusal(client: &mut SecretsClient<tonic::transport::Channel>) -> 
     }
 }
 
+/// How a connection is cut off: the refusal's message and the alert of a new handshake.
+struct Cut {
+    message: &'static str,
+    alert: &'static str,
+}
+
+impl Cut {
+    /// Waits until a request on `client` (a connection of `id`) is refused, and checks that
+    /// it is UNAUTHENTICATED with the message, that the connection stays refused, that a new
+    /// handshake fails with the alert, that `other` carries on, and that the refusal is
+    /// audited.
+    async fn off(
+        &self,
+        gw: &TestGateway,
+        client: &mut SecretsClient<tonic::transport::Channel>,
+        id: &Pem,
+        other: &mut SecretsClient<tonic::transport::Channel>,
+    ) {
+        let status = next_refusal(client).await;
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains(self.message), "{status:?}");
+        assert_eq!(get(client).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+        refused(gw, Some(id), self.alert).await;
+        get(other).await.unwrap();
+        assert!(refusal_audited(gw, id, self.message), "the refusal is not audited");
+    }
+}
+
 /// Waits (up to 10 s) until a handshake with `id` is accepted.
 async fn accepted_soon(gw: &TestGateway, id: &Pem) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -394,13 +415,8 @@ async fn a_client_ca_added_or_removed_takes_effect_without_a_restart() {
     // The old CA removed: its open connection is refused at its next request (and stays
     // refused), and so is a new handshake; the new CA's clients carry on.
     publish(&bundle, &next_ca.cert_pem);
-    let status = next_refusal(&mut old).await;
-    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
-    assert!(status.message().contains("no longer trusted"), "{status:?}");
-    assert_eq!(get(&mut old).await.unwrap_err().code(), tonic::Code::Unauthenticated);
-    refused(&gw, Some(&old_id), "UnknownCA").await;
-    get(&mut new).await.unwrap();
-    assert!(refusal_audited(&gw, &old_id, "no longer trusted"), "the refusal is not audited");
+    let cut = Cut { message: "no longer trusted", alert: "UnknownCA" };
+    cut.off(&gw, &mut old, &old_id, &mut new).await;
 }
 
 #[tokio::test]

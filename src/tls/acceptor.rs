@@ -227,7 +227,7 @@ async fn accept_loop(
             match handshake(acceptor, tcp, peer_addr, handshake_timeout).await {
                 Ok((stream, identity, chain)) => {
                     tracing::debug!(peer = %peer_addr, principal = %identity.principal, "client connected");
-                    let trust = Arc::new(ConnTrust::new(handle, current, chain));
+                    let trust = Arc::new(ConnTrust::new(handle, current, chain, identity.expires));
                     let info = ConnInfo { peer_addr, identity: Arc::new(identity), trust };
                     // A closed channel means the server is shutting down: drop the connection.
                     let _ = tx.send(TlsConnection { stream, info, _slot: slot }).await;

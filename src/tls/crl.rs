@@ -14,7 +14,7 @@
 //! the CRLs change ([`super::trust`]), so revoking a certificate stops it at its next
 //! request, without a restart or a reconnect.
 
-use std::{path::Path, sync::Arc};
+use std::{path::Path, sync::Arc, time::SystemTime};
 
 use rustls::{
     pki_types::{CertificateRevocationListDer, pem::PemObject},
@@ -27,6 +27,8 @@ use x509_parser::{
 };
 
 use super::{ClientCas, TlsError, pem_error, read};
+use crate::identity::system_time;
+
 const WHAT: &str = "client CRL";
 
 /// A checked set of CRLs, and the verifier rustls uses with them.
@@ -37,9 +39,9 @@ pub struct ClientCrl {
     version: String,
     crls: usize,
     next_update: Option<String>,
-    /// The CRL due first: when a warning is due (a quarter of its validity left, in Unix
-    /// seconds), and what to say.
-    due: Option<(i64, String)>,
+    /// The CRL due first: when a warning is due (a quarter of its validity left), and what
+    /// to say.
+    due: Option<(SystemTime, String)>,
 }
 
 impl std::fmt::Debug for ClientCrl {
@@ -70,7 +72,7 @@ impl ClientCrl {
         let mut revoked = 0;
         let mut issuers: Vec<Vec<u8>> = Vec::new();
         let mut next_update: Option<x509_parser::time::ASN1Time> = None;
-        let mut due: Option<(i64, String)> = None;
+        let mut due: Option<(SystemTime, String)> = None;
         for (n, der) in ders.iter().enumerate() {
             let which = format!("CRL {} of {}", n + 1, ders.len());
             let crl = match CertificateRevocationList::from_der(der) {
@@ -98,8 +100,8 @@ impl ClientCrl {
                     )));
                 }
                 next_update = Some(next_update.map_or(next, |t| t.min(next)));
-                let (this, next_secs) = (crl.last_update().timestamp(), next.timestamp());
-                let warn_at = next_secs - (next_secs - this).max(0) / 4;
+                let (this, next_at) = (system_time(crl.last_update()), system_time(next));
+                let warn_at = next_at - next_at.duration_since(this).unwrap_or_default() / 4;
                 if due.as_ref().is_none_or(|(at, _)| warn_at < *at) {
                     let say = format!(
                         "the client CRL of {issuer} expires at {next} (its next update): publish \
@@ -132,7 +134,7 @@ impl ClientCrl {
     /// A warning once a CRL has less than a quarter of its validity (this update to next
     /// update) left at `now` (Unix seconds): its publisher is late, and the CRL will soon
     /// refuse every certificate of its CA.
-    pub fn due(&self, now: i64) -> Option<&str> {
+    pub fn due(&self, now: SystemTime) -> Option<&str> {
         self.due.as_ref().filter(|(at, _)| now >= *at).map(|(_, say)| say.as_str())
     }
 
@@ -216,12 +218,12 @@ mod tests {
         let shown = crl.describe();
         assert!(shown.starts_with("sha256:") && shown.contains("1 CRLs, 2 revoked"), "{shown}");
         // Valid from an hour ago for 30 days: due for a warning in the last quarter only.
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let (now, day) = (SystemTime::now(), std::time::Duration::from_secs(86_400));
         assert_eq!(crl.due(now), None);
-        let late = now + 23 * 86_400;
+        let late = now + 23 * day;
         let warning = crl.due(late).expect("a quarter of the validity left");
         assert!(warning.contains("expires at") && warning.contains("publish"), "{warning}");
-        assert!(crl.due(late - 86_400).is_none(), "{warning}");
+        assert!(crl.due(late - day).is_none(), "{warning}");
         assert_eq!(format!("{crl:?}"), shown);
     }
 

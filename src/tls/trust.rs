@@ -99,8 +99,7 @@ impl ClientTrust {
 
     /// A warning when a CRL in force is near its next update (see [`ClientCrl::due`]).
     pub fn due(&self, now: SystemTime) -> Option<&str> {
-        let secs = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        self.crl.as_ref().and_then(|crl| crl.due(i64::try_from(secs).unwrap_or(i64::MAX)))
+        self.crl.as_ref()?.due(now)
     }
 
     /// For the log: the bundle's digest and size, and the CRLs'.
@@ -212,19 +211,14 @@ impl std::fmt::Debug for ConnTrust {
 }
 
 impl ConnTrust {
-    /// A connection whose handshake accepted `chain` under `trust` (from `handle`).
+    /// A connection whose handshake accepted `chain`, with a leaf that expires at
+    /// `leaf_expires`, under `trust` (from `handle`).
     pub(super) fn new(
         handle: TrustHandle,
         trust: Arc<ClientTrust>,
         chain: Vec<CertificateDer<'static>>,
+        leaf_expires: SystemTime,
     ) -> Self {
-        let leaf_expires = chain
-            .first()
-            .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
-            .map_or(SystemTime::UNIX_EPOCH, |(_, c)| {
-                let secs = u64::try_from(c.validity().not_after.timestamp()).unwrap_or(0);
-                SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
-            });
         let last = Mutex::new(Checked { against: trust, at: SystemTime::now(), result: Ok(()) });
         Self { handle, chain, leaf_expires, last }
     }
