@@ -14,8 +14,10 @@ pub mod api;
 pub mod audit;
 pub mod authz;
 pub mod cli;
+mod clock;
 pub mod config;
 pub mod crypto;
+mod fs;
 pub mod identity;
 pub mod path;
 pub mod proto;
@@ -27,9 +29,9 @@ pub mod tls;
 #[cfg(test)]
 mod testing;
 
-pub use api::{ApiError, SecretsService};
+pub use api::{ApiError, SecretsService, Vault};
 pub use config::Config;
 pub use identity::{PeerIdentity, Principal};
-pub use path::{PathPrefix, SecretPath};
+pub use path::{PathPrefix, SecretPath, Target};
 pub use server::{Gateway, StartError};
 pub use store::{EmbeddedStore, Store, StoreError};

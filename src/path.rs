@@ -27,6 +27,18 @@ pub enum PathPrefix {
     Path(SecretPath),
 }
 
+/// What a request acts on: one secret, or the whole store (`/`, for operator actions).
+///
+/// The only inputs authorization decides on; like [`SecretPath`], a `Target` is canonical
+/// by construction, so the policy's pattern matcher never sees anything else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The whole store: `/`.
+    Root,
+    /// One secret.
+    Secret(SecretPath),
+}
+
 /// Why a path was refused. Messages name the rule and echo at most a short, sanitized
 /// excerpt of the input (paths are not secret, but they are attacker-controlled text).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -137,6 +149,40 @@ impl PathPrefix {
     }
 }
 
+impl Target {
+    /// Parses `/` or a canonical secret path.
+    pub fn parse(input: &str) -> Result<Self, PathError> {
+        match SecretPath::parse(input) {
+            Ok(p) => Ok(Self::Secret(p)),
+            Err(PathError::Root) => Ok(Self::Root),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The canonical text: `/` or the path.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Root => "/",
+            Self::Secret(p) => p.as_str(),
+        }
+    }
+
+    /// The segments, in order; `/` has none.
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        let path = match self {
+            Self::Root => None,
+            Self::Secret(p) => Some(p.segments()),
+        };
+        path.into_iter().flatten()
+    }
+}
+
+impl From<SecretPath> for Target {
+    fn from(p: SecretPath) -> Self {
+        Self::Secret(p)
+    }
+}
+
 fn check_segment(segment: &str, n: usize) -> Result<(), PathError> {
     if segment.is_empty() {
         return Err(PathError::EmptySegment(n));
@@ -166,6 +212,12 @@ impl fmt::Display for SecretPath {
 impl fmt::Debug for SecretPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SecretPath({})", self.0)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -233,6 +285,18 @@ mod tests {
         assert_eq!(PathPrefix::parse("/app/").unwrap(), app);
         assert!(PathPrefix::parse("/app//").is_err());
         assert!(PathPrefix::parse("").is_err());
+    }
+
+    #[test]
+    fn targets_are_the_root_or_a_secret_path() {
+        assert_eq!(Target::parse("/").unwrap(), Target::Root);
+        assert_eq!(Target::Root.segments().count(), 0);
+        let t = Target::parse("/a/b").unwrap();
+        assert_eq!(t.as_str(), "/a/b");
+        assert_eq!(t.segments().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(Target::parse("//"), Err(PathError::EmptySegment(1)));
+        assert_eq!(Target::parse("a"), Err(PathError::NotAbsolute));
+        assert_eq!(Target::parse(""), Err(PathError::Empty));
     }
 
     proptest! {

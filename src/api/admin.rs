@@ -9,11 +9,8 @@ use tonic::{Request, Response, Status};
 use super::{ApiError, Call, Vault};
 use crate::{
     audit::AuditLog,
-    authz::{Action, Authorizer, Permit},
-    crypto::{
-        KeyState,
-        rotation::{self, RewrapProgress},
-    },
+    authz::{Authorizer, Permit, WholeStore, act},
+    crypto::{KeyState, rotation::RewrapProgress},
     proto::v1::{self, admin_server::Admin},
 };
 
@@ -35,13 +32,16 @@ impl AdminService {
         Self { vault, authz, audit, rewrap: Arc::new(Mutex::new(())) }
     }
 
-    fn permit(&self, call: &mut Call) -> Result<Permit, ApiError> {
-        call.authorize(&self.authz, "/", Action::Admin)
+    fn permit(&self, call: &mut Call) -> Result<Permit<act::Admin>, ApiError> {
+        call.authorize::<act::Admin>(&self.authz, WholeStore)
     }
 
-    async fn key_status(&self, permit: &Permit) -> Result<v1::KeyStatusResponse, ApiError> {
-        let usage = self.vault.key_usage(permit).await?;
-        let ring = self.vault.keys().current();
+    async fn key_status(
+        &self,
+        permit: &Permit<act::Admin>,
+    ) -> Result<v1::KeyStatusResponse, ApiError> {
+        let status = self.vault.key_status(permit).await?;
+        let (ring, usage) = (&status.ring, &status.usage);
         let mut keys: Vec<v1::KeyInfo> = ring
             .keys()
             .iter()
@@ -67,13 +67,16 @@ impl AdminService {
             keys,
             unreadable_records: usage.unreadable,
             total_records: usage.total,
-            reload_error: self.vault.keys().last_error().unwrap_or_default(),
+            reload_error: status.reload_error.unwrap_or_default(),
         })
     }
 }
 
 impl AdminService {
-    async fn audit_status(&self, permit: &Permit) -> Result<v1::AuditStatusResponse, ApiError> {
+    async fn audit_status(
+        &self,
+        permit: &Permit<act::Admin>,
+    ) -> Result<v1::AuditStatusResponse, ApiError> {
         let Some(log_id) = self.audit.log_id() else {
             return Ok(v1::AuditStatusResponse { enabled: false, ..Default::default() });
         };
@@ -152,21 +155,18 @@ impl Admin for AdminService {
             return call.finish(Err(ApiError::RewrapRunning)).await;
         };
         // Rewrap rewrites the store: its intent is recorded before it starts.
-        if let Err(e) = call.intent().await {
-            return call.finish(Err(e)).await;
-        }
-        let (usage, store) = match self
-            .vault
-            .key_usage(&permit)
-            .await
-            .and_then(|u| Ok((u, self.vault.store_for_rewrap(&permit)?)))
-        {
-            Ok(x) => x,
+        let intent = match call.intent().await {
+            Ok(intent) => intent,
             Err(e) => return call.finish(Err(e)).await,
         };
-        let keys = self.vault.keys().clone();
-        let primary = keys.current().primary().id.to_string();
+        let status = match self.vault.key_status(&permit).await {
+            Ok(status) => status,
+            Err(e) => return call.finish(Err(e)).await,
+        };
+        let primary = status.ring.primary().id.to_string();
+        let usage = &status.usage;
         let to_rewrap = usage.total - usage.records.get(&primary).copied().unwrap_or(0);
+        let vault = self.vault.clone();
         let (tx, rx) = mpsc::channel(16);
         // The caller gets the stream now; the outcome (how the rewrap ended, with its counts)
         // is recorded when it ends, and is durable before the stream's last message.
@@ -176,18 +176,19 @@ impl Admin for AdminService {
             let _running = guard;
             let started = Instant::now();
             let progress_tx = tx.clone();
-            let result = rotation::rewrap(&*store, &keys, |p| {
-                // A closed stream means the caller cancelled: stop, resumable later.
-                if progress_tx.is_closed() {
-                    return ControlFlow::Break(());
-                }
-                if p.scanned % PROGRESS_EVERY == 0 {
-                    // Lossy on purpose: a slow reader only misses intermediate counts.
-                    let _ = progress_tx.try_send(Ok(progress_message(to_rewrap, p, false)));
-                }
-                ControlFlow::Continue(())
-            })
-            .await;
+            let result = vault
+                .rewrap(&permit, intent, |p| {
+                    // A closed stream means the caller cancelled: stop, resumable later.
+                    if progress_tx.is_closed() {
+                        return ControlFlow::Break(());
+                    }
+                    if p.scanned % PROGRESS_EVERY == 0 {
+                        // Lossy on purpose: a slow reader only misses intermediate counts.
+                        let _ = progress_tx.try_send(Ok(progress_message(to_rewrap, p, false)));
+                    }
+                    ControlFlow::Continue(())
+                })
+                .await;
             let outcome = match result {
                 Ok(p) => {
                     let done = !tx.is_closed();
@@ -208,7 +209,7 @@ impl Admin for AdminService {
                         Err(ApiError::RewrapCancelled)
                     }
                 }
-                Err(e) => Err(ApiError::from_store_fault(e)),
+                Err(e) => Err(e),
             };
             let last = call.finish(outcome).await.map(Response::into_inner);
             let _ = tx.send(last).await;

@@ -13,14 +13,25 @@ use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
 
 use super::ApiError;
 use crate::{
-    audit::{AuditLog, InFlight, Kind, Phase, Record, Writing},
-    authz::{Action, Authorizer, Permit},
+    audit::{AuditLog, InFlight, Intent, Kind, Phase, Record, Writing},
+    authz::{Act, Action, Authorizer, Decision, Permit},
     identity::PeerIdentity,
     tls::ConnInfo,
 };
 
 /// The response header that carries the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The rule an audit record names for a List, whose results are filtered path by path.
+const FILTERED: &str = "filtered per path";
+
+/// How authorization decided a request.
+enum Decided {
+    /// The policy decided (and, when it allowed, which policy version).
+    Policy(Decision, Option<String>),
+    /// Allowed, with its results filtered path by path (List).
+    Filtered,
+}
 
 /// Per-request context; see the module docs.
 pub(crate) struct Call {
@@ -31,7 +42,7 @@ pub(crate) struct Call {
     request_id: String,
     audit: AuditLog,
     action: Option<Action>,
-    decision: Option<(&'static str, String, Option<String>)>,
+    decision: Option<Decided>,
     version: Option<u64>,
     key_id: Option<String>,
     /// Set once the intent of a write is durable, until its outcome is handed over (the
@@ -81,26 +92,24 @@ impl Call {
         Ok(Arc::clone(&conn.identity))
     }
 
-    /// Authorizes `action` on `target` for the caller, noting the decision for the record.
-    pub(crate) fn authorize(
+    /// Authorizes `A` on `on` for the caller, noting the decision for the record.
+    pub(crate) fn authorize<A: Act>(
         &mut self,
         authz: &Authorizer,
-        target: &str,
-        action: Action,
-    ) -> Result<Permit, ApiError> {
+        on: A::On,
+    ) -> Result<Permit<A>, ApiError> {
         let id = self.identity()?;
-        self.action = Some(action);
-        let rule = |line: Option<usize>| {
-            line.map_or_else(|| "default deny".to_owned(), |l| format!("policy.csv:{l}"))
-        };
-        match authz.authorize(&id.principal, target, action) {
+        self.action = Some(A::ACTION);
+        match authz.authorize::<A>(&id.principal, on) {
             Ok(permit) => {
-                let version = Some(permit.policy_version().to_owned());
-                self.decision = Some(("allow", rule(permit.rule_line()), version));
+                let decision = Decision::Allow { rule_line: permit.rule_line() };
+                self.decision =
+                    Some(Decided::Policy(decision, Some(permit.policy_version().to_owned())));
                 Ok(permit)
             }
             Err(denied) => {
-                self.decision = Some(("deny", rule(denied.rule_line), None));
+                let decision = Decision::Deny { rule_line: denied.rule_line };
+                self.decision = Some(Decided::Policy(decision, None));
                 Err(denied.into())
             }
         }
@@ -109,7 +118,7 @@ impl Call {
     /// Notes that the request's results are filtered path by path for `action` (List).
     pub(crate) fn filtered(&mut self, action: Action) {
         self.action = Some(action);
-        self.decision = Some(("allow", "filtered per path".to_owned(), None));
+        self.decision = Some(Decided::Filtered);
     }
 
     /// Notes the secret version the request wrote, read or deleted.
@@ -122,16 +131,17 @@ impl Call {
         self.key_id = Some(key_id.to_owned());
     }
 
-    /// Records the intent of a write, durably, before the store is touched.
-    pub(crate) async fn intent(&mut self) -> Result<(), ApiError> {
+    /// Records the intent of a write, durably, before the store is touched: the [`Intent`]
+    /// the vault's writing methods require.
+    pub(crate) async fn intent(&mut self) -> Result<Intent, ApiError> {
         let record = self.record(Phase::Intent, None);
-        self.audit.append(record).await.map_err(|e| {
+        let intent = self.audit.append_intent(record).await.map_err(|e| {
             tracing::error!(request_id = %self.request_id, error = %e, "write refused: its intent cannot be recorded");
             ApiError::AuditUnavailable
         })?;
         self.writing = Some(self.audit.writing());
         self.intent_recorded = true;
-        Ok(())
+        Ok(intent)
     }
 
     /// Notes what a long-running request did (Rewrap's counts), for its outcome record.
@@ -237,9 +247,16 @@ impl Call {
         r.method = Some(self.method.to_owned());
         r.path = (!self.path.is_empty()).then(|| self.path.clone());
         r.action = self.action.map(|a| a.to_string());
-        if let Some((decision, rule, policy)) = &self.decision {
-            (r.decision, r.rule, r.policy_version) =
-                (Some((*decision).to_owned()), Some(rule.clone()), policy.clone());
+        match &self.decision {
+            Some(Decided::Policy(d, policy)) => {
+                let name = if d.is_allow() { "allow" } else { "deny" };
+                (r.decision, r.rule, r.policy_version) =
+                    (Some(name.to_owned()), Some(d.rule()), policy.clone());
+            }
+            Some(Decided::Filtered) => {
+                (r.decision, r.rule) = (Some("allow".to_owned()), Some(FILTERED.to_owned()));
+            }
+            None => {}
         }
         if phase == Phase::Outcome {
             r.status = Some(code_name(status.map_or(Code::Ok, Status::code)).to_owned());
@@ -265,7 +282,11 @@ impl Call {
                 tracing::info!(method = self.method, %request_id, %principal, %peer, path = ?self.path, latency_us, "ok");
             }
             Err(err) => {
-                let rule = self.decision.as_ref().map(|d| d.1.as_str()).unwrap_or_default();
+                let rule = match &self.decision {
+                    Some(Decided::Policy(d, _)) => d.rule(),
+                    Some(Decided::Filtered) => FILTERED.to_owned(),
+                    None => String::new(),
+                };
                 tracing::info!(
                     method = self.method, %request_id, %principal, %peer, path = ?self.path,
                     latency_us, code = ?err.code(), error = %err, %rule, "refused"

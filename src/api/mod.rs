@@ -23,7 +23,7 @@ pub use vault::Vault;
 use self::call::Call;
 use crate::{
     audit::AuditLog,
-    authz::{Action, Authorizer},
+    authz::{Action, Authorizer, act},
     path::{PathPrefix, SecretPath},
     proto::v1::{self, secrets_server::Secrets},
     store::UnixMillis,
@@ -53,6 +53,11 @@ impl SecretsService {
         Self { vault, authz, audit, max_value_bytes }
     }
 
+    /// The context of one RPC: `path` is the path or prefix as sent (for the record).
+    fn call<T>(&self, method: &'static str, request: &Request<T>, path: &str) -> Call {
+        Call::new(method, request, path, &self.audit)
+    }
+
     async fn put_secret(
         &self,
         call: &mut Call,
@@ -63,9 +68,10 @@ impl SecretsService {
         if value.len() as u64 > self.max_value_bytes {
             return Err(ApiError::ValueTooLarge { size: value.len(), limit: self.max_value_bytes });
         }
-        let permit = call.authorize(&self.authz, path.as_str(), Action::Write)?;
-        call.intent().await?;
-        let (info, key_id) = self.vault.write(&permit, &path, req.expected_version, &value).await?;
+        let permit = call.authorize::<act::Write>(&self.authz, path)?;
+        let intent = call.intent().await?;
+        let (info, key_id) =
+            self.vault.write(&permit, intent, req.expected_version, &value).await?;
         call.version(info.version);
         call.key_id(&key_id);
         Ok(v1::PutResponse { version: info.version, created_time: Some(timestamp(info.created)) })
@@ -77,12 +83,12 @@ impl SecretsService {
         req: v1::GetRequest,
     ) -> Result<v1::GetResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
-        let permit = call.authorize(&self.authz, path.as_str(), Action::Read)?;
-        let mut opened = self.vault.read(&permit, &path, req.version.filter(|v| *v != 0)).await?;
+        let permit = call.authorize::<act::Read>(&self.authz, path)?;
+        let mut opened = self.vault.read(&permit, req.version.filter(|v| *v != 0)).await?;
         call.version(opened.entry.version);
         call.key_id(&opened.key_id);
         Ok(v1::GetResponse {
-            path: path.as_str().to_owned(),
+            path: permit.path().as_str().to_owned(),
             value: std::mem::take(&mut *opened.value),
             version: opened.entry.version,
             created_time: Some(timestamp(opened.entry.created)),
@@ -96,9 +102,9 @@ impl SecretsService {
         req: v1::DeleteRequest,
     ) -> Result<v1::DeleteResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
-        let permit = call.authorize(&self.authz, path.as_str(), Action::Delete)?;
-        call.intent().await?;
-        let info = self.vault.delete(&permit, &path).await?;
+        let permit = call.authorize::<act::Delete>(&self.authz, path)?;
+        let intent = call.intent().await?;
+        let info = self.vault.delete(&permit, intent).await?;
         call.version(info.version);
         Ok(v1::DeleteResponse { version: info.version, deleted_time: info.deleted.map(timestamp) })
     }
@@ -119,7 +125,7 @@ impl SecretsService {
         let mut after = match req.page_token.as_str() {
             "" => None,
             token => {
-                let p = self.open_page_token(token).ok_or(ApiError::InvalidPageToken)?;
+                let p = self.vault.open_page_token(token).ok_or(ApiError::InvalidPageToken)?;
                 if !p.starts_with(&prefix) {
                     return Err(ApiError::InvalidPageToken);
                 }
@@ -136,8 +142,7 @@ impl SecretsService {
             let done = batch.len() < size;
             for p in batch {
                 scanned += 1;
-                let keep =
-                    self.authz.allows_any(&id.principal, p.as_str(), &[Action::List, Action::Read]);
+                let keep = self.authz.allows_any(&id.principal, &p, &[Action::List, Action::Read]);
                 after = Some(p.clone());
                 if keep {
                     visible.push(p);
@@ -154,7 +159,7 @@ impl SecretsService {
             }
         };
         let next_page_token = match (&after, exhausted) {
-            (Some(last), false) => self.seal_page_token(last)?,
+            (Some(last), false) => self.vault.seal_page_token(last)?,
             _ => String::new(),
         };
         Ok(v1::ListResponse {
@@ -163,38 +168,14 @@ impl SecretsService {
         })
     }
 
-    /// A page token: the last path a List looked at, which may be one the caller may not
-    /// see, so it is sealed (encrypted and authenticated) under the primary key: opaque to
-    /// the client, and a forged or altered token is refused.
-    fn seal_page_token(&self, last: &SecretPath) -> Result<String, ApiError> {
-        use base64::Engine;
-        let keys = self.vault.keys().current();
-        let sealed =
-            crate::crypto::seal(keys.primary(), &page_token_path(), 0, last.as_str().as_bytes())
-                .map_err(|e| {
-                    tracing::error!(error = %e, "cannot seal a page token");
-                    ApiError::Internal
-                })?;
-        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
-    }
-
-    /// The path inside a page token from [`Self::seal_page_token`], if it is one.
-    fn open_page_token(&self, token: &str) -> Option<SecretPath> {
-        use base64::Engine;
-        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
-        let keys = self.vault.keys().current();
-        let path = crate::crypto::open(&keys, &page_token_path(), 0, &sealed).ok()?;
-        SecretPath::parse(std::str::from_utf8(&path).ok()?).ok()
-    }
-
     async fn secret_versions(
         &self,
         call: &mut Call,
         req: v1::VersionsRequest,
     ) -> Result<v1::VersionsResponse, ApiError> {
         let path = SecretPath::parse(&req.path)?;
-        let permit = call.authorize(&self.authz, path.as_str(), Action::Read)?;
-        let meta = self.vault.versions(&permit, &path).await?;
+        let permit = call.authorize::<act::Read>(&self.authz, path)?;
+        let meta = self.vault.versions(&permit).await?;
         call.version(meta.current_version);
         Ok(v1::VersionsResponse {
             current_version: meta.current_version,
@@ -227,81 +208,62 @@ impl SecretsService {
     }
 }
 
-macro_rules! rpc {
-    ($self:ident, $name:literal, $request:ident, $inner:ident, $path:expr) => {{
-        let path: String = $path(&$request);
-        let mut call =
-            Call::new(concat!("secretgate.v1.Secrets/", $name), &$request, &path, &$self.audit);
-        let result = $self.$inner(&mut call, $request.into_inner()).await;
-        call.finish(result).await
-    }};
-}
-
 #[tonic::async_trait]
 impl Secrets for SecretsService {
     async fn put(
         &self,
         request: Request<v1::PutRequest>,
     ) -> Result<Response<v1::PutResponse>, Status> {
-        rpc!(self, "Put", request, put_secret, |r: &Request<v1::PutRequest>| r
-            .get_ref()
-            .path
-            .clone())
+        let mut call = self.call("secretgate.v1.Secrets/Put", &request, &request.get_ref().path);
+        let result = self.put_secret(&mut call, request.into_inner()).await;
+        call.finish(result).await
     }
 
     async fn get(
         &self,
         request: Request<v1::GetRequest>,
     ) -> Result<Response<v1::GetResponse>, Status> {
-        rpc!(self, "Get", request, get_secret, |r: &Request<v1::GetRequest>| r
-            .get_ref()
-            .path
-            .clone())
+        let mut call = self.call("secretgate.v1.Secrets/Get", &request, &request.get_ref().path);
+        let result = self.get_secret(&mut call, request.into_inner()).await;
+        call.finish(result).await
     }
 
     async fn delete(
         &self,
         request: Request<v1::DeleteRequest>,
     ) -> Result<Response<v1::DeleteResponse>, Status> {
-        rpc!(self, "Delete", request, delete_secret, |r: &Request<v1::DeleteRequest>| r
-            .get_ref()
-            .path
-            .clone())
+        let mut call = self.call("secretgate.v1.Secrets/Delete", &request, &request.get_ref().path);
+        let result = self.delete_secret(&mut call, request.into_inner()).await;
+        call.finish(result).await
     }
 
     async fn list(
         &self,
         request: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListResponse>, Status> {
-        rpc!(self, "List", request, list_secrets, |r: &Request<v1::ListRequest>| r
-            .get_ref()
-            .prefix
-            .clone())
+        let mut call = self.call("secretgate.v1.Secrets/List", &request, &request.get_ref().prefix);
+        let result = self.list_secrets(&mut call, request.into_inner()).await;
+        call.finish(result).await
     }
 
     async fn versions(
         &self,
         request: Request<v1::VersionsRequest>,
     ) -> Result<Response<v1::VersionsResponse>, Status> {
-        rpc!(self, "Versions", request, secret_versions, |r: &Request<v1::VersionsRequest>| r
-            .get_ref()
-            .path
-            .clone())
+        let mut call =
+            self.call("secretgate.v1.Secrets/Versions", &request, &request.get_ref().path);
+        let result = self.secret_versions(&mut call, request.into_inner()).await;
+        call.finish(result).await
     }
 
     async fn who_am_i(
         &self,
         request: Request<v1::WhoAmIRequest>,
     ) -> Result<Response<v1::WhoAmIResponse>, Status> {
-        rpc!(self, "WhoAmI", request, who_am_i, |_: &Request<v1::WhoAmIRequest>| String::new())
+        let mut call = self.call("secretgate.v1.Secrets/WhoAmI", &request, "");
+        let result = SecretsService::who_am_i(self, &mut call, request.into_inner()).await;
+        call.finish(result).await
     }
-}
-
-/// The associated-data path page tokens are sealed for: version 0 is never a stored
-/// version, so no stored envelope opens as a token or the other way round.
-fn page_token_path() -> SecretPath {
-    // A constant canonical path: parsing cannot fail.
-    SecretPath::parse("/.page-token").unwrap_or_else(|_| unreachable!("canonical constant"))
 }
 
 fn timestamp(t: UnixMillis) -> prost_types::Timestamp {

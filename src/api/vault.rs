@@ -1,16 +1,117 @@
-//! The only way from a request handler to the store and the keyring: every method takes the
-//! [`Permit`] for exactly what it does, so a handler cannot read, write or decrypt anything
-//! it was not authorized for. Values are sealed before they are written and opened after
-//! they are read (application-layer encryption, `crate::crypto`).
+//! The only way from a request handler to the store and the keyring.
+//!
+//! Every method that touches a secret takes the [`Permit`] for exactly what it does and
+//! reads the path *from* the permit, so a handler cannot read, write or decrypt anything it
+//! was not authorized for; every method that changes the store also takes the durable
+//! [`Intent`] record of the change, consuming it. Values are sealed before they are written
+//! and opened after they are read (application-layer encryption, `crate::crypto`).
+//!
+//! A permit for one action does not open another:
+//!
+//! ```
+//! # use secretgate::{Principal, SecretPath, Vault, authz::{Authorizer, act}};
+//! async fn get(vault: &Vault, authz: &Authorizer, who: &Principal) {
+//!     let path = SecretPath::parse("/app/db/password").unwrap();
+//!     let permit = authz.authorize::<act::Read>(who, path).unwrap();
+//!     let _ = vault.read(&permit, None).await;
+//! }
+//! ```
+//!
+//! ```compile_fail,E0308
+//! # use secretgate::{Principal, SecretPath, Vault, authz::{Authorizer, act}};
+//! async fn get(vault: &Vault, authz: &Authorizer, who: &Principal) {
+//!     let path = SecretPath::parse("/app/db/password").unwrap();
+//!     let permit = authz.authorize::<act::Write>(who, path).unwrap();
+//!     let _ = vault.read(&permit, None).await;
+//! }
+//! ```
+//!
+//! and a permit for one secret cannot be used for another: the path comes from the permit,
+//! there is no path to pass beside it.
+//!
+//! ```
+//! # use secretgate::{Principal, SecretPath, Vault, authz::{Authorizer, act}};
+//! async fn get(vault: &Vault, authz: &Authorizer, who: &Principal) {
+//!     let path = SecretPath::parse("/app/db/password").unwrap();
+//!     let other = SecretPath::parse("/root/master-key").unwrap();
+//!     let permit = authz.authorize::<act::Read>(who, path).unwrap();
+//!     let _ = vault.read(&permit, None).await;
+//! #   drop(other);
+//! }
+//! ```
+//!
+//! ```compile_fail,E0061
+//! # use secretgate::{Principal, SecretPath, Vault, authz::{Authorizer, act}};
+//! async fn get(vault: &Vault, authz: &Authorizer, who: &Principal) {
+//!     let path = SecretPath::parse("/app/db/password").unwrap();
+//!     let other = SecretPath::parse("/root/master-key").unwrap();
+//!     let permit = authz.authorize::<act::Read>(who, path).unwrap();
+//!     let _ = vault.read(&permit, &other, None).await;
+//! }
+//! ```
+//!
+//! A permit cannot be copied to serve a second request, nor made by hand:
+//!
+//! ```
+//! # use secretgate::{Principal, SecretPath, Vault, authz::{Authorizer, act}};
+//! async fn get(vault: &Vault, authz: &Authorizer, who: &Principal) {
+//!     let path = SecretPath::parse("/app/db/password").unwrap();
+//!     let permit = authz.authorize::<act::Read>(who, path).unwrap();
+//!     let copy = &permit;
+//!     let _ = vault.read(copy, None).await;
+//! }
+//! ```
+//!
+//! ```compile_fail,E0599
+//! # use secretgate::{Principal, SecretPath, Vault, authz::{Authorizer, act}};
+//! async fn get(vault: &Vault, authz: &Authorizer, who: &Principal) {
+//!     let path = SecretPath::parse("/app/db/password").unwrap();
+//!     let permit = authz.authorize::<act::Read>(who, path).unwrap();
+//!     let copy = permit.clone();
+//!     let _ = vault.read(&copy, None).await;
+//! }
+//! ```
+//!
+//! ```compile_fail,E0624
+//! # use secretgate::{SecretPath, authz::{Permit, act}};
+//! let path = SecretPath::parse("/app/db/password").unwrap();
+//! let permit: Permit<act::Read> = Permit::new(path, 1, String::new());
+//! ```
+//!
+//! A write needs the durable record of its intent, once per write:
+//!
+//! ```
+//! # use secretgate::{Principal, SecretPath, Vault, audit::{AuditLog, Record, Kind}};
+//! # use secretgate::authz::{Authorizer, act};
+//! async fn put(vault: &Vault, authz: &Authorizer, log: &AuditLog, who: &Principal) {
+//!     let path = SecretPath::parse("/app/db/password").unwrap();
+//!     let permit = authz.authorize::<act::Write>(who, path).unwrap();
+//!     let intent = log.append_intent(Record::new(Kind::Request)).await.unwrap();
+//!     let _ = vault.write(&permit, intent, None, b"v1").await;
+//! }
+//! ```
+//!
+//! ```compile_fail,E0382
+//! # use secretgate::{Principal, SecretPath, Vault, audit::{AuditLog, Record, Kind}};
+//! # use secretgate::authz::{Authorizer, act};
+//! async fn put(vault: &Vault, authz: &Authorizer, log: &AuditLog, who: &Principal) {
+//!     let path = SecretPath::parse("/app/db/password").unwrap();
+//!     let permit = authz.authorize::<act::Write>(who, path).unwrap();
+//!     let intent = log.append_intent(Record::new(Kind::Request)).await.unwrap();
+//!     let _ = vault.write(&permit, intent, None, b"v1").await;
+//!     let _ = vault.write(&permit, intent, None, b"v2").await;
+//! }
+//! ```
 
-use std::sync::Arc;
+use std::{ops::ControlFlow, sync::Arc};
 
 use zeroize::Zeroizing;
 
 use super::ApiError;
 use crate::{
-    authz::{Action, Permit},
-    crypto::{self, KeyringHandle, rotation},
+    audit::Intent,
+    authz::{Permit, act},
+    crypto::{self, Keyring, KeyringHandle, rotation},
     path::{PathPrefix, SecretPath},
     store::{Entry, SecretMeta, Store, StoreError, VersionInfo},
 };
@@ -35,25 +136,29 @@ pub struct Opened {
     pub key_id: String,
 }
 
+/// The keyring in force and which keys the stored records use (admin on `/`).
+pub struct KeyStatus {
+    /// The keyring in force.
+    pub ring: Arc<Keyring>,
+    /// Records per key.
+    pub usage: rotation::KeyUsage,
+    /// Why the last keyring reload was refused, if it was.
+    pub reload_error: Option<String>,
+}
+
 impl Vault {
     /// A vault over `store`, sealing with `keys`.
     pub fn new(store: Arc<dyn Store>, keys: KeyringHandle) -> Self {
         Self { store, keys }
     }
 
-    /// The keyring in force.
-    pub fn keys(&self) -> &KeyringHandle {
-        &self.keys
-    }
-
-    /// Reads and opens a version (`None`: current).
+    /// Reads and opens a version (`None`: current) of the permit's secret.
     pub async fn read(
         &self,
-        permit: &Permit,
-        path: &SecretPath,
+        permit: &Permit<act::Read>,
         version: Option<u64>,
     ) -> Result<Opened, ApiError> {
-        check(permit, path.as_str(), Action::Read)?;
+        let path = permit.path();
         let entry =
             self.store.get(path, version).await.map_err(|e| ApiError::from_store(e, path))?;
         let undecryptable = |e: crypto::EnvelopeError| {
@@ -66,31 +171,27 @@ impl Vault {
         Ok(Opened { entry, value, key_id })
     }
 
-    /// The kept versions of a secret.
-    pub async fn versions(
-        &self,
-        permit: &Permit,
-        path: &SecretPath,
-    ) -> Result<SecretMeta, ApiError> {
-        check(permit, path.as_str(), Action::Read)?;
+    /// The kept versions of the permit's secret.
+    pub async fn versions(&self, permit: &Permit<act::Read>) -> Result<SecretMeta, ApiError> {
+        let path = permit.path();
         self.store.versions(path).await.map_err(|e| ApiError::from_store(e, path))
     }
 
-    /// Seals and writes a new version; `expected` makes it a compare-and-set. Returns the
-    /// version written and the id of the key that sealed it.
+    /// Seals and writes a new version of the permit's secret; `expected` makes it a
+    /// compare-and-set. Returns the version written and the id of the key that sealed it.
     pub async fn write(
         &self,
-        permit: &Permit,
-        path: &SecretPath,
+        permit: &Permit<act::Write>,
+        _intent: Intent,
         expected: Option<u64>,
         value: &[u8],
     ) -> Result<(VersionInfo, String), ApiError> {
-        check(permit, path.as_str(), Action::Write)?;
+        let path = permit.path();
         let keys = self.keys.current();
         let key_id = keys.primary().id.to_string();
         let store_err = |e| ApiError::from_store(e, path);
         if let Some(expected) = expected {
-            let sealed = self.seal(&keys, path, expected.saturating_add(1), value)?;
+            let sealed = seal(&keys, path, expected.saturating_add(1), value)?;
             let info = self.store.put(path, expected, &sealed).await.map_err(store_err)?;
             return Ok((info, key_id));
         }
@@ -99,7 +200,7 @@ impl Vault {
         // another writer just means trying again.
         for _ in 0..PUT_RETRIES {
             let current = self.store.current_version(path).await.map_err(store_err)?;
-            let sealed = self.seal(&keys, path, current.saturating_add(1), value)?;
+            let sealed = seal(&keys, path, current.saturating_add(1), value)?;
             match self.store.put(path, current, &sealed).await {
                 Err(StoreError::Conflict { .. }) => continue,
                 other => return other.map(|info| (info, key_id)).map_err(store_err),
@@ -108,13 +209,13 @@ impl Vault {
         Err(ApiError::Contended(path.clone()))
     }
 
-    /// Soft-deletes the current version.
+    /// Soft-deletes the current version of the permit's secret.
     pub async fn delete(
         &self,
-        permit: &Permit,
-        path: &SecretPath,
+        permit: &Permit<act::Delete>,
+        _intent: Intent,
     ) -> Result<VersionInfo, ApiError> {
-        check(permit, path.as_str(), Action::Delete)?;
+        let path = permit.path();
         self.store.delete(path).await.map_err(|e| ApiError::from_store(e, path))
     }
 
@@ -129,51 +230,69 @@ impl Vault {
         self.store.list(prefix, after, limit).await.map_err(ApiError::from_store_fault)
     }
 
-    /// Which keys the stored records use (admin on `/`).
-    pub async fn key_usage(&self, permit: &Permit) -> Result<rotation::KeyUsage, ApiError> {
-        check(permit, "/", Action::Admin)?;
-        rotation::key_usage(&*self.store).await.map_err(ApiError::from_store_fault)
+    /// A List page token: the last path a List looked at, which may be one the caller may
+    /// not see, so it is sealed (encrypted and authenticated) under the primary key: opaque
+    /// to the client, and a forged or altered token is refused.
+    pub fn seal_page_token(&self, last: &SecretPath) -> Result<String, ApiError> {
+        use base64::Engine;
+        let keys = self.keys.current();
+        let sealed = seal(&keys, &page_token_path(), 0, last.as_str().as_bytes())?;
+        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
     }
 
-    /// The latest audit checkpoint the store keeps for `log_id` (admin on `/`).
+    /// The path inside a page token from [`Vault::seal_page_token`], if it is one.
+    pub fn open_page_token(&self, token: &str) -> Option<SecretPath> {
+        use base64::Engine;
+        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
+        let keys = self.keys.current();
+        let path = crypto::open(&keys, &page_token_path(), 0, &sealed).ok()?;
+        SecretPath::parse(std::str::from_utf8(&path).ok()?).ok()
+    }
+
+    /// Which keys the stored records use, and the keyring in force.
+    pub async fn key_status(&self, _permit: &Permit<act::Admin>) -> Result<KeyStatus, ApiError> {
+        let usage = rotation::key_usage(&*self.store).await.map_err(ApiError::from_store_fault)?;
+        Ok(KeyStatus { ring: self.keys.current(), usage, reload_error: self.keys.last_error() })
+    }
+
+    /// The latest audit checkpoint the store keeps for `log_id`.
     pub async fn audit_checkpoint(
         &self,
-        permit: &Permit,
+        _permit: &Permit<act::Admin>,
         log_id: &str,
     ) -> Result<Option<Vec<u8>>, ApiError> {
-        check(permit, "/", Action::Admin)?;
         self.store.audit_checkpoint(log_id).await.map_err(ApiError::from_store_fault)
     }
 
-    /// The store, for a rewrap authorized by an admin permit on `/`.
-    pub fn store_for_rewrap(&self, permit: &Permit) -> Result<Arc<dyn Store>, ApiError> {
-        check(permit, "/", Action::Admin)?;
-        Ok(Arc::clone(&self.store))
-    }
-
-    fn seal(
+    /// Re-seals every stored record not under the primary key (see [`rotation::rewrap`]);
+    /// `on_progress` may stop it early.
+    pub async fn rewrap(
         &self,
-        keys: &crypto::Keyring,
-        path: &SecretPath,
-        version: u64,
-        value: &[u8],
-    ) -> Result<Vec<u8>, ApiError> {
-        crypto::seal(keys.primary(), path, version, value).map_err(|e| {
-            tracing::error!(%path, version, error = %e, "cannot seal a value");
-            ApiError::Internal
-        })
+        _permit: &Permit<act::Admin>,
+        _intent: Intent,
+        on_progress: impl FnMut(&rotation::RewrapProgress) -> ControlFlow<()>,
+    ) -> Result<rotation::RewrapProgress, ApiError> {
+        rotation::rewrap(&*self.store, &self.keys, on_progress)
+            .await
+            .map_err(ApiError::from_store_fault)
     }
 }
 
-/// A permit for something else is a bug in the handler, never the client's doing.
-fn check(permit: &Permit, target: &str, action: Action) -> Result<(), ApiError> {
-    if permit.target() == target && permit.action() == action {
-        Ok(())
-    } else {
-        tracing::error!(
-            permit_target = permit.target(), permit_action = %permit.action(), target, %action,
-            "permit does not cover the operation"
-        );
-        Err(ApiError::Internal)
-    }
+fn seal(
+    keys: &Keyring,
+    path: &SecretPath,
+    version: u64,
+    value: &[u8],
+) -> Result<Vec<u8>, ApiError> {
+    crypto::seal(keys.primary(), path, version, value).map_err(|e| {
+        tracing::error!(%path, version, error = %e, "cannot seal a value");
+        ApiError::Internal
+    })
+}
+
+/// The associated-data path page tokens are sealed for: version 0 is never a stored
+/// version, so no stored envelope opens as a token or the other way round.
+fn page_token_path() -> SecretPath {
+    // A constant canonical path: parsing cannot fail.
+    SecretPath::parse("/.page-token").unwrap_or_else(|_| unreachable!("canonical constant"))
 }

@@ -18,4 +18,4 @@ pub mod writer;
 
 pub use record::{Kind, Phase, Record};
 pub use signing::{SigningKey, VerifyingKey};
-pub use writer::{AuditError, AuditLog, AuditStats, InFlight, Writing};
+pub use writer::{AuditError, AuditLog, AuditStats, InFlight, Intent, Writing};

@@ -220,14 +220,6 @@ pub fn checkpoint_message(log_id: &str, seq: u64, ts: &str, prev: &str) -> Vec<u
     format!("secretgate audit checkpoint v1\n{log_id}\n{seq}\n{ts}\n{prev}\n").into_bytes()
 }
 
-/// The current time as RFC 3339 UTC with milliseconds.
-pub fn now_rfc3339() -> String {
-    const FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    time::OffsetDateTime::now_utc().format(FORMAT).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,7 +228,7 @@ mod tests {
     fn lines_round_trip_and_leave_out_empty_fields() {
         let mut r = Record::new(Kind::Request);
         r.seq = 7;
-        r.ts = now_rfc3339();
+        r.ts = crate::clock::now_rfc3339_millis();
         r.path = Some("/a/b".into());
         r.version = Some(3);
         r.prev = line_hash(b"x");
@@ -261,7 +253,7 @@ mod tests {
 
     #[test]
     fn timestamps_are_utc_with_milliseconds() {
-        let ts = now_rfc3339();
+        let ts = crate::clock::now_rfc3339_millis();
         assert!(ts.ends_with('Z') && ts.len() == "2026-11-24T12:00:00.123Z".len(), "{ts}");
     }
 }

@@ -5,7 +5,7 @@
 //! mode 0600 (refused otherwise) and is kept in zeroizing memory. The public key file
 //! (`.pub`) holds the 32-byte public key in base64 and may be shared freely.
 
-use std::{fmt, os::unix::fs::PermissionsExt, path::Path};
+use std::{fmt, path::Path};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
@@ -72,8 +72,7 @@ impl SigningKey {
     pub fn load(path: &Path) -> Result<Self, SigningError> {
         let p = path.display().to_string();
         let io = |source| SigningError::Io { path: p.clone(), source };
-        let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if let Some(mode) = crate::fs::shared_mode(path).map_err(io)? {
             return Err(SigningError::Permissions { path: p, mode });
         }
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
@@ -97,17 +96,10 @@ impl SigningKey {
     /// Writes the key to `path` (mode 0600, refusing to overwrite) and the public key to
     /// `path` + `.pub`.
     pub fn save(&self, path: &Path) -> Result<(), SigningError> {
-        use std::{io::Write, os::unix::fs::OpenOptionsExt};
         let p = path.display().to_string();
         let io = |source| SigningError::Io { path: p.clone(), source };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io)?;
         let text = Zeroizing::new(format!("{HEADER}\n{}\n", B64.encode(*self.seed)));
-        f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(io)?;
+        crate::fs::write_new(path, text.as_bytes(), 0o600).map_err(io)?;
         self.verifying_key().save(&pub_path(path))
     }
 
@@ -187,6 +179,8 @@ pub fn pub_path(path: &Path) -> std::path::PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
     use proptest::prelude::*;
 

@@ -1,23 +1,26 @@
 //! Authorization: casbin RBAC policies from `policies/`, decided in microseconds.
 //!
-//! Every request needs a [`Permit`] for its (principal, path, action) before it can reach
-//! the store or the keyring: [`Authorizer::authorize`] is the only way to get one, so no
-//! handler can skip the check. Decisions come from [`Policy`], an index over the policy
+//! Every request needs a [`Permit`] for its (principal, target, action) before it can reach
+//! the store or the keyring: [`Authorizer::authorize`] is the only way to get one, and the
+//! permit carries its target and (as its type) its action, so no handler can skip the check
+//! or use one permit for something else. Decisions come from [`Policy`], an index over the policy
 //! files that answers exactly what casbin's `Enforcer` answers for them (see
 //! [`reference`] and the differential test), in microseconds instead of milliseconds.
 //! Policies reload when their files change; a new policy that does not parse, or fails its
 //! own table tests, is refused and the last good one stays in force.
 
 pub mod pattern;
+mod permit;
 pub mod policy;
 pub mod reference;
 
 use std::{fmt, path::Path, sync::Arc};
 
 pub use pattern::{Pattern, PatternError, path_match};
+pub use permit::{Act, Object, Permit, WholeStore, act};
 pub use policy::{Decision, Effect, Policy, PolicyError, Rule};
 
-use crate::{identity::Principal, reload::Reloadable};
+use crate::{identity::Principal, path::SecretPath, reload::Reloadable};
 
 /// What a request does to a secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,43 +68,6 @@ impl fmt::Display for Action {
     }
 }
 
-/// Proof that a principal may do `action` on `target`. Only this module can make one.
-#[derive(Debug, Clone)]
-pub struct Permit {
-    principal: Principal,
-    target: String,
-    action: Action,
-    rule_line: Option<usize>,
-    policy_version: String,
-}
-
-impl Permit {
-    /// The principal that was authorized.
-    pub fn principal(&self) -> &Principal {
-        &self.principal
-    }
-
-    /// The path (or `/`) the permit covers.
-    pub fn target(&self) -> &str {
-        &self.target
-    }
-
-    /// The action permitted.
-    pub fn action(&self) -> Action {
-        self.action
-    }
-
-    /// The `policy.csv` line that allowed it.
-    pub fn rule_line(&self) -> Option<usize> {
-        self.rule_line
-    }
-
-    /// The policy version that decided.
-    pub fn policy_version(&self) -> &str {
-        &self.policy_version
-    }
-}
-
 /// A refused request: says what was refused, never which rule or what the policy says.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("permission denied: {principal} may not {action} {target}")]
@@ -114,25 +80,6 @@ pub struct Denied {
     pub target: String,
     /// The deciding rule's line, for the internal log and audit only.
     pub rule_line: Option<usize>,
-}
-
-/// A request target: a canonical secret path, or `/` for whole-store actions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SecretPathOrRoot(String);
-
-impl SecretPathOrRoot {
-    /// Parses `/` or a canonical secret path.
-    pub fn parse(s: &str) -> Result<Self, crate::path::PathError> {
-        if s == "/" {
-            return Ok(Self(s.to_owned()));
-        }
-        crate::SecretPath::parse(s).map(|p| Self(p.as_str().to_owned()))
-    }
-
-    /// The text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 /// The policy in force, reloaded when its files change.
@@ -156,37 +103,26 @@ impl Authorizer {
         &self.policy
     }
 
-    /// Authorizes `principal` to do `action` on `target` (a canonical path, or `/`).
-    pub fn authorize(
-        &self,
-        principal: &Principal,
-        target: &str,
-        action: Action,
-    ) -> Result<Permit, Denied> {
+    /// Authorizes `principal` to do `A` on `on`: a permit that holds `on`, or why not.
+    pub fn authorize<A: Act>(&self, principal: &Principal, on: A::On) -> Result<Permit<A>, Denied> {
         let policy = self.policy.current();
-        let d = policy.decide(principal.as_str(), target, action);
-        if d.allowed {
-            Ok(Permit {
-                principal: principal.clone(),
-                target: target.to_owned(),
-                action,
-                rule_line: d.rule_line,
-                policy_version: policy.version().to_owned(),
-            })
-        } else {
-            Err(Denied {
+        match policy.decide(principal.as_str(), &on, A::ACTION) {
+            Decision::Allow { rule_line } => {
+                Ok(Permit::new(on, rule_line, policy.version().to_owned()))
+            }
+            Decision::Deny { rule_line } => Err(Denied {
                 principal: principal.to_string(),
-                action,
-                target: target.to_owned(),
-                rule_line: d.rule_line,
-            })
+                action: A::ACTION,
+                target: on.to_string(),
+                rule_line,
+            }),
         }
     }
 
     /// Whether `principal` may do any of `actions` on `path` (List filtering).
-    pub fn allows_any(&self, principal: &Principal, path: &str, actions: &[Action]) -> bool {
+    pub fn allows_any(&self, principal: &Principal, path: &SecretPath, actions: &[Action]) -> bool {
         let policy = self.policy.current();
-        actions.iter().any(|a| policy.decide(principal.as_str(), path, *a).allowed)
+        actions.iter().any(|a| policy.decide(principal.as_str(), path, *a).is_allow())
     }
 
     /// The roles of `principal` and the policy version in force.

@@ -20,9 +20,10 @@ use std::{
 use sha2::{Digest, Sha256};
 
 use super::{
-    Action,
-    pattern::{Pattern, Segment, split_path},
+    Action, Object,
+    pattern::{Pattern, Segment},
 };
+use crate::path::Target;
 
 /// Role links followed at most. casbin's default role manager is created with a maximum
 /// hierarchy level of 10, which its breadth-first search turns into at most 9 links from
@@ -72,13 +73,40 @@ pub struct Rule {
 }
 
 /// The outcome of a decision, with the rule that decided it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by the allow rule at this line (the first that matched; no deny matched).
+    Allow {
+        /// 1-based line in `policy.csv`.
+        rule_line: usize,
+    },
+    /// Refused by the deny rule at this line (the first deny that matched), or by default
+    /// (`None`: no rule matched).
+    Deny {
+        /// 1-based line in `policy.csv`, `None` for the default deny.
+        rule_line: Option<usize>,
+    },
+}
+
+impl Decision {
     /// Whether the request is allowed.
-    pub allowed: bool,
-    /// The deciding rule's line (a deny if any matched, else the first allow); `None` when no
-    /// rule matched (default deny).
-    pub rule_line: Option<usize>,
+    pub fn is_allow(self) -> bool {
+        matches!(self, Self::Allow { .. })
+    }
+
+    /// The deciding rule's line; `None` for the default deny.
+    pub fn rule_line(self) -> Option<usize> {
+        match self {
+            Self::Allow { rule_line } => Some(rule_line),
+            Self::Deny { rule_line } => rule_line,
+        }
+    }
+
+    /// The deciding rule as the audit log and `policy explain` name it: `policy.csv:LINE`,
+    /// or `default deny`.
+    pub fn rule(self) -> String {
+        self.rule_line().map_or_else(|| "default deny".to_owned(), |l| format!("policy.csv:{l}"))
+    }
 }
 
 /// A loaded policy.
@@ -281,9 +309,10 @@ impl Policy {
         Ok(Self { rules, roles, index, tests, version, lines })
     }
 
-    /// Decides whether `subject` may do `action` on `path` (canonical, or `/`).
-    pub fn decide(&self, subject: &str, path: &str, action: Action) -> Decision {
-        let segments = split_path(path);
+    /// Decides whether `subject` may do `action` on `target` (a [`Target`], a secret path or
+    /// the whole store).
+    pub fn decide(&self, subject: &str, target: &impl Object, action: Action) -> Decision {
+        let segments: Vec<&str> = target.segments().collect();
         let mut matched: Vec<u32> = Vec::new();
         for s in self.subjects(subject) {
             if let Some(root) = self.index.get(s) {
@@ -304,9 +333,9 @@ impl Policy {
             *slot = Some(slot.map_or(rule.line, |l| l.min(rule.line)));
         }
         match (deny, allow) {
-            (Some(line), _) => Decision { allowed: false, rule_line: Some(line) },
-            (None, Some(line)) => Decision { allowed: true, rule_line: Some(line) },
-            (None, None) => Decision { allowed: false, rule_line: None },
+            (Some(line), _) => Decision::Deny { rule_line: Some(line) },
+            (None, Some(line)) => Decision::Allow { rule_line: line },
+            (None, None) => Decision::Deny { rule_line: None },
         }
     }
 
@@ -355,8 +384,15 @@ impl Policy {
                     continue;
                 }
             };
-            let d = self.decide(&t.subject, &t.path, action);
-            if d.allowed != expect_allow {
+            let target = match Target::parse(&t.path) {
+                Ok(target) => target,
+                Err(e) => {
+                    failures.push(format!("{}: path {:?}: {e}", t.origin, t.path));
+                    continue;
+                }
+            };
+            let d = self.decide(&t.subject, &target, action);
+            if d.is_allow() != expect_allow {
                 failures.push(format!(
                     "{}: {} {} {} expected {} but got {}{}",
                     t.origin,
@@ -364,8 +400,8 @@ impl Policy {
                     t.action,
                     t.path,
                     t.expect,
-                    if d.allowed { "allow" } else { "deny" },
-                    d.rule_line.map(|l| format!(" (policy.csv:{l})")).unwrap_or_default()
+                    if d.is_allow() { "allow" } else { "deny" },
+                    d.rule_line().map(|l| format!(" (policy.csv:{l})")).unwrap_or_default()
                 ));
             }
         }
@@ -468,6 +504,10 @@ mod tests {
         Policy::from_csv(csv, "policy.csv", Vec::new(), "test".into()).unwrap()
     }
 
+    fn target(path: &str) -> Target {
+        Target::parse(path).unwrap()
+    }
+
     #[test]
     fn roles_grant_and_deny_overrides() {
         let p = policy(
@@ -478,13 +518,19 @@ mod tests {
              g, role:lead, role:admin\n\
              g, bob, role:lead\n",
         );
-        assert!(p.decide("alice", "/apps/billing/db", Action::Write).allowed);
-        let d = p.decide("alice", "/apps/billing/prod/key", Action::Write);
-        assert_eq!(d, Decision { allowed: false, rule_line: Some(3) });
-        assert!(!p.decide("alice", "/apps/billing/db", Action::Read).allowed, "no read grant");
-        assert_eq!(p.decide("alice", "/other", Action::Read).rule_line, None);
-        assert!(p.decide("bob", "/anything/at/all", Action::Admin).allowed, "hierarchy");
-        assert!(p.decide("bob", "/", Action::Admin).allowed);
+        assert!(p.decide("alice", &target("/apps/billing/db"), Action::Write).is_allow());
+        let d = p.decide("alice", &target("/apps/billing/prod/key"), Action::Write);
+        assert_eq!(d, Decision::Deny { rule_line: Some(3) });
+        assert!(
+            !p.decide("alice", &target("/apps/billing/db"), Action::Read).is_allow(),
+            "no read grant"
+        );
+        assert_eq!(p.decide("alice", &target("/other"), Action::Read).rule_line(), None);
+        assert!(
+            p.decide("bob", &target("/anything/at/all"), Action::Admin).is_allow(),
+            "hierarchy"
+        );
+        assert!(p.decide("bob", &target("/"), Action::Admin).is_allow());
         assert_eq!(p.roles_of("bob"), ["role:lead", "role:admin"]);
     }
 
@@ -497,9 +543,12 @@ mod tests {
         }
         let p = policy(&csv);
         // u -> r1 -> ... -> r10 is 10 links; r9 is 9 links away.
-        assert!(!p.decide("u", "/x", Action::Read).allowed, "10 links is beyond the limit");
+        assert!(
+            !p.decide("u", &target("/x"), Action::Read).is_allow(),
+            "10 links is beyond the limit"
+        );
         let p2 = policy(&csv.replace("p, r10, /x", "p, r9, /x"));
-        assert!(p2.decide("u", "/x", Action::Read).allowed, "9 links");
+        assert!(p2.decide("u", &target("/x"), Action::Read).is_allow(), "9 links");
     }
 
     #[test]
@@ -572,18 +621,21 @@ mod tests {
                 }
                 // Any decision names a rule of the right effect, or none when it denies.
                 for subject in p.rules.iter().map(|r| r.subject.as_str()).chain([probe]).take(8) {
-                    for path in [probe, "/", "/a/b"] {
-                        let d = p.decide(subject, path, Action::Write);
-                        match d.rule_line {
+                    // Only canonical paths reach a decision; a probe that is not one is skipped.
+                    for path in
+                        [probe, "/", "/a/b"].into_iter().filter_map(|p| Target::parse(p).ok())
+                    {
+                        let d = p.decide(subject, &path, Action::Write);
+                        match d.rule_line() {
                             Some(l) => {
-                                let want = if d.allowed { Effect::Allow } else { Effect::Deny };
+                                let want = if d.is_allow() { Effect::Allow } else { Effect::Deny };
                                 prop_assert!(
                                     p.rules.iter().any(|r| r.line == l && r.effect == want),
                                     "{:?}",
                                     d
                                 );
                             }
-                            None => prop_assert!(!d.allowed),
+                            None => prop_assert!(!d.is_allow()),
                         }
                     }
                 }

@@ -4,8 +4,6 @@
 
 use std::{
     fs,
-    io::Write,
-    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
 
@@ -137,28 +135,15 @@ fn write_pair(pki: &DevPki, stem: &str, cert_pem: &str, key_pem: &str) -> anyhow
 
 /// Creates `dir` (and parents) if needed and makes it private to the owner (0700).
 pub(super) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("chmod 700 {}", dir.display()))
+    crate::fs::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::fs::restrict(dir, 0o700).with_context(|| format!("chmod 700 {}", dir.display()))
 }
 
 /// Writes `bytes` to `path` through a fresh file created with `mode`, then renames it into
 /// place, so a key is never readable by others, not even for an instant.
 pub(super) fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", path.display()))?;
-    Ok(())
+    crate::fs::write_atomic(path, bytes, mode)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@ use std::path::Path;
 use anyhow::bail;
 use clap::Subcommand;
 
-use crate::authz::{Action, Policy, SecretPathOrRoot, reference};
+use crate::{
+    authz::{Action, Policy, reference},
+    path::Target,
+};
 
 /// `secretgate policy` subcommands.
 #[derive(Debug, Subcommand)]
@@ -63,12 +66,12 @@ pub(super) async fn run(dir: &Path, command: PolicyCommand) -> anyhow::Result<()
             let Some(act) = Action::parse(&action) else {
                 bail!("unknown action {action:?}; use read, write, delete, list or admin");
             };
-            let target = SecretPathOrRoot::parse(&path)?;
-            let d = policy.decide(&subject, target.as_str(), act);
+            let target = Target::parse(&path)?;
+            let d = policy.decide(&subject, &target, act);
             let roles = policy.roles_of(&subject);
             println!(
                 "{} {subject} {action} {}",
-                if d.allowed { "ALLOW" } else { "DENY" },
+                if d.is_allow() { "ALLOW" } else { "DENY" },
                 target.as_str()
             );
             if roles.is_empty() {
@@ -76,7 +79,7 @@ pub(super) async fn run(dir: &Path, command: PolicyCommand) -> anyhow::Result<()
             } else {
                 println!("roles: {}", roles.join(", "));
             }
-            match d.rule_line {
+            match d.rule_line() {
                 Some(line) => println!(
                     "decided by policy.csv:{line}: {}",
                     policy.line_text(line).unwrap_or_default()

@@ -10,7 +10,7 @@
 //! none of which ever contains key material. Key bytes live in [`Zeroizing`] buffers and
 //! have no `Debug` that prints them.
 
-use std::{fmt, os::unix::fs::PermissionsExt, path::Path};
+use std::{fmt, path::Path};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use serde::{Deserialize, Serialize};
@@ -206,7 +206,13 @@ impl Key {
     /// A loaded key built from parts (tests and benchmarks).
     pub fn new(id: KeyId, state: KeyState, material: KeyMaterial) -> Self {
         let encoded = Zeroizing::new(B64.encode(material.bytes()));
-        Self { id, state, created: now_rfc3339(), material: Some(material), encoded }
+        Self {
+            id,
+            state,
+            created: crate::clock::now_rfc3339_secs(),
+            material: Some(material),
+            encoded,
+        }
     }
 }
 
@@ -222,9 +228,7 @@ impl Keyring {
     /// Loads and validates the keyring file at `path`, refusing one readable by others.
     pub fn load(path: &Path) -> Result<Self, KeyringError> {
         let io = |source| KeyringError::Io { path: path.display().to_string(), source };
-        let meta = std::fs::metadata(path).map_err(io)?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if let Some(mode) = crate::fs::shared_mode(path).map_err(io)? {
             return Err(KeyringError::Permissions { path: path.display().to_string(), mode });
         }
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
@@ -405,28 +409,9 @@ impl Keyring {
 
     /// Writes the keyring to `path` atomically with mode 0600.
     pub fn save(&self, path: &Path) -> Result<(), KeyringError> {
-        use std::{io::Write, os::unix::fs::OpenOptionsExt};
-        let io = |source| KeyringError::Io { path: path.display().to_string(), source };
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        f.write_all(self.to_toml().as_bytes()).and_then(|()| f.sync_all()).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(())
+        crate::fs::write_atomic(path, self.to_toml().as_bytes(), 0o600)
+            .map_err(|source| KeyringError::Io { path: path.display().to_string(), source })
     }
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 impl fmt::Display for KeyId {
@@ -464,6 +449,8 @@ impl fmt::Debug for Keyring {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
     use crate::testing::{apply_edits, edit};
     use proptest::{prelude::*, test_runner::TestCaseError};

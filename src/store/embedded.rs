@@ -39,12 +39,12 @@ impl EmbeddedStore {
     /// Opens (or creates, mode 0600, parent directory 0700) the store file at `path`.
     pub fn open(path: &Path, max_versions: u32) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            create_private_dir(dir)
+            crate::fs::create_private_dir(dir)
                 .map_err(|e| StoreError::Backend(format!("creating {}: {e}", dir.display())))?;
         }
         let db = Database::create(path)
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
-        restrict_file(path)
+        crate::fs::restrict(path, 0o600)
             .map_err(|e| StoreError::Backend(format!("chmod {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(META).map_err(backend)?;
@@ -371,14 +371,4 @@ fn backend(e: impl Into<redb::Error>) -> StoreError {
         redb::Error::Io(io) => StoreError::Unavailable(format!("embedded store I/O: {io}")),
         other => StoreError::Backend(other.to_string()),
     }
-}
-
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
-}
-
-fn restrict_file(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }

@@ -32,7 +32,7 @@ use tonic::transport::server::Connected;
 
 use super::{ConnTrust, TrustHandle, Untrusted};
 use crate::{
-    audit::{AuditLog, Kind, Record, record::now_rfc3339},
+    audit::{AuditLog, Kind, Record},
     identity::PeerIdentity,
 };
 
@@ -143,7 +143,8 @@ impl Bucket {
             return true;
         }
         self.over += 1;
-        self.first.get_or_insert_with(|| (now_rfc3339(), peer, reason.to_owned()));
+        self.first
+            .get_or_insert_with(|| (crate::clock::now_rfc3339_millis(), peer, reason.to_owned()));
         false
     }
 

@@ -1,0 +1,265 @@
+//! Start-up: finding the end of the log on disk and checking it against the checkpoints the
+//! store keeps, before anything is written.
+
+use super::*;
+
+impl State {
+    pub(super) fn open(
+        config: &AuditConfig,
+        key: SigningKey,
+        checkpoints: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+        stored: &[(String, Vec<u8>)],
+        health: watch::Sender<Option<String>>,
+        shared: Arc<Shared>,
+    ) -> Result<Self, AuditError> {
+        let path = config.path.clone();
+        let fail = |reason: String| AuditError::Open { path: path.display().to_string(), reason };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir).map_err(|e| fail(format!("cannot create directory: {e}")))?;
+        }
+        let found = find_tail(&path).map_err(|e| fail(e.to_string()))?;
+        let genesis_note =
+            check_start(found.as_ref(), stored, &key, config.new_log).map_err(fail)?;
+        let file = open_append(&path).map_err(|e| fail(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
+        let mut state = Self {
+            path: path.clone(),
+            ino: (meta.dev(), meta.ino()),
+            len: meta.len(),
+            file,
+            first_seq: 0,
+            head: Head { next_seq: 0, prev: GENESIS_PREV.into() },
+            log_id: String::new(),
+            key,
+            checkpoint_every: config.checkpoint_every,
+            checkpoint_interval: config.checkpoint_interval(),
+            max_file_bytes: config.max_file_bytes,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            last_checkpoint_line: None,
+            outage: None,
+            checkpoints,
+            health,
+            group_commit: config.group_commit(),
+            sync_time: Duration::ZERO,
+            shared,
+            dispatch: None,
+        };
+        // Answer waiters from a task of the runtime: one wakeup crosses threads per batch,
+        // and the waiters are woken on a worker's own queue (promptly) rather than one by
+        // one through the runtime's shared queue.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
+            runtime.spawn(async move {
+                while let Some(done) = rx.recv().await {
+                    done.send();
+                }
+            });
+            state.dispatch = Some(tx);
+        }
+        let first = match found {
+            Some(Tail { head, log_id, first_seq, in_active: true, .. }) => {
+                tracing::info!(log = %path.display(), next_seq = head.next_seq, %log_id, "audit log continues");
+                (state.head, state.log_id, state.first_seq) = (head, log_id, first_seq);
+                None
+            }
+            Some(Tail { head, log_id, .. }) => {
+                tracing::warn!(log = %path.display(), "active audit log file missing; continuing the chain of the newest rotated file");
+                (state.head, state.log_id) = (head, log_id);
+                let mut r = Record::new(Kind::Continue);
+                r.reason = Some("the active log file was missing at start".into());
+                Some(r)
+            }
+            None => {
+                state.log_id = random_id().map_err(|e| fail(e.to_string()))?;
+                let mut r = Record::new(Kind::Genesis);
+                r.pubkey = Some(state.key.verifying_key().to_string());
+                r.reason = genesis_note;
+                Some(r)
+            }
+        };
+        if let Some(mut r) = first {
+            r.log_id = Some(state.log_id.clone());
+            state.first_seq = state.head.next_seq;
+            state.write(&[&r.body()], false).map_err(|e| fail(format!("cannot write: {e}")))?;
+        }
+        Ok(state)
+    }
+}
+
+/// The last whole line of the log found on disk.
+pub(super) struct Tail {
+    pub(super) head: Head,
+    pub(super) log_id: String,
+    pub(super) first_seq: u64,
+    /// Found in the active file (else in the newest rotated one).
+    pub(super) in_active: bool,
+    /// The public key named by the file's first line, when that is the genesis record.
+    pub(super) genesis_pubkey: Option<String>,
+}
+
+/// Checks the log found on disk (`found`) against the checkpoints the store keeps
+/// (`stored`, of every log: replicas sharing a store each have their own) before anything
+/// is written; returns what a new log's genesis record notes (`Some` when a new log begins,
+/// with `new_log`, although the store keeps checkpoints signed by `key`).
+pub(super) fn check_start(
+    found: Option<&Tail>,
+    stored: &[(String, Vec<u8>)],
+    key: &SigningKey,
+    new_log: bool,
+) -> Result<Option<String>, String> {
+    let public = key.verifying_key();
+    let Some(tail) = found else {
+        // No log here. Checkpoints that this key signed are of a log that was here (or of a
+        // replica sharing the key); other replicas' logs are none of this gateway's business.
+        let mine: Vec<String> = stored
+            .iter()
+            .filter_map(|(id, line)| Record::parse(line).ok().map(|r| (id, r)))
+            .filter(|(_, r)| r.kind() == Kind::Checkpoint && signed(&public, r))
+            .map(|(id, r)| format!("{id} (seq {})", r.seq))
+            .collect();
+        if mine.is_empty() {
+            return Ok(None);
+        }
+        let logs = mine.join(", ");
+        if !new_log {
+            return Err(format!(
+                "no audit log here, but the store keeps checkpoints that audit.signing_key \
+                 signed, of audit log {logs}: the log was deleted or moved, or audit.path \
+                 changed. Put the log files back; or, to begin a new log on purpose (or for a \
+                 new replica that shares this key), start once with audit.new_log = true \
+                 (SECRETGATE_AUDIT_NEW_LOG=true): its genesis record then names the logs left \
+                 behind"
+            ));
+        }
+        tracing::warn!(previous = %logs, "audit.new_log: beginning a new audit log; the store keeps checkpoints of others");
+        return Ok(Some(format!(
+            "begun with audit.new_log; the store keeps checkpoints of {logs}"
+        )));
+    };
+    if let Some(named) = &tail.genesis_pubkey {
+        if *named != public.to_string() {
+            return Err(format!(
+                "audit.signing_key is not this log's key: its genesis record names public key \
+                 {named}, the configured key's is {public}. Configure the log's own key; to \
+                 change keys, move the log aside (it stays verifiable with its key) and begin a \
+                 new one with audit.new_log = true"
+            ));
+        }
+    }
+    if let Some((_, line)) = stored.iter().find(|(id, _)| *id == tail.log_id) {
+        let cp = Record::parse(line).map_err(|e| {
+            format!(
+                "the checkpoint the store keeps for this log ({}) cannot be read ({e}); the \
+                 store was damaged or tampered with. Restore the store from a backup",
+                tail.log_id
+            )
+        })?;
+        let last = tail.head.next_seq.saturating_sub(1);
+        if cp.seq >= tail.head.next_seq {
+            return Err(format!(
+                "the log ends at seq {last} but the store holds a checkpoint at seq {}: it was \
+                 cut short or replaced. Keep it as evidence, move it aside (with its rotated \
+                 files) and begin a new log with audit.new_log = true",
+                cp.seq
+            ));
+        }
+        if cp.kind() != Kind::Checkpoint || !signed(&public, &cp) {
+            return Err(format!(
+                "the checkpoint the store keeps for this log (seq {}) is not signed by \
+                 audit.signing_key ({public}): the key is not this log's, or the store was \
+                 tampered with",
+                cp.seq
+            ));
+        }
+    }
+    Ok(None)
+}
+
+/// Finds where the chain ends: the active file, else the newest rotated file. Cuts a torn
+/// last line off the active file.
+pub(super) fn find_tail(path: &Path) -> io::Result<Option<Tail>> {
+    if let Some(tail) = file_tail(path, true)? {
+        return Ok(Some(Tail { in_active: true, ..tail }));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return Ok(None) };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let mut rotated: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix(&prefix))
+                    .is_some_and(|s| s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    rotated.sort();
+    match rotated.last() {
+        Some(newest) => file_tail(newest, false),
+        None => Ok(None),
+    }
+}
+
+/// The head after the last whole line of `path` and the log id from its first line; `None`
+/// for a missing or empty file. `repair`: cut a torn last line off.
+pub(super) fn file_tail(path: &Path, repair: bool) -> io::Result<Option<Tail>> {
+    let invalid = |what: String| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("{}: {what}", path.display()))
+    };
+    let mut file = match OpenOptions::new().read(true).write(repair).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let start = len.saturating_sub(TAIL_BYTES);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::with_capacity((len - start) as usize);
+    file.read_to_end(&mut tail)?;
+    let whole = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if whole < tail.len() {
+        if !repair {
+            return Err(invalid("ends with a torn line".into()));
+        }
+        let keep = start + whole as u64;
+        tracing::warn!(log = %path.display(), cut = len - keep, "audit log ends with a torn line (a crash mid-write, never acknowledged); cutting it off");
+        file.set_len(keep)?;
+        file.sync_data()?;
+        if keep == 0 {
+            return Ok(None);
+        }
+    }
+    let body = &tail[..whole];
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    let last = body.rsplit(|&b| b == b'\n').next().unwrap_or_default();
+    let record =
+        Record::parse(last).map_err(|e| invalid(format!("last line is not a record: {e}")))?;
+    file.seek(SeekFrom::Start(0))?;
+    let mut first = Vec::new();
+    std::io::BufRead::read_until(
+        &mut io::BufReader::new(&mut file).take(TAIL_BYTES),
+        b'\n',
+        &mut first,
+    )?;
+    let first = Record::parse(first.strip_suffix(b"\n").unwrap_or(&first))
+        .map_err(|e| invalid(format!("first line is not a record: {e}")))?;
+    let log_id =
+        first.log_id.clone().ok_or_else(|| invalid("first line names no log id".into()))?;
+    let genesis_pubkey = if first.kind() == Kind::Genesis { first.pubkey.clone() } else { None };
+    Ok(Some(Tail {
+        head: Head { next_seq: record.seq + 1, prev: line_hash(last) },
+        log_id,
+        first_seq: first.seq,
+        in_active: false,
+        genesis_pubkey,
+    }))
+}
