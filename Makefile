@@ -11,7 +11,11 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CARGO_BIN ?= $(if $(CARGO_HOME),$(CARGO_HOME),$(HOME)/.cargo)/bin
 
-.PHONY: run test deps build fmt lint install-link etcd-cluster etcd-pki run-etcd
+.PHONY: run test deps build fmt lint file-sizes install-link etcd-cluster etcd-pki run-etcd
+
+# No Rust file over this many lines (tests and benches included, no exemptions): a longer
+# file is a module that wants to be split (STYLE.md).
+MAX_FILE_LINES := 600
 
 # The local etcd cluster: state (PKI, data, logs) in .secretgate-dev/etcd/; delete it to
 # start over. Client ports 12379, 22379, 32379; peer ports one above each.
@@ -22,7 +26,7 @@ ETCD_ENDPOINTS := https://127.0.0.1:12379,https://127.0.0.1:22379,https://127.0.
 run: deps build install-link
 	./target/debug/secretgate dev
 
-test: deps
+test: deps file-sizes
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test
@@ -52,6 +56,13 @@ deps:
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	  $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	fi
+
+file-sizes:
+	@long=$$(find src tests benches -name '*.rs' -exec awk -v max=$(MAX_FILE_LINES) \
+	  'END { if (NR > max) print FILENAME ": " NR " lines" }' {} \;); \
+	if [ -n "$$long" ]; then \
+	  echo "files over $(MAX_FILE_LINES) lines (split them):"; echo "$$long"; exit 1; \
 	fi
 
 fmt:

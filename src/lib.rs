@@ -30,7 +30,7 @@ pub mod tls;
 mod testing;
 
 pub use api::{ApiError, SecretsService, Vault};
-pub use config::Config;
+pub use config::{Config, ValidConfig};
 pub use identity::{PeerIdentity, Principal};
 pub use path::{PathPrefix, SecretPath, Target};
 pub use server::{Gateway, StartError};

@@ -1,4 +1,5 @@
-//! Assembling and running a gateway from a validated [`Config`].
+//! Assembling and running a gateway from a checked [`ValidConfig`] (only `Config::load` and
+//! `Config::check` make one, so a gateway never starts on an unchecked configuration).
 //!
 //! [`Gateway::start`] binds the listener, opens the store and serves in the background;
 //! the returned handle reports the bound address (port 0 works, for tests) and shuts the
@@ -13,7 +14,7 @@ use crate::{
     api::{AdminService, SecretsService, Vault},
     audit::{AuditError, AuditLog, SigningKey, signing::SigningError},
     authz::{Authorizer, Policy, PolicyError},
-    config::Config,
+    config::{StoreConfig, ValidConfig},
     crypto::{Keyring, KeyringError, KeyringHandle},
     proto::{
         FILE_DESCRIPTOR_SET,
@@ -72,7 +73,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts serving according to `config`.
-    pub async fn start(config: &Config) -> Result<Self, StartError> {
+    pub async fn start(config: &ValidConfig) -> Result<Self, StartError> {
         let (server_cert, load_server_cert) = tls::server_cert(&config.tls)?;
         tracing::info!(cert = %config.tls.cert.display(), version = %server_cert.current().describe(), "server certificate loaded");
         let (trust, load_trust) = tls::client_trust(&config.tls, &server_cert)?;
@@ -210,26 +211,26 @@ impl Gateway {
 }
 
 /// Loads the keyring (watched for changes once the gateway is up).
-fn load_keyring(config: &Config) -> Result<KeyringHandle, StartError> {
+fn load_keyring(config: &ValidConfig) -> Result<KeyringHandle, StartError> {
     let path = &config.crypto.keyring;
     let ring = Keyring::load(path)?;
     tracing::info!(keyring = %path.display(), version = ring.version(), primary = %ring.primary().id, "keyring loaded");
     Ok(Reloadable::new(ring, path, "keyring"))
 }
 
-/// Opens the configured backend (`store.backend`, checked by `Config::validate`).
-pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+/// Opens the configured backend (`store.backend`).
+pub async fn open_store(config: &ValidConfig) -> Result<Arc<dyn Store>, StartError> {
     let keep = config.limits.max_versions;
-    Ok(match config.store.backend.as_str() {
-        "etcd" => Arc::new(EtcdStore::connect(&config.store, keep)?),
-        _ => Arc::new(EmbeddedStore::open(&config.store.path, keep)?),
+    Ok(match &config.store {
+        StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::connect(etcd, keep)?),
+        StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path, keep)?),
     })
 }
 
 /// Opens the audit log (unless disabled), checked against the checkpoints the store keeps
 /// (see [`AuditLog::open`]), and starts the task that keeps the latest checkpoint in the store.
 async fn open_audit(
-    config: &Config,
+    config: &ValidConfig,
     store: &Arc<dyn Store>,
 ) -> Result<(AuditLog, Option<JoinHandle<()>>), StartError> {
     if !config.audit.enabled {

@@ -72,7 +72,7 @@ async fn the_store_file_never_holds_a_plaintext_value() {
     c.put(put("/app/big", big.as_bytes())).await.unwrap();
     drop(c);
     gw.stop().await;
-    let raw = std::fs::read(&gw.config.store.path).unwrap();
+    let raw = std::fs::read(gw.store_path()).unwrap();
     for m in markers.iter().map(String::as_str).chain(["hunter2", "BIGMARKER"]) {
         assert!(
             !raw.windows(m.len()).any(|w| w == m.as_bytes()),
@@ -93,7 +93,7 @@ async fn a_ciphertext_moved_to_another_path_or_version_is_data_loss() {
     drop(c);
     gw.stop().await;
     {
-        let store = EmbeddedStore::open(&gw.config.store.path, 10).unwrap();
+        let store = EmbeddedStore::open(gw.store_path(), 10).unwrap();
         let p = |s: &str| SecretPath::parse(s).unwrap();
         let a1 = store.get(&p("/a"), Some(1)).await.unwrap().value;
         let a2 = store.get(&p("/a"), Some(2)).await.unwrap().value;

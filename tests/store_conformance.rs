@@ -5,7 +5,7 @@ mod support;
 
 use std::sync::Arc;
 
-use secretgate::{Config, EmbeddedStore, Store, store::EtcdStore};
+use secretgate::{Config, EmbeddedStore, Store, config::StoreConfig, store::EtcdStore};
 use support::{
     conformance::{MAX_VERSIONS, run_all},
     etcd::EtcdCluster,
@@ -33,7 +33,10 @@ async fn etcd_store_conforms() {
         let mut config = Config::default();
         cluster.configure(&mut config, &format!("/conformance-{n}/"), 5000);
         async move {
-            Arc::new(EtcdStore::connect(&config.store, MAX_VERSIONS).unwrap()) as Arc<dyn Store>
+            let StoreConfig::Etcd(etcd) = &config.store else {
+                unreachable!("configured for etcd")
+            };
+            Arc::new(EtcdStore::connect(etcd, MAX_VERSIONS).unwrap()) as Arc<dyn Store>
         }
     })
     .await;

@@ -115,7 +115,9 @@ async fn tls_1_2_is_refused_by_default_and_allowed_when_configured() {
     let id = gw.ca.client("spiffe://test.example/app");
     let err = gw.probe(Some(&id), true).await.unwrap_err();
     assert!(err.contains("ProtocolVersion") || err.contains("alert"), "{err}");
-    let gw12 = TestGateway::start_with(|c| c.tls.min_version = "1.2".into()).await;
+    let gw12 =
+        TestGateway::start_with(|c| c.tls.min_version = secretgate::config::TlsVersion::Tls12)
+            .await;
     let id = gw12.ca.client("spiffe://test.example/app");
     gw12.probe(Some(&id), true).await.unwrap();
 }

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::Path};
 use anyhow::Context;
 
 use super::dev::{ensure_dev_pki, write_file};
-use crate::{Config, Gateway};
+use crate::{Config, Gateway, config::ValidConfig};
 
 /// Runs a gateway from a configuration file until SIGINT/SIGTERM.
 pub(super) async fn serve(config_path: &Path) -> anyhow::Result<()> {
@@ -33,7 +33,7 @@ pub(super) async fn dev(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Resul
         let text = DEV_CONFIG.replace("@POLICIES@", policies);
         write_file(&config_path, text.as_bytes(), 0o600)?;
     }
-    let mut config = Config::load(&config_path)?;
+    let mut config = Config::load(&config_path)?.into_inner();
     if !config.crypto.keyring.exists() {
         let ring = crate::crypto::Keyring::generate()?;
         ring.save(&config.crypto.keyring)?;
@@ -53,10 +53,10 @@ pub(super) async fn dev(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Resul
         config.store.describe(),
         config.audit.path.display()
     );
-    run(&config).await
+    run(&config.check()?).await
 }
 
-async fn run(config: &Config) -> anyhow::Result<()> {
+async fn run(config: &ValidConfig) -> anyhow::Result<()> {
     let gateway = Gateway::start(config).await?;
     gateway.run_until_signal().await.context("waiting for a shutdown signal")?;
     Ok(())

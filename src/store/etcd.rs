@@ -40,7 +40,7 @@ use zeroize::Zeroizing;
 use self::members::{Failure, Members, Trouble};
 use super::{Entry, Record, SecretMeta, Store, StoreError, UnixMillis, VersionInfo};
 use crate::{
-    config::StoreConfig,
+    config::EtcdConfig,
     path::{PathPrefix, SecretPath},
 };
 
@@ -82,7 +82,7 @@ impl EtcdStore {
     /// Prepares connections to the cluster named by `config` (TLS with its CA and client
     /// certificate, and its user if one is set). Connections open on first use, so an
     /// unreachable cluster shows up as `Unavailable` on the first operation, not here.
-    pub fn connect(config: &StoreConfig, max_versions: u32) -> Result<Self, StoreError> {
+    pub fn connect(config: &EtcdConfig, max_versions: u32) -> Result<Self, StoreError> {
         let members = Arc::new(Members::new(config)?);
         Ok(Self { members, prefix: config.prefix.clone(), timeout: config.timeout(), max_versions })
     }

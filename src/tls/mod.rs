@@ -31,7 +31,7 @@ pub use trust::{
     ClientTrust, ConnTrust, TrustHandle, Untrusted, client_trust, warn_when_crls_are_due,
 };
 
-use crate::config::TlsConfig;
+use crate::config::{TlsConfig, TlsVersion};
 
 /// Why a TLS configuration cannot be built. Messages name the file at fault and never
 /// include key material.
@@ -193,7 +193,7 @@ fn server_config(
     verifier: Arc<dyn ClientCertVerifier>,
     cert: ServerCertHandle,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let versions: &[&rustls::SupportedProtocolVersion] = if tls.min_version == "1.2" {
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls.min_version == TlsVersion::Tls12 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     } else {
         &[&rustls::version::TLS13]

@@ -15,20 +15,23 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 use secretgate::{
+    Gateway,
     api::REQUEST_ID_HEADER,
     audit::{
-        Record, SigningKey, VerifyingKey,
+        Phase, Record, SigningKey, VerifyingKey,
         signing::pub_path,
         verify::{Verified, verify_files},
     },
     crypto::Keyring,
-    proto::v1::{PutRequest, admin_client::AdminClient, secrets_client::SecretsClient},
+    proto::v1::{GetRequest, PutRequest, admin_client::AdminClient, secrets_client::SecretsClient},
 };
+use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 use tonic::{Code, metadata::MetadataMap, transport::Channel};
 
-use super::Ca;
+use super::{Ca, Pem};
 
 const BIN: &str = env!("CARGO_BIN_EXE_secretgate");
 
@@ -340,4 +343,66 @@ pub fn fill(dir: &Path) -> PathBuf {
             Err(e) => panic!("filling {}: {e}", path.display()),
         }
     }
+}
+
+// Helpers shared by the audit test files.
+
+/// Starts a gateway on `config`, which must be refused (else panics with `what`); returns
+/// the error.
+pub async fn refused_at_start(config: &secretgate::Config, what: &str) -> String {
+    match Gateway::start(&config.clone().check().unwrap()).await {
+        Ok(_) => panic!("{what}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Deletes every file of the log whose active file is `active`.
+pub fn delete_log(active: &Path) {
+    for f in log_files(active) {
+        std::fs::remove_file(f).unwrap();
+    }
+}
+
+pub fn put(path: &str, value: &[u8]) -> PutRequest {
+    PutRequest { path: path.into(), value: value.to_vec(), expected_version: None }
+}
+
+pub fn get(path: &str) -> GetRequest {
+    GetRequest { path: path.into(), version: None }
+}
+
+/// SHA-256 of the certificate's DER, hex: what the gateway calls its fingerprint.
+pub fn fingerprint(pem: &Pem) -> String {
+    hex::encode(Sha256::digest(CertificateDer::from_pem_slice(pem.cert.as_bytes()).unwrap()))
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    getrandom::fill(&mut b).unwrap();
+    hex::encode(b)
+}
+
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle).is_some()
+}
+
+/// Every put the client saw acknowledged has an intent record and, after it, an OK outcome
+/// record with the same version.
+pub fn assert_acknowledged_writes_recorded(answers: &[Answer], records: &[Record]) {
+    let mut acked = 0;
+    for a in answers {
+        let Ok((version, id)) = &a.result else { continue };
+        acked += 1;
+        let mine: Vec<_> =
+            records.iter().filter(|r| r.request_id.as_deref() == Some(id.as_str())).collect();
+        let got: Vec<_> = mine.iter().map(|r| (r.phase, r.status.as_deref(), r.version)).collect();
+        let want =
+            [(Some(Phase::Intent), None, None), (Some(Phase::Outcome), Some("OK"), Some(*version))];
+        assert_eq!(got, want, "records of the acknowledged put {id} of {}", a.path);
+    }
+    assert!(acked > 0, "no put was acknowledged");
 }

@@ -18,7 +18,10 @@ use std::{
 
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 use rcgen::{ExtendedKeyUsagePurpose, SanType};
-use secretgate::Config;
+use secretgate::{
+    Config,
+    config::{EtcdConfig, StoreConfig},
+};
 
 use super::{Ca, Pem, TestGateway, write};
 
@@ -103,13 +106,15 @@ impl EtcdCluster {
 
     /// Points `config`'s store at this cluster under `prefix`, with a `timeout_ms` store timeout.
     pub fn configure(&self, config: &mut Config, prefix: &str, timeout_ms: u64) {
-        config.store.backend = "etcd".into();
-        config.store.endpoints = self.endpoints();
-        config.store.ca = self.dir.path().join("ca.pem");
-        config.store.cert = self.dir.path().join("client.pem");
-        config.store.key = self.dir.path().join("client-key.pem");
-        config.store.prefix = prefix.into();
-        config.store.timeout_ms = timeout_ms;
+        config.store = StoreConfig::Etcd(EtcdConfig {
+            endpoints: self.endpoints(),
+            ca: self.dir.path().join("ca.pem"),
+            cert: self.dir.path().join("client.pem"),
+            key: self.dir.path().join("client-key.pem"),
+            prefix: prefix.into(),
+            timeout_ms,
+            ..EtcdConfig::default()
+        });
     }
 
     /// A gateway in this process using this cluster as its store, under `prefix`.

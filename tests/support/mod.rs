@@ -21,6 +21,7 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use secretgate::{
     Config, Gateway,
+    config::StoreConfig,
     proto::v1::{admin_client::AdminClient, secrets_client::SecretsClient},
 };
 use time::OffsetDateTime;
@@ -156,7 +157,7 @@ impl TestGateway {
         config.tls.cert = dir.path().join("server.pem");
         config.tls.key = dir.path().join("server-key.pem");
         config.tls.client_ca = dir.path().join("ca.pem");
-        config.store.path = dir.path().join("store/secretgate.redb");
+        config.store = StoreConfig::Embedded { path: dir.path().join("store/secretgate.redb") };
         config.crypto.keyring = dir.path().join("keyring.toml");
         config.crypto.reload_interval_secs = 1;
         secretgate::crypto::Keyring::generate().unwrap().save(&config.crypto.keyring).unwrap();
@@ -167,9 +168,16 @@ impl TestGateway {
         config.audit.signing_key = dir.path().join("audit.key");
         secretgate::audit::SigningKey::generate().unwrap().save(&config.audit.signing_key).unwrap();
         f(&mut config);
-        config.validate().unwrap();
-        let gateway = Gateway::start(&config).await?;
+        let gateway = Gateway::start(&config.clone().check().unwrap()).await?;
         Ok(Self { ca, dir, config, gateway: Some(gateway) })
+    }
+
+    /// The embedded store's file (the gateway must use the embedded store).
+    pub fn store_path(&self) -> &Path {
+        match &self.config.store {
+            StoreConfig::Embedded { path } => path,
+            StoreConfig::Etcd(_) => panic!("this gateway uses etcd"),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -192,7 +200,8 @@ impl TestGateway {
     /// Starts the gateway again on the same config, store and port.
     pub async fn start_again(&mut self) {
         assert!(self.gateway.is_none(), "gateway is already running");
-        self.gateway = Some(Gateway::start(&self.config).await.unwrap());
+        let config = self.config.clone().check().unwrap();
+        self.gateway = Some(Gateway::start(&config).await.unwrap());
     }
 
     /// An `Admin` client authenticated as `spiffe`.

@@ -22,7 +22,7 @@ use tokio::{sync::OnceCell, time::Instant};
 use tonic::Code;
 use zeroize::Zeroizing;
 
-use crate::{config::StoreConfig, store::StoreError};
+use crate::{config::EtcdConfig, store::StoreError};
 
 /// Largest etcd response accepted (a value is at most 16 MiB, see `limits.max_value_bytes`).
 const MAX_RESPONSE_BYTES: usize = 32 << 20;
@@ -76,7 +76,7 @@ pub(super) struct Trouble {
 
 impl Members {
     /// Prepares TLS, credentials and one (lazy) connection per endpoint.
-    pub(super) fn new(config: &StoreConfig) -> Result<Self, StoreError> {
+    pub(super) fn new(config: &EtcdConfig) -> Result<Self, StoreError> {
         let mut tls =
             TlsOptions::new().ca_certificate(Certificate::from_pem(read_pem(&config.ca)?));
         if !config.cert.as_os_str().is_empty() {

@@ -1,0 +1,511 @@
+//! Typed configuration: `secretgate.toml`, overridden by `SECRETGATE_*` environment variables,
+//! validated once at start-up.
+//!
+//! Every field has a default (see [`Config::default`] and the README's configuration table)
+//! except the three TLS files, which have none on purpose. An environment variable
+//! `SECRETGATE_<SECTION>_<FIELD>` (upper case) overrides `<section>.<field>`; a top-level
+//! field is `SECRETGATE_<FIELD>`. Relative file paths are resolved against the directory of
+//! the config file. Unknown fields are refused, so a typo cannot silently leave a default in
+//! force. Every error names the field (or variable) at fault.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The environment variable that may hold the etcd password (instead of `store.password_file`).
+pub const STORE_PASSWORD_VAR: &str = "SECRETGATE_STORE_PASSWORD";
+
+/// Largest `limits.max_value_bytes` accepted (16 MiB).
+pub const MAX_VALUE_LIMIT: u64 = 16 << 20;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC listener binds. Default `127.0.0.1:7443`.
+    pub listen: SocketAddr,
+    /// The gateway's TLS identity and the CA that signs client certificates.
+    pub tls: TlsConfig,
+    /// Where secrets are kept.
+    pub store: StoreConfig,
+    /// The keyring that seals secret values.
+    pub crypto: CryptoConfig,
+    /// The casbin policies that authorize requests.
+    pub authz: AuthzConfig,
+    /// The audit log.
+    pub audit: AuditConfig,
+    /// Sizes, counts and timeouts.
+    pub limits: Limits,
+}
+
+/// A configuration that passed every check: made only by [`Config::load`],
+/// [`Config::from_toml`] and [`Config::check`], and the only kind the gateway starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidConfig(Config);
+
+impl ValidConfig {
+    /// The configuration, to change it (and [`Config::check`] it again).
+    pub fn into_inner(self) -> Config {
+        self.0
+    }
+}
+
+impl std::ops::Deref for ValidConfig {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.0
+    }
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain the gateway presents (leaf first). Required.
+    pub cert: PathBuf,
+    /// PEM private key for `cert`. Required.
+    pub key: PathBuf,
+    /// PEM bundle of CAs whose client certificates are accepted. Required.
+    pub client_ca: PathBuf,
+    /// Lowest TLS version offered: `"1.3"` (default) or `"1.2"`.
+    pub min_version: TlsVersion,
+    /// Seconds a client has to complete the TLS handshake. Default 10.
+    pub handshake_timeout_secs: u64,
+    /// PEM file of certificate revocation lists (`X509 CRL` blocks), one from each client
+    /// CA. Empty (default): no revocation checking. Reloaded when it changes.
+    pub client_crl: PathBuf,
+    /// Seconds between checks of `cert`, `key` and `client_crl` for changes. Default 10.
+    pub reload_interval_secs: u64,
+}
+
+/// The lowest TLS version the gateway offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum TlsVersion {
+    /// `"1.2"`: TLS 1.2 and 1.3.
+    Tls12,
+    /// `"1.3"` (default): TLS 1.3 only.
+    Tls13,
+}
+
+/// `[crypto]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CryptoConfig {
+    /// The keyring file (mode 0600; see `secretgate keys init`). Default `keyring.toml`.
+    pub keyring: PathBuf,
+    /// Seconds between checks of the keyring file for changes (also reloaded on SIGHUP).
+    /// Default 2.
+    pub reload_interval_secs: u64,
+}
+
+/// `[authz]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthzConfig {
+    /// Directory with `model.conf`, `policy.csv` and `tests/*.toml`. Default `policies`.
+    pub policies: PathBuf,
+    /// Seconds between checks of the policy files for changes (also reloaded on SIGHUP).
+    /// Default 2.
+    pub reload_interval_secs: u64,
+}
+/// `[audit]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Record every request. Default `true`. `false` is for benchmarks only: the gateway
+    /// then logs a warning at start and records nothing.
+    pub enabled: bool,
+    /// The active log file; rotated files are `<path>.<first seq>`. Default `audit/audit.log`.
+    pub path: PathBuf,
+    /// The Ed25519 checkpoint signing key (mode 0600; `secretgate audit keygen`).
+    /// Default `audit.key`.
+    pub signing_key: PathBuf,
+    /// Write a signed checkpoint after this many records. Default 1000.
+    pub checkpoint_every: u64,
+    /// ... or after this many seconds with new records. Default 10.
+    pub checkpoint_interval_secs: u64,
+    /// Rotate the active file when it reaches this size. Default 104857600 (100 MiB).
+    pub max_file_bytes: u64,
+    /// Milliseconds a request waits for its record to be durable before it fails with
+    /// UNAVAILABLE. Default 2000.
+    pub timeout_ms: u64,
+    /// Group commit window, in microseconds. While writes are in progress (intent recorded,
+    /// outcome not yet), the writer holds a batch open up to this long for their outcomes, so
+    /// one log fsync covers many store commits instead of adding one per commit. While only
+    /// other requests are in progress, it holds a batch for about one fsync's time (at most
+    /// this). A request alone is never held. Default 2000; 0 syncs as soon as a record comes.
+    pub group_commit_us: u64,
+    /// Begin a new log although the store keeps checkpoints of others (the old log was
+    /// moved aside on purpose, or the signing key changes). Without it the gateway refuses
+    /// to start when it finds no log but the store remembers one. The new genesis record
+    /// names the logs left behind. Set it for one start, then remove it. Default `false`.
+    pub new_log: bool,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest secret value in bytes. Default 65536 (64 KiB); at most 16 MiB.
+    pub max_value_bytes: u64,
+    /// Versions kept per secret. Default 10; 1 to 1000.
+    pub max_versions: u32,
+    /// Simultaneous client connections (including handshakes in progress). Default 1024.
+    pub max_connections: u32,
+    /// Seconds a request may take before the gateway cancels it (CANCELLED, "Timeout expired").
+    /// Default 30.
+    pub request_timeout_secs: u64,
+}
+
+/// A configuration that cannot be used, naming the field or variable at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a field of the wrong type or name.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the field and line.
+        message: String,
+    },
+    /// An environment override has a value of the wrong type.
+    #[error("environment variable {var}: {reason}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A field has a value outside its allowed range.
+    #[error("config field {field}: {reason}")]
+    Invalid {
+        /// Dotted field name, e.g. `limits.max_value_bytes`.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            tls: TlsConfig::default(),
+            store: StoreConfig::default(),
+            crypto: CryptoConfig::default(),
+            authz: AuthzConfig::default(),
+            audit: AuditConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for AuthzConfig {
+    fn default() -> Self {
+        Self { policies: PathBuf::from("policies"), reload_interval_secs: 2 }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: PathBuf::from("audit/audit.log"),
+            signing_key: PathBuf::from("audit.key"),
+            checkpoint_every: 1000,
+            checkpoint_interval_secs: 10,
+            max_file_bytes: 100 << 20,
+            timeout_ms: 2000,
+            group_commit_us: 2000,
+            new_log: false,
+        }
+    }
+}
+
+impl Default for CryptoConfig {
+    fn default() -> Self {
+        Self { keyring: PathBuf::from("keyring.toml"), reload_interval_secs: 2 }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            client_ca: PathBuf::new(),
+            min_version: TlsVersion::Tls13,
+            handshake_timeout_secs: 10,
+            client_crl: PathBuf::new(),
+            reload_interval_secs: 10,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_value_bytes: 64 * 1024,
+            max_versions: crate::store::DEFAULT_MAX_VERSIONS,
+            max_connections: 1024,
+            request_timeout_secs: 30,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, applies the process's `SECRETGATE_*` variables, resolves relative paths
+    /// and validates.
+    pub fn load(path: &Path) -> Result<ValidConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, path, base, std::env::vars())
+    }
+
+    /// Like [`Config::load`] for text already read, with the environment given explicitly.
+    pub fn from_toml(
+        text: &str,
+        origin: &Path,
+        base_dir: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<ValidConfig, ConfigError> {
+        let parsed: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        let mut password = None;
+        let env = env.into_iter().filter_map(|(var, value)| {
+            if var == STORE_PASSWORD_VAR {
+                password = Some(zeroize::Zeroizing::new(value));
+                return None;
+            }
+            Some((var, value))
+        });
+        let mut config = parsed.with_env(env)?;
+        config.resolve_paths(base_dir);
+        if let StoreConfig::Etcd(etcd) = &mut config.store {
+            etcd.password = StorePassword::load(password, &etcd.password_file)?;
+        }
+        config.check()
+    }
+
+    /// Every file or directory path of the configuration.
+    fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        let mut paths = vec![
+            &mut self.tls.cert,
+            &mut self.tls.key,
+            &mut self.tls.client_ca,
+            &mut self.tls.client_crl,
+            &mut self.crypto.keyring,
+            &mut self.authz.policies,
+            &mut self.audit.path,
+            &mut self.audit.signing_key,
+        ];
+        match &mut self.store {
+            StoreConfig::Embedded { path } => paths.push(path),
+            StoreConfig::Etcd(e) => {
+                paths.extend([&mut e.ca, &mut e.cert, &mut e.key, &mut e.password_file]);
+            }
+        }
+        paths
+    }
+
+    /// Checks ranges and required fields: the only way to a [`ValidConfig`].
+    pub fn check(self) -> Result<ValidConfig, ConfigError> {
+        self.validate()?;
+        Ok(ValidConfig(self))
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in self.paths_mut() {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Checks ranges and required fields (see [`Config::check`]).
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        for (field, p) in [
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("tls.client_ca", &self.tls.client_ca),
+        ] {
+            if p.as_os_str().is_empty() {
+                return invalid(field, "is required (a PEM file path)");
+            }
+        }
+        if !(1..=300).contains(&self.tls.handshake_timeout_secs) {
+            return invalid("tls.handshake_timeout_secs", "must be between 1 and 300");
+        }
+        if !(1..=3600).contains(&self.tls.reload_interval_secs) {
+            return invalid("tls.reload_interval_secs", "must be between 1 and 3600");
+        }
+        match &self.store {
+            StoreConfig::Embedded { path } if path.as_os_str().is_empty() => {
+                return invalid("store.path", "is required for the embedded store");
+            }
+            StoreConfig::Embedded { .. } => {}
+            StoreConfig::Etcd(etcd) => etcd.validate(self.limits.request_timeout())?,
+        }
+        if self.crypto.keyring.as_os_str().is_empty() {
+            return invalid("crypto.keyring", "is required (the keyring file path)");
+        }
+        if !(1..=3600).contains(&self.crypto.reload_interval_secs) {
+            return invalid("crypto.reload_interval_secs", "must be between 1 and 3600");
+        }
+        if self.authz.policies.as_os_str().is_empty() {
+            return invalid("authz.policies", "is required (the policy directory)");
+        }
+        if !(1..=3600).contains(&self.authz.reload_interval_secs) {
+            return invalid("authz.reload_interval_secs", "must be between 1 and 3600");
+        }
+        if self.audit.enabled {
+            self.audit.validate()?;
+        }
+        if !(1..=MAX_VALUE_LIMIT).contains(&self.limits.max_value_bytes) {
+            return invalid("limits.max_value_bytes", "must be between 1 and 16777216");
+        }
+        if !(1..=1000).contains(&self.limits.max_versions) {
+            return invalid("limits.max_versions", "must be between 1 and 1000");
+        }
+        if self.limits.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if !(1..=3600).contains(&self.limits.request_timeout_secs) {
+            return invalid("limits.request_timeout_secs", "must be between 1 and 3600");
+        }
+        Ok(())
+    }
+}
+
+impl TlsConfig {
+    /// The handshake timeout as a `Duration`.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+
+    /// How often `cert`, `key` and `client_crl` are checked for changes.
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_secs(self.reload_interval_secs)
+    }
+}
+
+impl AuditConfig {
+    /// The checkpoint interval as a `Duration`.
+    pub fn checkpoint_interval(&self) -> Duration {
+        Duration::from_secs(self.checkpoint_interval_secs)
+    }
+
+    /// How long a request waits for its record.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// The group commit window as a `Duration`.
+    pub fn group_commit(&self) -> Duration {
+        Duration::from_micros(self.group_commit_us)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        if self.path.as_os_str().is_empty() || self.path.file_name().is_none() {
+            return invalid("audit.path", "is required (the audit log file)");
+        }
+        if self.signing_key.as_os_str().is_empty() {
+            return invalid("audit.signing_key", "is required (see `secretgate audit keygen`)");
+        }
+        if !(1..=1_000_000).contains(&self.checkpoint_every) {
+            return invalid("audit.checkpoint_every", "must be between 1 and 1000000");
+        }
+        if !(1..=3600).contains(&self.checkpoint_interval_secs) {
+            return invalid("audit.checkpoint_interval_secs", "must be between 1 and 3600");
+        }
+        if self.max_file_bytes < 64 * 1024 {
+            return invalid("audit.max_file_bytes", "must be at least 65536");
+        }
+        if !(10..=60_000).contains(&self.timeout_ms) {
+            return invalid("audit.timeout_ms", "must be between 10 and 60000");
+        }
+        if self.group_commit_us > 100_000 || self.group_commit_us >= self.timeout_ms * 1000 / 2 {
+            return invalid(
+                "audit.group_commit_us",
+                "must be at most 100000 and less than half of audit.timeout_ms",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl AuthzConfig {
+    /// The reload interval as a `Duration`.
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_secs(self.reload_interval_secs)
+    }
+}
+
+impl CryptoConfig {
+    /// The reload interval as a `Duration`.
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_secs(self.reload_interval_secs)
+    }
+}
+
+impl Limits {
+    /// The request timeout as a `Duration`.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+impl TryFrom<String> for TlsVersion {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "1.2" => Ok(Self::Tls12),
+            "1.3" => Ok(Self::Tls13),
+            _ => Err("tls.min_version must be \"1.3\" or \"1.2\"".into()),
+        }
+    }
+}
+
+impl From<TlsVersion> for String {
+    fn from(v: TlsVersion) -> Self {
+        match v {
+            TlsVersion::Tls12 => "1.2".into(),
+            TlsVersion::Tls13 => "1.3".into(),
+        }
+    }
+}
+
+/// The 1-based line of a TOML parse error in `text` (1 when toml gives no position). Counts
+/// newlines in the bytes before the error, so an error at the start of a line names that
+/// line, and a position inside a multi-byte character cannot panic.
+pub(crate) fn toml_error_line(text: &str, error: &toml::de::Error) -> usize {
+    let at = error.span().map_or(0, |s| s.start.min(text.len()));
+    text.as_bytes()[..at].iter().filter(|b| **b == b'\n').count() + 1
+}
+
+mod env;
+mod store;
+
+pub use store::{EtcdConfig, StoreConfig, StorePassword};
+#[cfg(test)]
+mod tests;
