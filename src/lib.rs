@@ -24,6 +24,7 @@ pub mod proto;
 pub mod reload;
 pub mod server;
 pub mod store;
+mod text;
 pub mod tls;
 
 #[cfg(test)]
@@ -33,5 +34,5 @@ pub use api::{ApiError, SecretsService, Vault};
 pub use config::{Config, ValidConfig};
 pub use identity::{PeerIdentity, Principal};
 pub use path::{PathPrefix, SecretPath, Target};
-pub use server::{Gateway, StartError};
+pub use server::{Gateway, Reloaded, StartError};
 pub use store::{EmbeddedStore, Store, StoreError};

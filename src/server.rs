@@ -61,6 +61,27 @@ pub enum StartError {
     },
 }
 
+/// A file-backed value a running gateway reloads when its files change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    /// `crypto.keyring`.
+    Keyring,
+    /// The files of `authz.policies`.
+    Policy,
+    /// `tls.cert` and `tls.key`.
+    ServerCert,
+    /// `tls.client_ca` and `tls.client_crl`.
+    ClientTrust,
+}
+
+/// The reloadable values in force, for [`Gateway::reload_error`].
+struct Reloads {
+    keys: KeyringHandle,
+    policy: crate::authz::PolicyHandle,
+    server_cert: tls::ServerCertHandle,
+    trust: tls::TrustHandle,
+}
+
 /// A running gateway.
 pub struct Gateway {
     addr: SocketAddr,
@@ -69,6 +90,7 @@ pub struct Gateway {
     watchers: Vec<JoinHandle<()>>,
     audit: AuditLog,
     checkpoint_task: Option<JoinHandle<()>>,
+    reloads: Reloads,
 }
 
 impl Gateway {
@@ -159,7 +181,20 @@ impl Gateway {
         ));
         watchers.push(trust.watch(config.tls.reload_interval(), load_trust, ClientTrust::describe));
         watchers.push(tls::warn_when_crls_are_due(Arc::clone(&trust)));
-        Ok(Self { addr, shutdown: Some(tx), task, watchers, audit, checkpoint_task })
+        let reloads = Reloads { keys, policy: Arc::clone(authz.handle()), server_cert, trust };
+        Ok(Self { addr, shutdown: Some(tx), task, watchers, audit, checkpoint_task, reloads })
+    }
+
+    /// Why the newest files of `what` were refused (the last good version stays in force),
+    /// or `None` when the newest files are the version in force.
+    pub fn reload_error(&self, what: Reloaded) -> Option<String> {
+        let r = &self.reloads;
+        match what {
+            Reloaded::Keyring => r.keys.last_error(),
+            Reloaded::Policy => r.policy.last_error(),
+            Reloaded::ServerCert => r.server_cert.last_error(),
+            Reloaded::ClientTrust => r.trust.last_error(),
+        }
     }
 
     /// The address the gateway listens on.

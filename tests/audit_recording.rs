@@ -178,7 +178,7 @@ async fn every_request_is_recorded_with_its_facts() {
     assert_eq!(handshakes.len(), 1, "one refused handshake, one record");
     let h = &handshakes[0].1;
     assert_eq!(
-        (h.decision.as_deref(), h.status.as_deref()),
+        (h.decision.map(|d| d.as_str()), h.status.as_deref()),
         (Some("deny"), Some("UNAUTHENTICATED"))
     );
     assert!(h.peer.as_deref().is_some_and(|p| p.starts_with("127.0.0.1:")), "{h:?}");
@@ -221,8 +221,8 @@ impl Facts<'_> {
                 r.principal.as_deref(),
                 r.cert_fingerprint.as_deref(),
                 r.path.as_deref(),
-                r.action.as_deref(),
-                r.decision.as_deref(),
+                r.action.map(|a| a.as_str()),
+                r.decision.map(|d| d.as_str()),
                 r.rule.as_deref(),
             );
             let want = (

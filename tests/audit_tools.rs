@@ -140,9 +140,10 @@ fn request(n: u64) -> Record {
     r.principal = Some(["spiffe://corp/app", "spiffe://corp/admin"][n as usize % 2].into());
     r.method = Some("secretgate.v1.Secrets/Get".into());
     r.path = Some(["/app/db", "/app/db/user", "/apple", "/ops/key"][n as usize % 4].into());
-    r.action = Some("read".into());
+    r.action = Some(secretgate::authz::Action::Read);
     let ok = n % 3 != 0;
-    r.decision = Some(if ok { "allow" } else { "deny" }.into());
+    r.decision =
+        Some(if ok { secretgate::authz::Effect::Allow } else { secretgate::authz::Effect::Deny });
     r.status = Some(if ok { "OK" } else { "PERMISSION_DENIED" }.into());
     r.version = ok.then_some(n + 1);
     r

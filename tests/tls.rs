@@ -5,7 +5,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use rcgen::{DnType, ExtendedKeyUsagePurpose, SanType};
-use secretgate::proto::v1::{GetRequest, secrets_client::SecretsClient};
+use secretgate::{
+    Reloaded,
+    proto::v1::{GetRequest, secrets_client::SecretsClient},
+};
 use support::{Ca, Pem, TestGateway};
 use time::OffsetDateTime;
 use tokio::{io::AsyncReadExt, net::TcpStream};
@@ -231,11 +234,11 @@ async fn a_broken_crl_update_is_refused_and_the_crls_in_force_stay() {
     let mut client = SecretsClient::new(gw.channel(&kept).await.unwrap());
     // Garbage, then a file removed: each is refused; the revocation stays in force.
     publish(crl_path(&gw), "-----BEGIN X509 CRL-----\nbm90IGEgQ1JM\n-----END X509 CRL-----\n");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    gw.refused_reload(Reloaded::ClientTrust, "does not parse").await;
     refused(&gw, Some(&revoked), "CertificateRevoked").await;
     get(&mut client).await.unwrap();
     std::fs::remove_file(crl_path(&gw)).unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    gw.refused_reload(Reloaded::ClientTrust, "cannot read").await;
     refused(&gw, Some(&revoked), "CertificateRevoked").await;
     get(&mut client).await.unwrap();
     // A good file is taken again: the certificate is reinstated.

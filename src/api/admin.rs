@@ -6,11 +6,10 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, Call, Vault};
+use super::{ApiError, Call, RewrapCounts, Vault};
 use crate::{
     audit::AuditLog,
     authz::{Authorizer, Permit, WholeStore, act},
-    crypto::{KeyState, rotation::RewrapProgress},
     proto::v1::{self, admin_server::Admin},
 };
 
@@ -47,7 +46,7 @@ impl AdminService {
             .iter()
             .map(|k| v1::KeyInfo {
                 id: k.id.to_string(),
-                state: state_name(k.state).into(),
+                state: k.state.as_str().into(),
                 records: usage.records.get(k.id.as_str()).copied().unwrap_or(0),
                 created: k.created.clone(),
             })
@@ -93,15 +92,7 @@ impl AdminService {
     }
 }
 
-fn state_name(s: KeyState) -> &'static str {
-    match s {
-        KeyState::Primary => "primary",
-        KeyState::Active => "active",
-        KeyState::Retired => "retired",
-    }
-}
-
-fn progress_message(to_rewrap: u64, p: &RewrapProgress, done: bool) -> v1::RewrapProgress {
+fn progress_message(to_rewrap: u64, p: &RewrapCounts, done: bool) -> v1::RewrapProgress {
     v1::RewrapProgress {
         to_rewrap,
         scanned: p.scanned,
@@ -219,7 +210,7 @@ impl Admin for AdminService {
 }
 
 /// What a rewrap did, for its outcome record.
-fn rewrap_summary(p: &RewrapProgress, done: bool) -> String {
+fn rewrap_summary(p: &RewrapCounts, done: bool) -> String {
     format!(
         "rewrap {}: scanned {}, rewrapped {}, already under the primary key {}, \
          changed meanwhile and skipped {}, failed to open {}",

@@ -14,7 +14,7 @@ use tonic::{Code, Request, Response, Status, metadata::MetadataValue};
 use super::ApiError;
 use crate::{
     audit::{AuditLog, InFlight, Intent, Kind, Phase, Record, Writing},
-    authz::{Act, Action, Authorizer, Decision, Permit},
+    authz::{Act, Action, Authorizer, Decision, Effect, Permit},
     identity::PeerIdentity,
     tls::ConnInfo,
 };
@@ -246,15 +246,14 @@ impl Call {
         }
         r.method = Some(self.method.to_owned());
         r.path = (!self.path.is_empty()).then(|| self.path.clone());
-        r.action = self.action.map(|a| a.to_string());
+        r.action = self.action;
         match &self.decision {
             Some(Decided::Policy(d, policy)) => {
-                let name = if d.is_allow() { "allow" } else { "deny" };
                 (r.decision, r.rule, r.policy_version) =
-                    (Some(name.to_owned()), Some(d.rule()), policy.clone());
+                    (Some(d.effect()), Some(d.rule()), policy.clone());
             }
             Some(Decided::Filtered) => {
-                (r.decision, r.rule) = (Some("allow".to_owned()), Some(FILTERED.to_owned()));
+                (r.decision, r.rule) = (Some(Effect::Allow), Some(FILTERED.to_owned()));
             }
             None => {}
         }

@@ -10,6 +10,7 @@
 mod admin;
 mod call;
 mod error;
+mod rotation;
 mod vault;
 
 use tonic::{Request, Response, Status};
@@ -18,7 +19,8 @@ use zeroize::Zeroizing;
 pub use admin::AdminService;
 pub use call::{REQUEST_ID_HEADER, code_name};
 pub use error::ApiError;
-pub use vault::Vault;
+pub use rotation::{KeyUsage, RewrapCounts};
+pub use vault::{KeyStatus, Vault};
 
 use self::call::Call;
 use crate::{

@@ -107,13 +107,13 @@ use std::{ops::ControlFlow, sync::Arc};
 
 use zeroize::Zeroizing;
 
-use super::ApiError;
+use super::{ApiError, rotation};
 use crate::{
     audit::Intent,
     authz::{Permit, act},
-    crypto::{self, Keyring, KeyringHandle, rotation},
+    crypto::{self, Keyring, KeyringHandle},
     path::{PathPrefix, SecretPath},
-    store::{Entry, SecretMeta, Store, StoreError, VersionInfo},
+    store::{SecretMeta, Store, StoreError, StoredValue, VersionMeta},
 };
 
 /// How often an unconditional write retries after losing a race to another writer.
@@ -129,7 +129,7 @@ pub struct Vault {
 /// A value read and opened.
 pub struct Opened {
     /// Metadata of the version read.
-    pub entry: Entry,
+    pub entry: StoredValue,
     /// The plaintext.
     pub value: Zeroizing<Vec<u8>>,
     /// The key that opened it.
@@ -185,7 +185,7 @@ impl Vault {
         _intent: Intent,
         expected: Option<u64>,
         value: &[u8],
-    ) -> Result<(VersionInfo, String), ApiError> {
+    ) -> Result<(VersionMeta, String), ApiError> {
         let path = permit.path();
         let keys = self.keys.current();
         let key_id = keys.primary().id.to_string();
@@ -214,7 +214,7 @@ impl Vault {
         &self,
         permit: &Permit<act::Delete>,
         _intent: Intent,
-    ) -> Result<VersionInfo, ApiError> {
+    ) -> Result<VersionMeta, ApiError> {
         let path = permit.path();
         self.store.delete(path).await.map_err(|e| ApiError::from_store(e, path))
     }
@@ -270,8 +270,8 @@ impl Vault {
         &self,
         _permit: &Permit<act::Admin>,
         _intent: Intent,
-        on_progress: impl FnMut(&rotation::RewrapProgress) -> ControlFlow<()>,
-    ) -> Result<rotation::RewrapProgress, ApiError> {
+        on_progress: impl FnMut(&rotation::RewrapCounts) -> ControlFlow<()>,
+    ) -> Result<rotation::RewrapCounts, ApiError> {
         rotation::rewrap(&*self.store, &self.keys, on_progress)
             .await
             .map_err(ApiError::from_store_fault)

@@ -14,10 +14,7 @@ use std::{
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::record::{Kind, Record};
-
-/// Every record kind, in the order of [`Kind`].
-const KINDS: [Kind; 6] =
-    [Kind::Genesis, Kind::Continue, Kind::Request, Kind::Handshake, Kind::Checkpoint, Kind::Outage];
+use crate::authz::{Action, Effect};
 
 /// Why a query cannot run, or a line it could not read.
 #[derive(Debug, thiserror::Error)]
@@ -52,10 +49,10 @@ pub struct Filter {
     pub principal: Option<String>,
     /// A path prefix, segment-wise: `/a` matches `/a` and `/a/b` but not `/ab`.
     pub path: Option<String>,
-    /// `read`, `write`, `delete`, `list` or `admin` (any case).
-    pub action: Option<String>,
-    /// `allow` or `deny` (any case).
-    pub decision: Option<String>,
+    /// The action.
+    pub action: Option<Action>,
+    /// Allow or deny.
+    pub decision: Option<Effect>,
     /// gRPC status code name, e.g. `PERMISSION_DENIED` (any case).
     pub status: Option<String>,
     /// Records at or after this time.
@@ -68,7 +65,7 @@ pub struct Filter {
 
 /// One matching record, with the exact line it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub struct Match {
     /// The file.
     pub file: PathBuf,
     /// 1-based line number.
@@ -96,8 +93,8 @@ impl Filter {
         };
         self.principal.as_ref().is_none_or(|p| r.principal.as_ref() == Some(p))
             && self.path.as_deref().is_none_or(|p| r.path.as_deref().is_some_and(|rp| under(rp, p)))
-            && same(&self.action, &r.action)
-            && same(&self.decision, &r.decision)
+            && self.action.is_none_or(|a| r.action == Some(a))
+            && self.decision.is_none_or(|d| r.decision == Some(d))
             && same(&self.status, &r.status)
             && self.kind.is_none_or(|k| r.kind() == k)
             && in_time()
@@ -115,21 +112,27 @@ pub fn parse_time(text: &str) -> Result<OffsetDateTime, QueryError> {
 
 /// Parses a record kind name (`request`, `checkpoint`, …).
 pub fn parse_kind(text: &str) -> Result<Kind, QueryError> {
-    KINDS.into_iter().find(|k| kind_name(*k) == text).ok_or_else(|| {
-        let names: Vec<_> = KINDS.into_iter().map(kind_name).collect();
+    Kind::ALL.into_iter().find(|k| k.as_str() == text).ok_or_else(|| {
+        let names: Vec<_> = Kind::ALL.into_iter().map(Kind::as_str).collect();
         QueryError::BadFilter(format!("unknown kind {text:?}; use one of {}", names.join(", ")))
     })
 }
 
-/// The name of a kind as it appears in the log.
-pub fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Genesis => "genesis",
-        Kind::Continue => "continue",
-        Kind::Request => "request",
-        Kind::Handshake => "handshake",
-        Kind::Checkpoint => "checkpoint",
-        Kind::Outage => "outage",
+/// Parses an action name for `--action` (any case).
+pub fn parse_action(text: &str) -> Result<Action, QueryError> {
+    Action::parse(&text.to_ascii_lowercase()).ok_or_else(|| {
+        QueryError::BadFilter(format!(
+            "unknown action {text:?}; use read, write, delete, list or admin"
+        ))
+    })
+}
+
+/// Parses `allow` or `deny` for `--decision` (any case).
+pub fn parse_decision(text: &str) -> Result<Effect, QueryError> {
+    match text.to_ascii_lowercase().as_str() {
+        "allow" => Ok(Effect::Allow),
+        "deny" => Ok(Effect::Deny),
+        _ => Err(QueryError::BadFilter(format!("unknown decision {text:?}; use allow or deny"))),
     }
 }
 
@@ -139,7 +142,7 @@ pub fn kind_name(kind: Kind) -> &'static str {
 pub fn query_files(
     files: &[PathBuf],
     filter: &Filter,
-) -> Result<impl Iterator<Item = Result<Entry, QueryError>>, QueryError> {
+) -> Result<impl Iterator<Item = Result<Match, QueryError>>, QueryError> {
     let files = order_files(files)?;
     let filter = filter.clone();
     let lines = files.into_iter().flat_map(|path| -> Box<dyn Iterator<Item = _>> {
@@ -161,7 +164,7 @@ pub fn last_matching(
     lines: impl BufRead,
     filter: &Filter,
     n: usize,
-) -> Result<Vec<Entry>, QueryError> {
+) -> Result<Vec<Match>, QueryError> {
     let mut last = VecDeque::with_capacity(n.min(4096));
     for item in numbered_lines(path.to_owned(), lines) {
         match item {
@@ -225,7 +228,7 @@ fn under(path: &str, prefix: &str) -> bool {
 fn numbered_lines(
     path: PathBuf,
     reader: impl BufRead,
-) -> impl Iterator<Item = Result<Entry, QueryError>> {
+) -> impl Iterator<Item = Result<Match, QueryError>> {
     reader.split(b'\n').enumerate().map(move |(i, line)| {
         let bytes = line.map_err(|e| unreadable(&path, e))?;
         let malformed = |reason: String| QueryError::Malformed {
@@ -235,7 +238,7 @@ fn numbered_lines(
         };
         let record = Record::parse(&bytes).map_err(malformed)?;
         let text = String::from_utf8(bytes).map_err(|e| malformed(e.to_string()))?;
-        Ok(Entry { file: path.clone(), line: i + 1, text, record })
+        Ok(Match { file: path.clone(), line: i + 1, text, record })
     })
 }
 
@@ -255,8 +258,8 @@ mod tests {
         r.ts = format!("2026-01-01T00:00:{seq:02}.000Z");
         r.principal = Some(principal.into());
         r.path = Some(path.into());
-        r.action = Some(action.into());
-        r.decision = Some(if status == "OK" { "allow" } else { "deny" }.into());
+        r.action = Action::parse(action);
+        r.decision = Some(if status == "OK" { Effect::Allow } else { Effect::Deny });
         r.status = Some(status.into());
         r
     }
@@ -280,15 +283,19 @@ mod tests {
         assert!(Filter::default().matches(&r));
         let f = Filter {
             principal: Some("spiffe://x/app".into()),
-            action: Some("READ".into()),
-            decision: Some("deny".into()),
+            action: Some(parse_action("READ").unwrap()),
+            decision: Some(parse_decision("deny").unwrap()),
             status: Some("permission_denied".into()),
             kind: Some(Kind::Request),
             ..Filter::default()
         };
         assert!(f.matches(&r));
         assert!(!Filter { principal: Some("spiffe://x/ap".into()), ..f.clone() }.matches(&r));
-        assert!(!Filter { decision: Some("allow".into()), ..f.clone() }.matches(&r));
+        assert!(!Filter { decision: Some(Effect::Allow), ..f.clone() }.matches(&r));
+        assert!(!Filter { action: Some(Action::Write), ..f.clone() }.matches(&r));
+        assert_eq!(parse_decision("ALLOW").unwrap(), Effect::Allow);
+        assert!(parse_action("fly").unwrap_err().to_string().contains("unknown action"));
+        assert!(parse_decision("maybe").unwrap_err().to_string().contains("allow or deny"));
         assert!(!Filter { kind: Some(Kind::Checkpoint), ..f }.matches(&r));
     }
 
@@ -313,9 +320,9 @@ mod tests {
 
     #[test]
     fn kinds_parse_by_their_log_names() {
-        for k in KINDS {
-            assert_eq!(parse_kind(kind_name(k)).unwrap(), k);
-            assert!(serde_json::to_string(&k).unwrap().contains(kind_name(k)));
+        for k in Kind::ALL {
+            assert_eq!(parse_kind(k.as_str()).unwrap(), k);
+            assert!(serde_json::to_string(&k).unwrap().contains(k.as_str()));
         }
         assert!(parse_kind("requests").is_err());
     }
@@ -327,7 +334,7 @@ mod tests {
         let mut files = log_files(dir.path(), &inputs);
         files.reverse();
         let f = Filter { kind: Some(Kind::Request), ..Filter::default() };
-        let hits: Vec<Entry> = query_files(&files, &f).unwrap().map(Result::unwrap).collect();
+        let hits: Vec<Match> = query_files(&files, &f).unwrap().map(Result::unwrap).collect();
         assert!(hits.len() > 20, "{}", hits.len());
         assert!(hits.windows(2).all(|w| w[0].record.seq < w[1].record.seq));
         let all: Vec<u8> = inputs.iter().flat_map(|(_, b)| b.clone()).collect();
@@ -401,10 +408,10 @@ mod tests {
             ],
         ) {
             match parse_kind(&text) {
-                Ok(k) => prop_assert_eq!(kind_name(k), text.as_str()),
+                Ok(k) => prop_assert_eq!(k.as_str(), text.as_str()),
                 Err(QueryError::BadFilter(msg)) => {
-                    prop_assert!(KINDS.iter().all(|k| kind_name(*k) != text), "{:?} refused", text);
-                    prop_assert!(KINDS.iter().all(|k| msg.contains(kind_name(*k))), "{}", msg);
+                    prop_assert!(Kind::ALL.iter().all(|k| k.as_str() != text), "{:?} refused", text);
+                    prop_assert!(Kind::ALL.iter().all(|k| msg.contains(k.as_str())), "{}", msg);
                     prop_assert!(!msg.chars().any(char::is_control), "{:?}", msg);
                 }
                 Err(e) => prop_assert!(false, "unexpected error {}", e),

@@ -10,6 +10,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::authz::{Action, Effect};
+
 /// `prev` of a genesis record.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -31,6 +33,30 @@ pub enum Kind {
     Outage,
 }
 
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Self; 6] = [
+        Self::Genesis,
+        Self::Continue,
+        Self::Request,
+        Self::Handshake,
+        Self::Checkpoint,
+        Self::Outage,
+    ];
+
+    /// The name of the kind as it appears in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Genesis => "genesis",
+            Self::Continue => "continue",
+            Self::Request => "request",
+            Self::Handshake => "handshake",
+            Self::Checkpoint => "checkpoint",
+            Self::Outage => "outage",
+        }
+    }
+}
+
 /// For writes: `intent` is recorded (durably) before the store is touched, `outcome` after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -50,7 +76,7 @@ pub enum Phase {
 ///
 /// Unknown fields are accepted when parsing, so that auditors' tools keep verifying logs
 /// from newer gateways (the chain covers the exact bytes of every line regardless).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// Position in the log, from 0 (the genesis record), without gaps across files.
     #[serde(skip_serializing)]
@@ -59,7 +85,7 @@ pub struct Record {
     #[serde(skip_serializing)]
     pub ts: String,
     /// What the record records.
-    pub kind: Option<Kind>,
+    pub kind: Kind,
     /// The log's id (genesis, continue and checkpoint records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_id: Option<String>,
@@ -89,10 +115,10 @@ pub struct Record {
     pub path: Option<String>,
     /// `read`, `write`, `delete`, `list` or `admin`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub action: Option<String>,
+    pub action: Option<Action>,
     /// `allow` or `deny`, once authorization decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub decision: Option<String>,
+    pub decision: Option<Effect>,
     /// The deciding rule: `policy.csv:LINE`, or `default deny`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
@@ -158,7 +184,35 @@ impl Body {
 impl Record {
     /// A record of `kind` with every optional field empty.
     pub fn new(kind: Kind) -> Self {
-        Self { kind: Some(kind), ..Self::default() }
+        Self {
+            seq: 0,
+            ts: String::new(),
+            kind,
+            log_id: None,
+            request_id: None,
+            phase: None,
+            principal: None,
+            cert_fingerprint: None,
+            cert_serial: None,
+            peer: None,
+            method: None,
+            path: None,
+            action: None,
+            decision: None,
+            rule: None,
+            policy_version: None,
+            status: None,
+            message: None,
+            version: None,
+            key_id: None,
+            latency_us: None,
+            reason: None,
+            since: None,
+            refused: None,
+            pubkey: None,
+            sig: None,
+            prev: String::new(),
+        }
     }
 
     /// The line for this record (no newline).
@@ -180,16 +234,12 @@ impl Record {
 
     /// Parses one line (without its newline).
     pub fn parse(line: &[u8]) -> Result<Self, String> {
-        let record: Self = serde_json::from_slice(line).map_err(|e| e.to_string())?;
-        if record.kind.is_none() {
-            return Err("missing field `kind`".into());
-        }
-        Ok(record)
+        serde_json::from_slice(line).map_err(|e| e.to_string())
     }
 
-    /// The record's kind (always set on parsed records).
+    /// The record's kind.
     pub fn kind(&self) -> Kind {
-        self.kind.unwrap_or(Kind::Request)
+        self.kind
     }
 }
 

@@ -22,8 +22,9 @@ pub use policy::{Decision, Effect, Policy, PolicyError, Rule};
 
 use crate::{identity::Principal, path::SecretPath, reload::Reloadable};
 
-/// What a request does to a secret.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What a request does to a secret. Written in audit records by its policy name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Action {
     /// Get, Versions.
     Read,
@@ -38,6 +39,9 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action, in policy order.
+    pub const ALL: [Self; 5] = [Self::Read, Self::Write, Self::Delete, Self::List, Self::Admin];
+
     /// Parses `read`, `write`, `delete`, `list` or `admin`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {

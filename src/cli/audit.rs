@@ -21,7 +21,7 @@ use serde_json::json;
 use super::Output;
 use crate::audit::{
     Kind, Record, SigningKey, VerifyingKey,
-    query::{self, Entry, Filter},
+    query::{self, Filter, Match},
     signing::pub_path,
     verify::{self, Problem},
 };
@@ -328,7 +328,7 @@ fn emit(
         match Record::parse(line) {
             Ok(record) if filter.matches(&record) => {
                 let text = String::from_utf8_lossy(line).into_owned();
-                print(out, &Entry { file: path.to_owned(), line: 0, text, record }, output)?;
+                print(out, &Match { file: path.to_owned(), line: 0, text, record }, output)?;
             }
             Ok(_) => {}
             Err(e) => eprintln!("warning: {}: not an audit record: {e}", path.display()),
@@ -343,7 +343,7 @@ fn header() -> String {
     row(&["seq", "ts", "principal", "method", "path", "action", "decision", "status", "version"])
 }
 
-fn print(out: &mut impl Write, entry: &Entry, output: Output) -> anyhow::Result<()> {
+fn print(out: &mut impl Write, entry: &Match, output: Output) -> anyhow::Result<()> {
     if output == Output::Json {
         writeln!(out, "{}", entry.text)?;
         return Ok(());
@@ -354,11 +354,13 @@ fn print(out: &mut impl Write, entry: &Entry, output: Output) -> anyhow::Result<
         Kind::Request => (text(&r.principal), text(&r.method), text(&r.path)),
         kind => {
             let why = r.reason.as_ref().or(r.message.as_ref());
-            (text(&r.peer), format!("[{}]", query::kind_name(kind)), text(&why.cloned()))
+            (text(&r.peer), format!("[{}]", kind.as_str()), text(&why.cloned()))
         }
     };
     let (seq, version) = (r.seq.to_string(), r.version.map_or("-".into(), |v| v.to_string()));
-    let (action, decision, status) = (text(&r.action), text(&r.decision), text(&r.status));
+    let action = r.action.map_or("-", |a| a.as_str()).to_owned();
+    let decision = r.decision.map_or("-", |d| d.as_str()).to_owned();
+    let status = text(&r.status);
     let cells = [&seq, &r.ts, &who, &what, &target, &action, &decision, &status, &version];
     writeln!(out, "{}", row(&cells.map(String::as_str)))?;
     Ok(())
@@ -376,8 +378,8 @@ impl FilterArgs {
         Ok(Filter {
             principal: self.principal,
             path: self.path,
-            action: self.action,
-            decision: self.decision,
+            action: self.action.as_deref().map(query::parse_action).transpose()?,
+            decision: self.decision.as_deref().map(query::parse_decision).transpose()?,
             status: self.status,
             since: self.since.as_deref().map(query::parse_time).transpose()?,
             until: self.until.as_deref().map(query::parse_time).transpose()?,

@@ -495,14 +495,6 @@ impl From<TlsVersion> for String {
     }
 }
 
-/// The 1-based line of a TOML parse error in `text` (1 when toml gives no position). Counts
-/// newlines in the bytes before the error, so an error at the start of a line names that
-/// line, and a position inside a multi-byte character cannot panic.
-pub(crate) fn toml_error_line(text: &str, error: &toml::de::Error) -> usize {
-    let at = error.span().map_or(0, |s| s.start.min(text.len()));
-    text.as_bytes()[..at].iter().filter(|b| **b == b'\n').count() + 1
-}
-
 mod env;
 mod store;
 

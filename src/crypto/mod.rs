@@ -4,11 +4,9 @@
 //!
 //! - [`keyring`]: the keys and their lifecycle (primary / active / retired);
 //! - [`envelope`]: the sealed format and its associated data (path, version, key id);
-//! - [`rotation`]: which keys the stored records use, and online rewrap to the primary key.
 
 pub mod envelope;
 pub mod keyring;
-pub mod rotation;
 
 pub use envelope::{EnvelopeError, open, parse_header, seal};
 pub use keyring::{Key, KeyId, KeyMaterial, KeyState, Keyring, KeyringError};

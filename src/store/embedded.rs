@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use zeroize::Zeroizing;
 
-use super::{Entry, Record, SecretMeta, Store, StoreError, UnixMillis, VersionInfo};
+use super::{SecretMeta, Store, StoreError, StoredValue, StoredVersion, UnixMillis, VersionMeta};
 use crate::path::{PathPrefix, SecretPath};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -89,7 +89,7 @@ impl Store for EmbeddedStore {
         path: &SecretPath,
         expected: u64,
         value: &[u8],
-    ) -> Result<VersionInfo, StoreError> {
+    ) -> Result<VersionMeta, StoreError> {
         let key = path.as_str().to_owned();
         let value = Zeroizing::new(value.to_vec());
         let keep = self.max_versions;
@@ -103,7 +103,7 @@ impl Store for EmbeddedStore {
                 if meta.current_version != expected {
                     return Err(StoreError::Conflict { expected, current: meta.current_version });
                 }
-                let info = VersionInfo {
+                let info = VersionMeta {
                     version: expected + 1,
                     created: UnixMillis::now(),
                     deleted: None,
@@ -121,7 +121,11 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn get(&self, path: &SecretPath, version: Option<u64>) -> Result<Entry, StoreError> {
+    async fn get(
+        &self,
+        path: &SecretPath,
+        version: Option<u64>,
+    ) -> Result<StoredValue, StoreError> {
         let key = path.as_str();
         self.reading(|db| {
             let txn = db.begin_read().map_err(backend)?;
@@ -135,7 +139,7 @@ impl Store for EmbeddedStore {
             let bytes = guard.value();
             let mut value = Zeroizing::new(Vec::with_capacity(bytes.len()));
             value.extend_from_slice(bytes);
-            Ok(Entry {
+            Ok(StoredValue {
                 version: info.version,
                 created: info.created,
                 current_version: meta.current_version,
@@ -144,7 +148,7 @@ impl Store for EmbeddedStore {
         })
     }
 
-    async fn delete(&self, path: &SecretPath) -> Result<VersionInfo, StoreError> {
+    async fn delete(&self, path: &SecretPath) -> Result<VersionMeta, StoreError> {
         let key = path.as_str().to_owned();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
@@ -236,7 +240,7 @@ impl Store for EmbeddedStore {
         &self,
         after: Option<(&SecretPath, u64)>,
         limit: usize,
-    ) -> Result<Vec<Record>, StoreError> {
+    ) -> Result<Vec<StoredVersion>, StoreError> {
         let after = after.map(|(p, v)| (p.as_str().to_owned(), v));
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
@@ -260,7 +264,7 @@ impl Store for EmbeddedStore {
                 let bytes = v.value();
                 let mut value = Zeroizing::new(Vec::with_capacity(bytes.len()));
                 value.extend_from_slice(bytes);
-                out.push(Record { path, version, value });
+                out.push(StoredVersion { path, version, value });
             }
             Ok(out)
         })

@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use self::members::{Failure, Members, Trouble};
-use super::{Entry, Record, SecretMeta, Store, StoreError, UnixMillis, VersionInfo};
+use super::{SecretMeta, Store, StoreError, StoredValue, StoredVersion, UnixMillis, VersionMeta};
 use crate::{
     config::EtcdConfig,
     path::{PathPrefix, SecretPath},
@@ -133,7 +133,7 @@ impl EtcdStore {
         path: &SecretPath,
         version: Option<u64>,
         deadline: Instant,
-    ) -> Result<Entry, Failure> {
+    ) -> Result<StoredValue, Failure> {
         let (meta, _, revision) = self.meta(path, deadline).await?;
         let meta = meta.ok_or(Failure::Done(StoreError::NotFound))?;
         let info = meta.readable(version).map_err(Failure::Done)?;
@@ -148,7 +148,7 @@ impl EtcdStore {
             return Err(Failure::Done(StoreError::Corrupt(what)));
         };
         let (_, value) = kv.into_key_value();
-        Ok(Entry {
+        Ok(StoredValue {
             version: info.version,
             created: info.created,
             current_version: meta.current_version,
@@ -163,7 +163,7 @@ impl EtcdStore {
         &self,
         path: &SecretPath,
         meta: &SecretMeta,
-        info: &VersionInfo,
+        info: &VersionMeta,
         value: &[u8],
         deadline: Instant,
     ) -> Result<Option<bool>, Failure> {
@@ -187,7 +187,7 @@ impl EtcdStore {
         path: &SecretPath,
         expected: u64,
         value: &[u8],
-        info: &VersionInfo,
+        info: &VersionMeta,
         retried: bool,
         deadline: Instant,
     ) -> Result<PutStep, (Failure, bool)> {
@@ -297,7 +297,7 @@ impl EtcdStore {
         &self,
         path: &SecretPath,
         deadline: Instant,
-    ) -> Result<VersionInfo, Failure> {
+    ) -> Result<VersionMeta, Failure> {
         let key = self.meta_key(path.as_str());
         let (meta, mod_revision, _) = self.meta(path, deadline).await?;
         let mut meta = meta.ok_or(Failure::Done(StoreError::NotFound))?;
@@ -331,7 +331,7 @@ impl EtcdStore {
         after: Option<(&SecretPath, u64)>,
         limit: usize,
         deadline: Instant,
-    ) -> Result<Vec<Record>, Failure> {
+    ) -> Result<Vec<StoredVersion>, Failure> {
         let base = format!("{}data", self.prefix);
         let start = match after {
             Some((path, version)) => format!("{}\0", self.data_key(path, version)),
@@ -357,7 +357,7 @@ impl EtcdStore {
             let Some((path, version)) = parsed else {
                 return Err(corrupt(format!("stored data key {key:?}")));
             };
-            out.push(Record { path, version, value });
+            out.push(StoredVersion { path, version, value });
         }
         Ok(out)
     }
@@ -406,9 +406,9 @@ impl Store for EtcdStore {
         path: &SecretPath,
         expected: u64,
         value: &[u8],
-    ) -> Result<VersionInfo, StoreError> {
+    ) -> Result<VersionMeta, StoreError> {
         let deadline = Instant::now() + self.timeout;
-        let info = VersionInfo { version: expected + 1, created: UnixMillis::now(), deleted: None };
+        let info = VersionMeta { version: expected + 1, created: UnixMillis::now(), deleted: None };
         let mut trouble = Trouble::default();
         loop {
             match self.put_once(path, expected, value, &info, trouble.maybe_applied, deadline).await
@@ -435,11 +435,15 @@ impl Store for EtcdStore {
         }
     }
 
-    async fn get(&self, path: &SecretPath, version: Option<u64>) -> Result<Entry, StoreError> {
+    async fn get(
+        &self,
+        path: &SecretPath,
+        version: Option<u64>,
+    ) -> Result<StoredValue, StoreError> {
         self.retry("get", false, |deadline| self.get_once(path, version, deadline)).await
     }
 
-    async fn delete(&self, path: &SecretPath) -> Result<VersionInfo, StoreError> {
+    async fn delete(&self, path: &SecretPath) -> Result<VersionMeta, StoreError> {
         // A retried delete is idempotent: it finds the version already deleted and returns it.
         self.retry("delete", true, |deadline| self.delete_once(path, deadline)).await
     }
@@ -467,7 +471,7 @@ impl Store for EtcdStore {
         &self,
         after: Option<(&SecretPath, u64)>,
         limit: usize,
-    ) -> Result<Vec<Record>, StoreError> {
+    ) -> Result<Vec<StoredVersion>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }

@@ -40,7 +40,7 @@ pub struct UnixMillis(pub u64);
 
 /// One kept version of a secret.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VersionInfo {
+pub struct VersionMeta {
     /// Version number, from 1.
     pub version: u64,
     /// When the version was written.
@@ -55,11 +55,11 @@ pub struct SecretMeta {
     /// The newest version number ever written (it stays after pruning and deletion).
     pub current_version: u64,
     /// Kept versions, newest first.
-    pub versions: Vec<VersionInfo>,
+    pub versions: Vec<VersionMeta>,
 }
 
 /// A value read from the store. The bytes are wiped from memory when this is dropped.
-pub struct Entry {
+pub struct StoredValue {
     /// The version read.
     pub version: u64,
     /// When it was written.
@@ -71,7 +71,7 @@ pub struct Entry {
 }
 
 /// One stored version of one secret, as raw bytes: what key rotation walks over.
-pub struct Record {
+pub struct StoredVersion {
     /// The secret.
     pub path: SecretPath,
     /// The version.
@@ -133,14 +133,15 @@ pub trait Store: Send + Sync + 'static {
         path: &SecretPath,
         expected: u64,
         value: &[u8],
-    ) -> Result<VersionInfo, StoreError>;
+    ) -> Result<VersionMeta, StoreError>;
 
     /// Reads the current version (`None`) or the given version.
-    async fn get(&self, path: &SecretPath, version: Option<u64>) -> Result<Entry, StoreError>;
+    async fn get(&self, path: &SecretPath, version: Option<u64>)
+    -> Result<StoredValue, StoreError>;
 
     /// Soft-deletes the current version and returns it. Deleting a secret whose current
     /// version is already deleted returns that version unchanged.
-    async fn delete(&self, path: &SecretPath) -> Result<VersionInfo, StoreError>;
+    async fn delete(&self, path: &SecretPath) -> Result<VersionMeta, StoreError>;
 
     /// Up to `limit` live secrets at or below `prefix`, in byte order, strictly after
     /// `after` when given.
@@ -162,7 +163,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         after: Option<(&SecretPath, u64)>,
         limit: usize,
-    ) -> Result<Vec<Record>, StoreError>;
+    ) -> Result<Vec<StoredVersion>, StoreError>;
 
     /// Replaces the stored bytes of one kept version, only if they are still exactly `old`
     /// (compare-and-set on the value). Returns `false`, changing nothing, if they differ or
@@ -209,7 +210,7 @@ impl SecretMeta {
     }
 
     /// Records a new version at the front and returns the versions pruned beyond `keep`.
-    pub(crate) fn push_version(&mut self, info: VersionInfo, keep: u32) -> Vec<VersionInfo> {
+    pub(crate) fn push_version(&mut self, info: VersionMeta, keep: u32) -> Vec<VersionMeta> {
         self.current_version = info.version;
         self.versions.insert(0, info);
         let keep = usize::try_from(keep.max(1)).unwrap_or(usize::MAX);
@@ -218,7 +219,7 @@ impl SecretMeta {
 
     /// Finds the kept version `version`, or the current one for `None`, checking it is
     /// readable (exists and is not deleted).
-    pub(crate) fn readable(&self, version: Option<u64>) -> Result<&VersionInfo, StoreError> {
+    pub(crate) fn readable(&self, version: Option<u64>) -> Result<&VersionMeta, StoreError> {
         let wanted = version.unwrap_or(self.current_version);
         let info = self.versions.iter().find(|v| v.version == wanted).ok_or(match version {
             None => StoreError::NotFound,
@@ -236,8 +237,8 @@ impl SecretMeta {
 mod tests {
     use super::*;
 
-    fn info(version: u64) -> VersionInfo {
-        VersionInfo { version, created: UnixMillis(version), deleted: None }
+    fn info(version: u64) -> VersionMeta {
+        VersionMeta { version, created: UnixMillis(version), deleted: None }
     }
 
     #[test]

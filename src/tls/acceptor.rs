@@ -195,7 +195,7 @@ impl Refusals {
 fn refusal_record(peer: SocketAddr, reason: String) -> Record {
     let mut r = Record::new(Kind::Handshake);
     r.peer = Some(peer.to_string());
-    r.decision = Some("deny".into());
+    r.decision = Some(crate::authz::Effect::Deny);
     r.status = Some("UNAUTHENTICATED".into());
     r.reason = Some(reason);
     r

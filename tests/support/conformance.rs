@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, future::Future, sync::Arc};
 
 use secretgate::{
     PathPrefix, SecretPath, Store, StoreError,
-    store::{SecretMeta, VersionInfo},
+    store::{SecretMeta, VersionMeta},
 };
 
 /// Versions a conformance store must be configured to keep.
@@ -151,7 +151,7 @@ async fn delete_is_soft_and_idempotent(s: Arc<dyn Store>) {
     assert!(s.list(&PathPrefix::Root, None, 10).await.unwrap().is_empty());
     // A deleted secret keeps its version counter: create-only fails, CAS on 1 works.
     assert!(matches!(s.put(&p("/d"), 0, b"x").await, Err(StoreError::Conflict { current: 1, .. })));
-    let v2: VersionInfo = s.put(&p("/d"), 1, b"v2").await.unwrap();
+    let v2: VersionMeta = s.put(&p("/d"), 1, b"v2").await.unwrap();
     assert_eq!(v2.version, 2);
     assert_eq!(s.get(&p("/d"), None).await.unwrap().value.as_slice(), b"v2");
     assert_eq!(s.list(&PathPrefix::Root, None, 10).await.unwrap(), [p("/d")]);

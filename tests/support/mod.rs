@@ -11,7 +11,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use rcgen::{
@@ -20,7 +20,7 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use secretgate::{
-    Config, Gateway,
+    Config, Gateway, Reloaded,
     config::StoreConfig,
     proto::v1::{admin_client::AdminClient, secrets_client::SecretsClient},
 };
@@ -177,6 +177,24 @@ impl TestGateway {
         match &self.config.store {
             StoreConfig::Embedded { path } => path,
             StoreConfig::Etcd(_) => panic!("this gateway uses etcd"),
+        }
+    }
+
+    /// Waits (10 s at most) until the gateway reports that the newest files of `what` were
+    /// refused with an error containing `expected`; returns the error.
+    pub async fn refused_reload(&self, what: Reloaded, expected: &str) -> String {
+        let gateway = self.gateway.as_ref().expect("gateway is running");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let error = gateway.reload_error(what);
+            if let Some(e) = error.as_ref().filter(|e| e.contains(expected)) {
+                return e.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} reload refused with {expected:?} within 10 s (last error: {error:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

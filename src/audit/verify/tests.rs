@@ -3,7 +3,10 @@ use std::path::Path;
 use proptest::prelude::*;
 
 use super::*;
-use crate::audit::SigningKey;
+use crate::{
+    audit::SigningKey,
+    authz::{Action, Effect},
+};
 
 type Files = Vec<(String, Vec<u8>)>;
 
@@ -30,9 +33,9 @@ pub(crate) fn test_log(requests: u64, every: u64, per_file: usize) -> (SigningKe
         r.principal = Some(format!("spiffe://test/{}", ["app", "admin"][n as usize % 2]));
         r.method = Some("secretgate.v1.Secrets/Get".into());
         r.path = Some(["/app/db", "/app/db/user", "/apple", "/ops/k"][n as usize % 4].into());
-        r.action = Some(["read", "write", "read"][n as usize % 3].into());
+        r.action = Some([Action::Read, Action::Write, Action::Read][n as usize % 3]);
         let ok = n % 5 != 0;
-        r.decision = Some(if ok { "allow" } else { "deny" }.into());
+        r.decision = Some(if ok { Effect::Allow } else { Effect::Deny });
         r.status = Some(if ok { "OK" } else { "PERMISSION_DENIED" }.into());
         r.version = ok.then_some(n);
         w.push(r);

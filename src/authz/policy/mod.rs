@@ -48,8 +48,9 @@ e = some(where (p.eft == allow)) && !some(where (p.eft == deny))
 m = g(r.sub, p.sub) && pathMatch(r.obj, p.obj) && (r.act == p.act || p.act == \"*\")
 ";
 
-/// Allow or deny.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Allow or deny: a rule's effect, and the decision an audit record notes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Effect {
     /// Grants.
     Allow,
@@ -88,7 +89,22 @@ pub enum Decision {
     },
 }
 
+impl Effect {
+    /// `allow` or `deny`, as in policies and audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
 impl Decision {
+    /// Allow or deny.
+    pub fn effect(self) -> Effect {
+        if self.is_allow() { Effect::Allow } else { Effect::Deny }
+    }
+
     /// Whether the request is allowed.
     pub fn is_allow(self) -> bool {
         matches!(self, Self::Allow { .. })
@@ -218,7 +234,7 @@ impl Policy {
             hasher.update(&text);
             let parsed: TestFile = toml::from_str(&text).map_err(|e| PolicyError::Syntax {
                 file: file.display().to_string(),
-                line: crate::config::toml_error_line(&text, &e),
+                line: crate::text::toml_error_line(&text, &e),
                 reason: e.message().to_owned(),
             })?;
             for (i, mut case) in parsed.case.into_iter().enumerate() {

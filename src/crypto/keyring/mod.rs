@@ -38,6 +38,17 @@ pub enum KeyState {
     Retired,
 }
 
+impl KeyState {
+    /// The name in the keyring file and in `keys status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Active => "active",
+            Self::Retired => "retired",
+        }
+    }
+}
+
 /// 256 bits of key material, wiped from memory on drop.
 pub struct KeyMaterial(Zeroizing<[u8; KEY_LEN]>);
 
@@ -240,7 +251,7 @@ impl Keyring {
         let file: KeyFile = toml::from_str(text).map_err(|e| {
             // toml's Display quotes the offending line, which may hold a secret: report the
             // line number and the message only.
-            let line = crate::config::toml_error_line(text, &e);
+            let line = crate::text::toml_error_line(text, &e);
             KeyringError::Parse(format!("line {line}: {}", e.message()))
         })?;
         if file.keys.is_empty() {
@@ -394,11 +405,7 @@ impl Keyring {
             out.push_str(&format!(
                 "\n[[keys]]\nid = \"{}\"\nstate = \"{}\"\ncreated = \"{}\"\nsecret = \"",
                 k.id.as_str(),
-                match k.state {
-                    KeyState::Primary => "primary",
-                    KeyState::Active => "active",
-                    KeyState::Retired => "retired",
-                },
+                k.state.as_str(),
                 k.created
             ));
             out.push_str(&k.encoded);

@@ -12,10 +12,10 @@
 
 use std::{collections::BTreeMap, ops::ControlFlow};
 
-use super::{KeyringHandle, envelope};
 use crate::{
+    crypto::{KeyringHandle, envelope},
     path::SecretPath,
-    store::{Record, Store, StoreError},
+    store::{Store, StoreError, StoredVersion},
 };
 
 /// Records fetched per store round trip.
@@ -34,7 +34,7 @@ pub struct KeyUsage {
 
 /// Counters of a rewrap run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RewrapProgress {
+pub struct RewrapCounts {
     /// Records looked at.
     pub scanned: u64,
     /// Records re-sealed under the primary key.
@@ -69,9 +69,9 @@ pub async fn key_usage(store: &dyn Store) -> Result<KeyUsage, StoreError> {
 pub async fn rewrap(
     store: &dyn Store,
     keys: &KeyringHandle,
-    mut on_progress: impl FnMut(&RewrapProgress) -> ControlFlow<()>,
-) -> Result<RewrapProgress, StoreError> {
-    let mut p = RewrapProgress::default();
+    mut on_progress: impl FnMut(&RewrapCounts) -> ControlFlow<()>,
+) -> Result<RewrapCounts, StoreError> {
+    let mut p = RewrapCounts::default();
     let mut after: Option<(SecretPath, u64)> = None;
     loop {
         let page = store.scan(after.as_ref().map(|(path, v)| (path, *v)), PAGE).await?;
@@ -90,8 +90,8 @@ pub async fn rewrap(
 async fn rewrap_one(
     store: &dyn Store,
     keys: &KeyringHandle,
-    record: &Record,
-    p: &mut RewrapProgress,
+    record: &StoredVersion,
+    p: &mut RewrapCounts,
 ) -> Result<(), StoreError> {
     // The keyring may be reloaded during a long run; each record uses the one in force.
     let ring = keys.current();
@@ -129,7 +129,7 @@ async fn rewrap_one(
 
 async fn for_each_page(
     store: &dyn Store,
-    mut f: impl FnMut(&[Record]) -> ControlFlow<()>,
+    mut f: impl FnMut(&[StoredVersion]) -> ControlFlow<()>,
 ) -> Result<(), StoreError> {
     let mut after: Option<(SecretPath, u64)> = None;
     loop {
