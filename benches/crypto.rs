@@ -8,7 +8,7 @@ use std::{hint::black_box, time::Instant};
 
 use secretgate::{
     SecretPath,
-    crypto::{Keyring, open, seal},
+    testing::{Keyring, open, seal},
 };
 
 fn median_ns_per_op(batches: usize, iters: u32, mut f: impl FnMut()) -> f64 {

@@ -1,38 +1,49 @@
 //! secretgate: a security-hardened mTLS gRPC gateway in front of a secrets store.
 //!
-//! Every caller is authenticated by its client certificate ([`tls`], [`identity`]); every
-//! request is parsed into checked domain types ([`SecretPath`]) before it reaches the
-//! [`Store`]. The request pipeline and the architecture are described in `DESIGN.md`; the
-//! threat model in `SECURITY.md`.
+//! Every caller is authenticated by its client certificate ([`tls`], [`Principal`]); every
+//! request is parsed into checked domain types ([`SecretPath`], [`Target`]) and authorized
+//! ([`authz`]: a [`Permit`](authz::Permit) for exactly one action on one target) before it
+//! reaches the [`Vault`], the only way to the store and the keyring: it takes the path from
+//! the permit and, for a change, the durable audit record of its intent ([`audit`]). The
+//! store and the keys themselves are not reachable from outside the crate (but through the
+//! `testing` feature, for this crate's own integration tests). The request pipeline and the
+//! architecture are described in `DESIGN.md`; the threat model in `SECURITY.md`.
 //!
-//! The binary (`src/main.rs`) only parses the command line and calls [`cli::run`].
+//! The binary (`src/main.rs`) only parses the command line and calls [`run_cli`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod api;
 pub mod audit;
 pub mod authz;
-pub mod cli;
-mod clock;
 pub mod config;
-pub mod crypto;
-mod fs;
-pub mod identity;
-pub mod path;
 pub mod proto;
-pub mod reload;
-pub mod server;
-pub mod store;
-mod text;
 pub mod tls;
 
+mod api;
+mod cli;
+mod clock;
+mod crypto;
+mod fs;
+mod identity;
+mod path;
+mod reload;
+mod server;
+mod store;
+mod text;
 #[cfg(test)]
-mod testing;
+mod text_edits;
 
-pub use api::{ApiError, SecretsService, Vault};
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use api::{
+    AdminService, ApiError, KeyStatus, KeyUsage, Opened, REQUEST_ID_HEADER, RewrapCounts,
+    SecretsService, Vault, code_name,
+};
+pub use cli::{Cli, run as run_cli};
 pub use config::{Config, ValidConfig};
 pub use identity::{PeerIdentity, Principal};
-pub use path::{PathPrefix, SecretPath, Target};
+pub use path::{MAX_PATH_BYTES, MAX_SEGMENTS, PathError, PathPrefix, SecretPath, Target};
 pub use server::{Gateway, Reloaded, StartError};
-pub use store::{EmbeddedStore, Store, StoreError};
+pub use store::{SecretMeta, StoreError, StoredValue, UnixMillis, VersionMeta};

@@ -7,5 +7,5 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    secretgate::cli::run(secretgate::cli::Cli::parse())
+    secretgate::run_cli(secretgate::Cli::parse())
 }

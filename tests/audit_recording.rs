@@ -17,11 +17,11 @@ use secretgate::{
         record::{GENESIS_PREV, line_hash},
         signing::pub_path,
     },
-    crypto::Keyring,
     proto::v1::{
         DeleteRequest, ListRequest, PutRequest, VersionsRequest, WhoAmIRequest,
         secrets_client::SecretsClient,
     },
+    testing::Keyring,
 };
 use support::{
     Ca, TestGateway,

@@ -13,13 +13,13 @@ use std::{
 };
 
 use secretgate::{
-    EmbeddedStore, SecretPath, Store,
+    SecretPath,
     audit::{Phase, Record},
-    crypto::Keyring,
     proto::v1::{
         GetRequest, KeyStatusRequest, KeyStatusResponse, PutRequest, RewrapRequest,
         admin_client::AdminClient, secrets_client::SecretsClient,
     },
+    testing::{EmbeddedStore, Keyring, Store},
 };
 use support::TestGateway;
 use tokio::sync::Mutex;

@@ -344,7 +344,16 @@ async fn writes_stuck_on_a_paused_member_are_retried_elsewhere_and_apply_once() 
         slow += usize::from(took > STORE_TIMEOUT / 4);
         acked.insert((path, version), value);
     }
-    eprintln!("{} writes with one member paused, {slow} of them slowed by it", acked.len());
+    let unread = cluster.unread_bytes(paused);
+    eprintln!(
+        "{} writes with one member paused, {slow} of them slowed by it; {unread} bytes sent \
+         to it unread",
+        acked.len()
+    );
+    // The load did reach the paused member (else the test shows nothing about retries):
+    // requests sit unread in its sockets, and the writes whose try hung there were slow.
+    assert!(unread > 0, "nothing was sent to the paused member");
+    assert!(slow > 0, "no write was held up by the paused member");
     // Released, the paused member delivers what it was sent: none of it may apply again.
     cluster.resume(paused);
     cluster.wait_healthy().await;

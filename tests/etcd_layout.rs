@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
 use secretgate::{
-    crypto::Keyring,
     proto::v1::{DeleteRequest, GetRequest, KeyStatusRequest, PutRequest, RewrapRequest},
+    testing::Keyring,
 };
 use support::{
     TestGateway,

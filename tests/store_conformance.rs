@@ -5,7 +5,11 @@ mod support;
 
 use std::sync::Arc;
 
-use secretgate::{Config, EmbeddedStore, Store, config::StoreConfig, store::EtcdStore};
+use secretgate::{
+    Config,
+    config::StoreConfig,
+    testing::{EmbeddedStore, EtcdStore, Store},
+};
 use support::{
     conformance::{MAX_VERSIONS, run_all},
     etcd::EtcdCluster,

@@ -20,7 +20,7 @@ pub use admin::AdminService;
 pub use call::{REQUEST_ID_HEADER, code_name};
 pub use error::ApiError;
 pub use rotation::{KeyUsage, RewrapCounts};
-pub use vault::{KeyStatus, Vault};
+pub use vault::{KeyStatus, Opened, Vault};
 
 use self::call::Call;
 use crate::{

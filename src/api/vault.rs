@@ -78,6 +78,20 @@
 //! let permit: Permit<act::Read> = Permit::new(path, 1, String::new());
 //! ```
 //!
+//! The store and the keyring are not reachable from outside the crate but through the vault:
+//!
+//! ```
+//! use secretgate::Vault;
+//! ```
+//!
+//! ```compile_fail,E0603
+//! use secretgate::store::StoredValue;
+//! ```
+//!
+//! ```compile_fail,E0603
+//! use secretgate::crypto::Keyring;
+//! ```
+//!
 //! A write needs the durable record of its intent, once per write:
 //!
 //! ```

@@ -17,8 +17,6 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-pub use dev::{DevPki, ensure_dev_pki};
-
 /// secretgate: the mTLS gateway in front of your secrets store.
 #[derive(Debug, Parser)]
 #[command(name = "secretgate", version, about, max_term_width = 100)]

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use super::{env::field_index, *};
-use crate::testing::{apply_edits, edit};
+use crate::text_edits::{apply_edits, edit};
 use proptest::{prelude::*, sample::Index, test_runner::TestCaseError};
 
 const MINIMAL: &str = r#"

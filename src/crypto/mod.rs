@@ -9,7 +9,7 @@ pub mod envelope;
 pub mod keyring;
 
 pub use envelope::{EnvelopeError, open, parse_header, seal};
-pub use keyring::{Key, KeyId, KeyMaterial, KeyState, Keyring, KeyringError};
+pub use keyring::{KeyState, Keyring, KeyringError};
 
 /// The keyring in force in a running gateway, reloaded when its file changes.
 pub type KeyringHandle = std::sync::Arc<crate::reload::Reloadable<Keyring>>;

@@ -194,11 +194,6 @@ impl UnixMillis {
         let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
         Self(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
     }
-
-    /// As a `SystemTime`.
-    pub fn to_system_time(self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(self.0)
-    }
 }
 
 impl SecretMeta {

@@ -168,7 +168,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::testing::{apply_edits, edit};
+    use crate::text_edits::{apply_edits, edit};
 
     /// A client CA and the DER of a CRL it signed, revoking two serials.
     static SEED: LazyLock<(rustls::pki_types::CertificateDer<'static>, Vec<u8>)> =

@@ -17,15 +17,14 @@ use std::{
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use secretgate::{
-    Gateway,
-    api::REQUEST_ID_HEADER,
+    Gateway, REQUEST_ID_HEADER,
     audit::{
         Phase, Record, SigningKey, VerifyingKey,
         signing::pub_path,
         verify::{Verified, verify_files},
     },
-    crypto::Keyring,
     proto::v1::{GetRequest, PutRequest, admin_client::AdminClient, secrets_client::SecretsClient},
+    testing::Keyring,
 };
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;

@@ -4,10 +4,7 @@
 
 use std::{collections::BTreeSet, future::Future, sync::Arc};
 
-use secretgate::{
-    PathPrefix, SecretPath, Store, StoreError,
-    store::{SecretMeta, VersionMeta},
-};
+use secretgate::{PathPrefix, SecretMeta, SecretPath, StoreError, VersionMeta, testing::Store};
 
 /// Versions a conformance store must be configured to keep.
 pub const MAX_VERSIONS: u32 = 3;

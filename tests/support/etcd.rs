@@ -179,6 +179,29 @@ impl EtcdCluster {
         self.signal(i, "-STOP");
     }
 
+    /// Bytes sent to member `i`'s client port that it has not read yet (the receive queues
+    /// of its established connections, from /proc/net/tcp): what a paused member was sent.
+    pub fn unread_bytes(&self, i: usize) -> u64 {
+        let port = format!("{:04X}", self.members[i].client_port);
+        let mut unread = 0;
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let (Some(local), Some(state), Some(queues)) = (f.get(1), f.get(3), f.get(4))
+                else {
+                    continue;
+                };
+                let established = *state == "01";
+                if established && local.rsplit(':').next() == Some(port.as_str()) {
+                    let rx = queues.split(':').nth(1).unwrap_or("0");
+                    unread += u64::from_str_radix(rx, 16).unwrap_or(0);
+                }
+            }
+        }
+        unread
+    }
+
     /// Resumes a paused member (SIGCONT).
     pub fn resume(&self, i: usize) {
         self.signal(i, "-CONT");

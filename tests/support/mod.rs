@@ -160,7 +160,7 @@ impl TestGateway {
         config.store = StoreConfig::Embedded { path: dir.path().join("store/secretgate.redb") };
         config.crypto.keyring = dir.path().join("keyring.toml");
         config.crypto.reload_interval_secs = 1;
-        secretgate::crypto::Keyring::generate().unwrap().save(&config.crypto.keyring).unwrap();
+        secretgate::testing::Keyring::generate().unwrap().save(&config.crypto.keyring).unwrap();
         config.authz.policies = dir.path().join("policies");
         config.authz.reload_interval_secs = 1;
         write_policy(&config.authz.policies, csv);

@@ -1,5 +1,5 @@
 use super::*;
-use crate::testing::{apply_edits, edit};
+use crate::text_edits::{apply_edits, edit};
 use proptest::{prelude::*, test_runner::TestCaseError};
 
 fn policy(csv: &str) -> Policy {

@@ -13,7 +13,7 @@
 use std::{fmt, path::Path};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -27,7 +27,7 @@ const MAX_ID_LEN: usize = 64;
 pub struct KeyId(String);
 
 /// A key's place in the rotation lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyState {
     /// Seals new writes and opens; exactly one.
@@ -142,13 +142,13 @@ pub enum KeyringError {
     Random(String),
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyFile {
     keys: Vec<KeyRecord>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyRecord {
     id: String,

@@ -1,7 +1,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
-use crate::testing::{apply_edits, edit};
+use crate::text_edits::{apply_edits, edit};
 use proptest::{prelude::*, test_runner::TestCaseError};
 
 fn ring_text(keys: &[(&str, &str, &str)]) -> String {
