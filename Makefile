@@ -28,7 +28,7 @@ run: deps build install-link
 
 test: deps file-sizes
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test
 	$(CARGO) run -q --bin secretgate -- policy test --dir policies
 
@@ -59,7 +59,7 @@ deps:
 	fi
 
 file-sizes:
-	@long=$$(find src tests benches -name '*.rs' -exec awk -v max=$(MAX_FILE_LINES) \
+	@long=$$(find src tests benches testkit -name '*.rs' -exec awk -v max=$(MAX_FILE_LINES) \
 	  'END { if (NR > max) print FILENAME ": " NR " lines" }' {} \;); \
 	if [ -n "$$long" ]; then \
 	  echo "files over $(MAX_FILE_LINES) lines (split them):"; echo "$$long"; exit 1; \
@@ -69,7 +69,7 @@ fmt:
 	$(CARGO) fmt --all
 
 lint:
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # A throw-away PKI for the local cluster: a CA, one member certificate (server and client
 # use, for client and peer TLS) and the gateway's client certificate. Development only.

@@ -20,8 +20,7 @@
 //! and load generator) per request and how busy the machine was, so a cost can be told apart
 //! from a wait, and how many records one fsync covered.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use secretgate_testkit as support;
 
 use std::{
     sync::{

@@ -1,6 +1,6 @@
 //! The gRPC API end to end: a real gateway on a loopback port, real mTLS clients.
 
-mod support;
+use secretgate_testkit as support;
 
 use secretgate::proto::v1::{
     DeleteRequest, GetRequest, ListRequest, PutRequest, VersionsRequest,

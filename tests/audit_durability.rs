@@ -2,7 +2,7 @@
 //! full disk and recovers by itself, a crash mid-load loses no record of an acknowledged write,
 //! a removed file is noticed and the chain continues, and rotation keeps the chain.
 
-mod support;
+use secretgate_testkit as support;
 
 use std::{
     io::Write,

@@ -2,7 +2,7 @@
 //! rule, status, version, key), counts floods of refused handshakes instead of recording each,
 //! and never holds a secret value, in any encoding.
 
-mod support;
+use secretgate_testkit as support;
 
 use std::{
     collections::HashSet,

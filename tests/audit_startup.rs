@@ -2,7 +2,7 @@
 //! (until a new log is asked for) and a foreign signing key are refused; replicas sharing an
 //! etcd store each keep their own log.
 
-mod support;
+use secretgate_testkit as support;
 
 use secretgate::audit::{Kind, SigningKey, signing::pub_path};
 use support::{

@@ -2,7 +2,7 @@
 //! line, two swapped lines, a cut before the stored checkpoint), is caught by the library and
 //! by `secretgate audit verify`.
 
-mod support;
+use secretgate_testkit as support;
 
 use std::{
     path::Path,

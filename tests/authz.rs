@@ -1,7 +1,7 @@
 //! Authorization end to end: two real client identities over mTLS against a real gateway,
 //! and policy files rewritten on disk while it runs.
 
-mod support;
+use secretgate_testkit as support;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! Application-layer encryption end to end: what the store holds, tampering, rotation.
 
-mod support;
+use secretgate_testkit as support;
 
 use std::{
     collections::BTreeMap,

@@ -4,7 +4,7 @@
 //! The tests run one at a time (each starts its own cluster; together they would starve this
 //! 2-core machine and turn timing bounds into noise).
 
-mod support;
+use secretgate_testkit as support;
 
 use std::{
     collections::BTreeMap,

@@ -2,7 +2,7 @@
 //! configured prefix, in the documented layout, with pruned versions gone, and no plaintext
 //! value anywhere, also after a key rotation with online rewrap.
 
-mod support;
+use secretgate_testkit as support;
 
 use std::time::{Duration, Instant};
 

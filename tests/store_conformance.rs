@@ -1,7 +1,7 @@
 //! The store conformance suite against both backends: the embedded (redb) store and a real
 //! 3-member etcd cluster.
 
-mod support;
+use secretgate_testkit as support;
 
 use std::sync::Arc;
 

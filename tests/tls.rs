@@ -1,6 +1,6 @@
 //! The mTLS front door: which client certificates complete a handshake, over real TLS.
 
-mod support;
+use secretgate_testkit as support;
 
 use std::time::{Duration, Instant};
 

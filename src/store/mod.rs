@@ -2,7 +2,7 @@
 //!
 //! The gateway talks to its store only through [`Store`]. Every backend (the embedded redb
 //! file, and etcd for production) keeps the same model and passes the same conformance suite
-//! (`tests/support/conformance.rs`):
+//! (`testkit/src/conformance.rs`):
 //!
 //! - a secret is a [`SecretPath`] with numbered versions 1, 2, 3, … and a current version;
 //! - a write is always compare-and-set on the current version (`expected = 0`: the secret

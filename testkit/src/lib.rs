@@ -1,7 +1,7 @@
-//! Shared helpers for integration tests: a throw-away PKI made with rcgen, a real gateway on
-//! a free loopback port, and real clients (tonic over TLS, or raw rustls for handshakes).
-
-#![allow(dead_code)]
+//! secretgate's integration test harness, shared by its tests and benchmarks: a throw-away
+//! PKI made with rcgen, a real gateway on a free loopback port, real clients (tonic over TLS,
+//! or raw rustls for handshakes), real etcd clusters ([`etcd`]), the audit log harness
+//! ([`audit`]) and the store conformance suite ([`conformance`]).
 
 pub mod audit;
 pub mod conformance;

@@ -23,7 +23,7 @@ use secretgate::{
     config::{EtcdConfig, StoreConfig},
 };
 
-use super::{Ca, Pem, TestGateway, write};
+use crate::{Ca, Pem, TestGateway, write};
 
 /// Members in a test cluster.
 pub const MEMBERS: usize = 3;

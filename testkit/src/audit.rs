@@ -30,9 +30,15 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 use tonic::{Code, metadata::MetadataMap, transport::Channel};
 
-use super::{Ca, Pem};
+use crate::{Ca, Pem};
 
-const BIN: &str = env!("CARGO_BIN_EXE_secretgate");
+/// The `secretgate` binary cargo built beside the running test or benchmark
+/// (`target/<profile>/secretgate`; the test itself is in `target/<profile>/deps/`).
+pub fn secretgate_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    profile.join("secretgate")
+}
 
 /// The `x-request-id` of a response or an error status.
 pub fn request_id(metadata: &MetadataMap) -> String {
@@ -223,7 +229,7 @@ impl ServedGateway {
             .append(true)
             .open(self.dir.path().join("gateway.log"))
             .unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(secretgate_bin())
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
