@@ -120,17 +120,17 @@ impl Gateway {
             listener,
             Arc::clone(&trust),
             config.tls.handshake_timeout(),
-            config.limits.max_connections as usize,
+            config.limits.max_connections.get() as usize,
             audit.clone(),
         );
 
-        let max_message = config.limits.max_value_bytes as usize + REQUEST_OVERHEAD_BYTES;
+        let max_message = config.limits.max_value_bytes.get() as usize + REQUEST_OVERHEAD_BYTES;
         let vault = Vault::new(store, keys.clone());
         let secrets = SecretsServer::new(SecretsService::new(
             vault.clone(),
             authz.clone(),
             audit.clone(),
-            config.limits.max_value_bytes,
+            config.limits.max_value_bytes.get(),
         ))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -255,7 +255,8 @@ fn load_keyring(config: &ValidConfig) -> Result<KeyringHandle, StartError> {
 
 /// Opens the configured backend (`store.backend`).
 pub async fn open_store(config: &ValidConfig) -> Result<Arc<dyn Store>, StartError> {
-    let keep = config.limits.max_versions;
+    // At most 1000 (the field's range).
+    let keep = config.limits.max_versions.get() as u32;
     Ok(match &config.store {
         StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::connect(etcd, keep)?),
         StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path, keep)?),

@@ -166,7 +166,10 @@ async fn bad_paths_are_invalid_argument_naming_the_problem() {
 
 #[tokio::test]
 async fn oversize_values_are_invalid_argument_and_the_limit_is_configurable() {
-    let gw = TestGateway::start_with(|c| c.limits.max_value_bytes = 1024).await;
+    let gw = TestGateway::start_with(|c| {
+        c.limits.max_value_bytes = secretgate::config::Ranged::of::<1024>()
+    })
+    .await;
     let mut c = gw.client(ADMIN).await;
     c.put(put("/fits", &[7u8; 1024], None)).await.unwrap();
     let s = c.put(put("/too-big", &[7u8; 1025], None)).await.unwrap_err();

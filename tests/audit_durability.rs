@@ -44,7 +44,7 @@ async fn fail_closed_when_the_disk_is_full_and_recovers_by_itself() {
     let log = disk.path().join("audit.log");
     let mut gw = TestGateway::start_with(|c| {
         c.audit.path = log.clone();
-        c.audit.timeout_ms = TIMEOUT_MS;
+        c.audit.timeout_ms = secretgate::config::Ranged::of::<TIMEOUT_MS>();
     })
     .await;
     let mut health = HealthClient::new(gw.channel(&gw.ca.client(ADMIN)).await.unwrap());
@@ -185,7 +185,10 @@ async fn a_crash_mid_load_loses_no_acknowledged_record() {
 
 #[tokio::test]
 async fn removed_log_file_is_noticed_and_the_chain_continues() {
-    let mut gw = TestGateway::start_with(|c| c.audit.checkpoint_interval_secs = 3600).await;
+    let mut gw = TestGateway::start_with(|c| {
+        c.audit.checkpoint_interval_secs = secretgate::config::Ranged::of::<3600>()
+    })
+    .await;
     let log = gw.config.audit.path.clone();
     let mut c = gw.client(ADMIN).await;
     for i in 0..5 {
@@ -229,7 +232,10 @@ async fn removed_log_file_is_noticed_and_the_chain_continues() {
 #[tokio::test]
 async fn rotation_continues_the_chain_across_files() {
     const MAX: u64 = 65536;
-    let mut gw = TestGateway::start_with(|c| c.audit.max_file_bytes = MAX).await;
+    let mut gw = TestGateway::start_with(|c| {
+        c.audit.max_file_bytes = secretgate::config::Ranged::of::<MAX>()
+    })
+    .await;
     let log = gw.config.audit.path.clone();
     let mut clients = Vec::new();
     for _ in 0..4 {

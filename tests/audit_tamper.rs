@@ -116,7 +116,10 @@ fn pristine() -> &'static Pristine {
 }
 
 async fn write_pristine() -> Pristine {
-    let mut gw = TestGateway::start_with(|c| c.audit.checkpoint_every = 5).await;
+    let mut gw = TestGateway::start_with(|c| {
+        c.audit.checkpoint_every = secretgate::config::Ranged::of::<5>()
+    })
+    .await;
     let mut c = gw.client(ADMIN).await;
     for i in 0..12 {
         let path = format!("/tamper/k{i:02}");

@@ -21,7 +21,7 @@ async fn every_key_is_under_the_prefix_in_the_documented_layout() {
     let cluster = EtcdCluster::start().await;
     let gw = TestGateway::start_with(|c| {
         cluster.configure(c, "/sg-test/", 5000);
-        c.limits.max_versions = 3;
+        c.limits.max_versions = secretgate::config::Ranged::of::<3>();
     })
     .await;
     let mut c = gw.client("spiffe://test.example/admin").await;

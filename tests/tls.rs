@@ -129,7 +129,10 @@ async fn tls_1_2_is_refused_by_default_and_allowed_when_configured() {
 
 #[tokio::test]
 async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
-    let gw = TestGateway::start_with(|c| c.tls.handshake_timeout_secs = 1).await;
+    let gw = TestGateway::start_with(|c| {
+        c.tls.handshake_timeout_secs = secretgate::config::Ranged::of::<1>()
+    })
+    .await;
     let started = Instant::now();
     let mut tcp = TcpStream::connect(gw.addr()).await.unwrap();
     let mut buf = [0u8; 16];
@@ -176,7 +179,7 @@ async fn with_cas_and_crl(
     TestGateway::try_start(ca, support::TEST_POLICY, |c| {
         std::fs::write(&c.tls.client_ca, bundle).unwrap();
         c.tls.client_crl = c.tls.client_ca.with_file_name("client-crl.pem");
-        c.tls.reload_interval_secs = 1;
+        c.tls.reload_interval_secs = secretgate::config::Ranged::of::<1>();
         std::fs::write(&c.tls.client_crl, pem).unwrap();
     })
     .await
@@ -413,7 +416,10 @@ fn refusal_audited(gw: &TestGateway, id: &Pem, text: &str) -> bool {
 
 #[tokio::test]
 async fn a_client_ca_added_or_removed_takes_effect_without_a_restart() {
-    let gw = TestGateway::start_with(|c| c.tls.reload_interval_secs = 1).await;
+    let gw = TestGateway::start_with(|c| {
+        c.tls.reload_interval_secs = secretgate::config::Ranged::of::<1>()
+    })
+    .await;
     let bundle = gw.config.tls.client_ca.clone();
     let old_id = gw.ca.client("spiffe://test.example/admin");
     let mut old = SecretsClient::new(gw.channel(&old_id).await.unwrap());
@@ -438,7 +444,10 @@ async fn a_client_ca_added_or_removed_takes_effect_without_a_restart() {
 
 #[tokio::test]
 async fn a_broken_client_ca_bundle_is_refused_and_the_trust_in_force_stays() {
-    let gw = TestGateway::start_with(|c| c.tls.reload_interval_secs = 1).await;
+    let gw = TestGateway::start_with(|c| {
+        c.tls.reload_interval_secs = secretgate::config::Ranged::of::<1>()
+    })
+    .await;
     let bundle = gw.config.tls.client_ca.clone();
     let id = gw.ca.client("spiffe://test.example/admin");
     let mut open = SecretsClient::new(gw.channel(&id).await.unwrap());
@@ -525,7 +534,10 @@ async fn served_serial(gw: &TestGateway) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_rotated_server_certificate_is_presented_without_a_restart() {
-    let gw = TestGateway::start_with(|c| c.tls.reload_interval_secs = 1).await;
+    let gw = TestGateway::start_with(|c| {
+        c.tls.reload_interval_secs = secretgate::config::Ranged::of::<1>()
+    })
+    .await;
     let (cert, key) = (gw.config.tls.cert.clone(), gw.config.tls.key.clone());
     let first = served_serial(&gw).await;
     let mut open =

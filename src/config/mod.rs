@@ -74,13 +74,14 @@ pub struct TlsConfig {
     pub client_ca: PathBuf,
     /// Lowest TLS version offered: `"1.3"` (default) or `"1.2"`.
     pub min_version: TlsVersion,
-    /// Seconds a client has to complete the TLS handshake. Default 10.
-    pub handshake_timeout_secs: u64,
+    /// Seconds a client has to complete the TLS handshake. Default 10; 1 to 300.
+    pub handshake_timeout_secs: Ranged<1, 300>,
     /// PEM file of certificate revocation lists (`X509 CRL` blocks), one from each client
     /// CA. Empty (default): no revocation checking. Reloaded when it changes.
     pub client_crl: PathBuf,
-    /// Seconds between checks of `cert`, `key` and `client_crl` for changes. Default 10.
-    pub reload_interval_secs: u64,
+    /// Seconds between checks of `cert`, `key` and `client_crl` for changes. Default 10; 1
+    /// to 3600.
+    pub reload_interval_secs: Ranged<1, 3600>,
 }
 
 /// The lowest TLS version the gateway offers.
@@ -100,8 +101,8 @@ pub struct CryptoConfig {
     /// The keyring file (mode 0600; see `secretgate keys init`). Default `keyring.toml`.
     pub keyring: PathBuf,
     /// Seconds between checks of the keyring file for changes (also reloaded on SIGHUP).
-    /// Default 2.
-    pub reload_interval_secs: u64,
+    /// Default 2; 1 to 3600.
+    pub reload_interval_secs: Ranged<1, 3600>,
 }
 
 /// `[authz]`
@@ -111,8 +112,8 @@ pub struct AuthzConfig {
     /// Directory with `model.conf`, `policy.csv` and `tests/*.toml`. Default `policies`.
     pub policies: PathBuf,
     /// Seconds between checks of the policy files for changes (also reloaded on SIGHUP).
-    /// Default 2.
-    pub reload_interval_secs: u64,
+    /// Default 2; 1 to 3600.
+    pub reload_interval_secs: Ranged<1, 3600>,
 }
 /// `[audit]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,21 +127,23 @@ pub struct AuditConfig {
     /// The Ed25519 checkpoint signing key (mode 0600; `secretgate audit keygen`).
     /// Default `audit.key`.
     pub signing_key: PathBuf,
-    /// Write a signed checkpoint after this many records. Default 1000.
-    pub checkpoint_every: u64,
-    /// ... or after this many seconds with new records. Default 10.
-    pub checkpoint_interval_secs: u64,
-    /// Rotate the active file when it reaches this size. Default 104857600 (100 MiB).
-    pub max_file_bytes: u64,
+    /// Write a signed checkpoint after this many records. Default 1000; 1 to 1000000.
+    pub checkpoint_every: Ranged<1, 1_000_000>,
+    /// ... or after this many seconds with new records. Default 10; 1 to 3600.
+    pub checkpoint_interval_secs: Ranged<1, 3600>,
+    /// Rotate the active file when it reaches this size. Default 104857600 (100 MiB); at
+    /// least 65536.
+    pub max_file_bytes: Ranged<65536, { u64::MAX }>,
     /// Milliseconds a request waits for its record to be durable before it fails with
-    /// UNAVAILABLE. Default 2000.
-    pub timeout_ms: u64,
+    /// UNAVAILABLE. Default 2000; 10 to 60000.
+    pub timeout_ms: Ranged<10, 60_000>,
     /// Group commit window, in microseconds. While writes are in progress (intent recorded,
     /// outcome not yet), the writer holds a batch open up to this long for their outcomes, so
     /// one log fsync covers many store commits instead of adding one per commit. While only
     /// other requests are in progress, it holds a batch for about one fsync's time (at most
-    /// this). A request alone is never held. Default 2000; 0 syncs as soon as a record comes.
-    pub group_commit_us: u64,
+    /// this). A request alone is never held. Default 2000; 0 syncs as soon as a record comes;
+    /// at most 100000 and less than half of `timeout_ms`.
+    pub group_commit_us: Ranged<0, 100_000>,
     /// Begin a new log although the store keeps checkpoints of others (the old log was
     /// moved aside on purpose, or the signing key changes). Without it the gateway refuses
     /// to start when it finds no log but the store remembers one. The new genesis record
@@ -153,14 +156,14 @@ pub struct AuditConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest secret value in bytes. Default 65536 (64 KiB); at most 16 MiB.
-    pub max_value_bytes: u64,
+    pub max_value_bytes: Ranged<1, MAX_VALUE_LIMIT>,
     /// Versions kept per secret. Default 10; 1 to 1000.
-    pub max_versions: u32,
+    pub max_versions: Ranged<1, 1000>,
     /// Simultaneous client connections (including handshakes in progress). Default 1024.
-    pub max_connections: u32,
+    pub max_connections: Ranged<1, { u32::MAX as u64 }>,
     /// Seconds a request may take before the gateway cancels it (CANCELLED, "Timeout expired").
-    /// Default 30.
-    pub request_timeout_secs: u64,
+    /// Default 30; 1 to 3600.
+    pub request_timeout_secs: Ranged<1, 3600>,
 }
 
 /// A configuration that cannot be used, naming the field or variable at fault.
@@ -194,7 +197,7 @@ pub enum ConfigError {
     #[error("config field {field}: {reason}")]
     Invalid {
         /// Dotted field name, e.g. `limits.max_value_bytes`.
-        field: &'static str,
+        field: String,
         /// What is wrong.
         reason: String,
     },
@@ -216,7 +219,7 @@ impl Default for Config {
 
 impl Default for AuthzConfig {
     fn default() -> Self {
-        Self { policies: PathBuf::from("policies"), reload_interval_secs: 2 }
+        Self { policies: PathBuf::from("policies"), reload_interval_secs: Ranged::of::<2>() }
     }
 }
 
@@ -226,11 +229,11 @@ impl Default for AuditConfig {
             enabled: true,
             path: PathBuf::from("audit/audit.log"),
             signing_key: PathBuf::from("audit.key"),
-            checkpoint_every: 1000,
-            checkpoint_interval_secs: 10,
-            max_file_bytes: 100 << 20,
-            timeout_ms: 2000,
-            group_commit_us: 2000,
+            checkpoint_every: Ranged::of::<1000>(),
+            checkpoint_interval_secs: Ranged::of::<10>(),
+            max_file_bytes: Ranged::of::<{ 100 << 20 }>(),
+            timeout_ms: Ranged::of::<2000>(),
+            group_commit_us: Ranged::of::<2000>(),
             new_log: false,
         }
     }
@@ -238,7 +241,7 @@ impl Default for AuditConfig {
 
 impl Default for CryptoConfig {
     fn default() -> Self {
-        Self { keyring: PathBuf::from("keyring.toml"), reload_interval_secs: 2 }
+        Self { keyring: PathBuf::from("keyring.toml"), reload_interval_secs: Ranged::of::<2>() }
     }
 }
 
@@ -249,9 +252,9 @@ impl Default for TlsConfig {
             key: PathBuf::new(),
             client_ca: PathBuf::new(),
             min_version: TlsVersion::Tls13,
-            handshake_timeout_secs: 10,
+            handshake_timeout_secs: Ranged::of::<10>(),
             client_crl: PathBuf::new(),
-            reload_interval_secs: 10,
+            reload_interval_secs: Ranged::of::<10>(),
         }
     }
 }
@@ -259,10 +262,10 @@ impl Default for TlsConfig {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_value_bytes: 64 * 1024,
-            max_versions: crate::store::DEFAULT_MAX_VERSIONS,
-            max_connections: 1024,
-            request_timeout_secs: 30,
+            max_value_bytes: Ranged::of::<{ 64 * 1024 }>(),
+            max_versions: Ranged::of::<{ crate::store::DEFAULT_MAX_VERSIONS as u64 }>(),
+            max_connections: Ranged::of::<1024>(),
+            request_timeout_secs: Ranged::of::<30>(),
         }
     }
 }
@@ -284,8 +287,7 @@ impl Config {
         base_dir: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<ValidConfig, ConfigError> {
-        let parsed: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        let parsed: Config = toml::from_str(text).map_err(|e| parse_error(text, origin, &e))?;
         let mut password = None;
         let env = env.into_iter().filter_map(|(var, value)| {
             if var == STORE_PASSWORD_VAR {
@@ -339,8 +341,9 @@ impl Config {
 
     /// Checks ranges and required fields (see [`Config::check`]).
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid =
-            |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        let invalid = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid { field: field.into(), reason: reason.into() })
+        };
         for (field, p) in [
             ("tls.cert", &self.tls.cert),
             ("tls.key", &self.tls.key),
@@ -349,12 +352,6 @@ impl Config {
             if p.as_os_str().is_empty() {
                 return invalid(field, "is required (a PEM file path)");
             }
-        }
-        if !(1..=300).contains(&self.tls.handshake_timeout_secs) {
-            return invalid("tls.handshake_timeout_secs", "must be between 1 and 300");
-        }
-        if !(1..=3600).contains(&self.tls.reload_interval_secs) {
-            return invalid("tls.reload_interval_secs", "must be between 1 and 3600");
         }
         match &self.store {
             StoreConfig::Embedded { path } if path.as_os_str().is_empty() => {
@@ -366,29 +363,11 @@ impl Config {
         if self.crypto.keyring.as_os_str().is_empty() {
             return invalid("crypto.keyring", "is required (the keyring file path)");
         }
-        if !(1..=3600).contains(&self.crypto.reload_interval_secs) {
-            return invalid("crypto.reload_interval_secs", "must be between 1 and 3600");
-        }
         if self.authz.policies.as_os_str().is_empty() {
             return invalid("authz.policies", "is required (the policy directory)");
         }
-        if !(1..=3600).contains(&self.authz.reload_interval_secs) {
-            return invalid("authz.reload_interval_secs", "must be between 1 and 3600");
-        }
         if self.audit.enabled {
             self.audit.validate()?;
-        }
-        if !(1..=MAX_VALUE_LIMIT).contains(&self.limits.max_value_bytes) {
-            return invalid("limits.max_value_bytes", "must be between 1 and 16777216");
-        }
-        if !(1..=1000).contains(&self.limits.max_versions) {
-            return invalid("limits.max_versions", "must be between 1 and 1000");
-        }
-        if self.limits.max_connections == 0 {
-            return invalid("limits.max_connections", "must be at least 1");
-        }
-        if !(1..=3600).contains(&self.limits.request_timeout_secs) {
-            return invalid("limits.request_timeout_secs", "must be between 1 and 3600");
         }
         Ok(())
     }
@@ -397,53 +376,42 @@ impl Config {
 impl TlsConfig {
     /// The handshake timeout as a `Duration`.
     pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_secs(self.handshake_timeout_secs)
+        self.handshake_timeout_secs.secs()
     }
 
     /// How often `cert`, `key` and `client_crl` are checked for changes.
     pub fn reload_interval(&self) -> Duration {
-        Duration::from_secs(self.reload_interval_secs)
+        self.reload_interval_secs.secs()
     }
 }
 
 impl AuditConfig {
     /// The checkpoint interval as a `Duration`.
     pub fn checkpoint_interval(&self) -> Duration {
-        Duration::from_secs(self.checkpoint_interval_secs)
+        self.checkpoint_interval_secs.secs()
     }
 
     /// How long a request waits for its record.
     pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
+        self.timeout_ms.millis()
     }
 
     /// The group commit window as a `Duration`.
     pub fn group_commit(&self) -> Duration {
-        Duration::from_micros(self.group_commit_us)
+        self.group_commit_us.micros()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid =
-            |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        let invalid = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid { field: field.into(), reason: reason.into() })
+        };
         if self.path.as_os_str().is_empty() || self.path.file_name().is_none() {
             return invalid("audit.path", "is required (the audit log file)");
         }
         if self.signing_key.as_os_str().is_empty() {
             return invalid("audit.signing_key", "is required (see `secretgate audit keygen`)");
         }
-        if !(1..=1_000_000).contains(&self.checkpoint_every) {
-            return invalid("audit.checkpoint_every", "must be between 1 and 1000000");
-        }
-        if !(1..=3600).contains(&self.checkpoint_interval_secs) {
-            return invalid("audit.checkpoint_interval_secs", "must be between 1 and 3600");
-        }
-        if self.max_file_bytes < 64 * 1024 {
-            return invalid("audit.max_file_bytes", "must be at least 65536");
-        }
-        if !(10..=60_000).contains(&self.timeout_ms) {
-            return invalid("audit.timeout_ms", "must be between 10 and 60000");
-        }
-        if self.group_commit_us > 100_000 || self.group_commit_us >= self.timeout_ms * 1000 / 2 {
+        if self.group_commit_us.get() >= self.timeout_ms.get() * 1000 / 2 {
             return invalid(
                 "audit.group_commit_us",
                 "must be at most 100000 and less than half of audit.timeout_ms",
@@ -456,21 +424,21 @@ impl AuditConfig {
 impl AuthzConfig {
     /// The reload interval as a `Duration`.
     pub fn reload_interval(&self) -> Duration {
-        Duration::from_secs(self.reload_interval_secs)
+        self.reload_interval_secs.secs()
     }
 }
 
 impl CryptoConfig {
     /// The reload interval as a `Duration`.
     pub fn reload_interval(&self) -> Duration {
-        Duration::from_secs(self.reload_interval_secs)
+        self.reload_interval_secs.secs()
     }
 }
 
 impl Limits {
     /// The request timeout as a `Duration`.
     pub fn request_timeout(&self) -> Duration {
-        Duration::from_secs(self.request_timeout_secs)
+        self.request_timeout_secs.secs()
     }
 }
 
@@ -496,8 +464,23 @@ impl From<TlsVersion> for String {
 }
 
 mod env;
+mod ranged;
 mod store;
+
+pub use ranged::Ranged;
 
 pub use store::{EtcdConfig, StoreConfig, StorePassword};
 #[cfg(test)]
 mod tests;
+
+/// A file that toml refuses. A number out of its field's range is reported like every other
+/// invalid field, by its dotted name (toml knows only the position).
+fn parse_error(text: &str, origin: &Path, e: &toml::de::Error) -> ConfigError {
+    let field = e.span().and_then(|span| ranged::field_at(text, span.start));
+    match field {
+        Some(field) if e.message().starts_with("must be ") => {
+            ConfigError::Invalid { field, reason: e.message().to_owned() }
+        }
+        _ => ConfigError::Parse { path: origin.to_owned(), message: e.to_string() },
+    }
+}

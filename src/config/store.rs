@@ -11,7 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, STORE_PASSWORD_VAR};
+use super::{ConfigError, Ranged, STORE_PASSWORD_VAR};
 
 /// `[store]`: where secrets are kept. In the file, `backend` names the variant and the other
 /// fields are those of the [`EtcdConfig`] or the embedded store's `path`.
@@ -40,8 +40,9 @@ pub struct EtcdConfig {
     pub key: PathBuf,
     /// Every key the gateway writes starts with this. Default `/secretgate/`.
     pub prefix: String,
-    /// Milliseconds one store operation may take, retries included. Default 5000.
-    pub timeout_ms: u64,
+    /// Milliseconds one store operation may take, retries included. Default 5000; 100 to
+    /// 60000, and less than `limits.request_timeout_secs`.
+    pub timeout_ms: Ranged<100, 60_000>,
     /// User name for etcd authentication; empty (default) for none.
     pub username: String,
     /// File holding the password for `username` (or set `SECRETGATE_STORE_PASSWORD`).
@@ -69,7 +70,7 @@ impl Default for EtcdConfig {
             cert: PathBuf::new(),
             key: PathBuf::new(),
             prefix: "/secretgate/".into(),
-            timeout_ms: 5000,
+            timeout_ms: Ranged::of::<5000>(),
             username: String::new(),
             password_file: PathBuf::new(),
             password: StorePassword::default(),
@@ -90,12 +91,13 @@ impl StoreConfig {
 impl EtcdConfig {
     /// The store timeout as a `Duration`.
     pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
+        self.timeout_ms.millis()
     }
 
     pub(super) fn validate(&self, request_timeout: Duration) -> Result<(), ConfigError> {
-        let invalid =
-            |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        let invalid = |field: &str, reason: &str| {
+            Err(ConfigError::Invalid { field: field.into(), reason: reason.into() })
+        };
         if self.endpoints.is_empty() {
             return invalid("store.endpoints", "needs at least one etcd client URL");
         }
@@ -103,7 +105,7 @@ impl EtcdConfig {
             let host = e.strip_prefix("https://").unwrap_or_default();
             if host.is_empty() || host.contains('/') || !host.contains(':') {
                 return Err(ConfigError::Invalid {
-                    field: "store.endpoints",
+                    field: "store.endpoints".into(),
                     reason: format!("{e:?} is not of the form https://host:port (TLS is required)"),
                 });
             }
@@ -118,9 +120,6 @@ impl EtcdConfig {
         let p = &self.prefix;
         if !p.starts_with('/') || !p.ends_with('/') || !p.bytes().all(|b| b.is_ascii_graphic()) {
             return invalid("store.prefix", "must start and end with '/' and be printable ASCII");
-        }
-        if !(100..=60_000).contains(&self.timeout_ms) {
-            return invalid("store.timeout_ms", "must be between 100 and 60000");
         }
         if self.timeout() >= request_timeout {
             return invalid("store.timeout_ms", "must be less than limits.request_timeout_secs");
@@ -153,7 +152,7 @@ impl StorePassword {
         file: &Path,
     ) -> Result<Self, ConfigError> {
         let invalid =
-            |reason: String| ConfigError::Invalid { field: "store.password_file", reason };
+            |reason: String| ConfigError::Invalid { field: "store.password_file".into(), reason };
         if file.as_os_str().is_empty() {
             return Ok(Self(from_env));
         }
@@ -188,7 +187,7 @@ pub(super) struct StoreFile {
     cert: PathBuf,
     key: PathBuf,
     prefix: String,
-    timeout_ms: u64,
+    timeout_ms: Ranged<100, 60_000>,
     username: String,
     password_file: PathBuf,
 }

@@ -49,7 +49,7 @@ fn env_overrides_fields_by_section_and_name() {
         ],
     )
     .unwrap();
-    assert_eq!(c.limits.max_value_bytes, 1024);
+    assert_eq!(c.limits.max_value_bytes.get(), 1024);
     assert_eq!(c.listen, "0.0.0.0:9000".parse().unwrap());
     assert_eq!(c.tls.min_version, TlsVersion::Tls12);
 }
@@ -205,7 +205,7 @@ fn assert_outcome(got: Result<ValidConfig, ConfigError>) -> Result<(), TestCaseE
         }
         Err(ConfigError::Invalid { field, reason }) => {
             let known: Vec<String> = fields().into_values().map(|f| f.join(".")).collect();
-            prop_assert!(known.iter().any(|k| k == field), "unknown field {} ({})", field, reason);
+            prop_assert!(known.contains(&field), "unknown field {} ({})", field, reason);
         }
         Err(ConfigError::Env { var, reason }) => {
             prop_assert!(var.starts_with("SECRETGATE_"), "{}: {}", var, reason);
@@ -223,8 +223,11 @@ fn the_examples_load_and_pass_the_outcome_checks() {
     assert_outcome(load(&example_etcd(), &[])).unwrap();
     assert_outcome(load(&example().replace("max_versions = 10", "max_versions = 0"), &[])).unwrap();
     assert!(
-        assert_outcome(Err(ConfigError::Invalid { field: "limits.nope", reason: "x".into() }))
-            .is_err()
+        assert_outcome(Err(ConfigError::Invalid {
+            field: "limits.nope".into(),
+            reason: "x".into()
+        }))
+        .is_err()
     );
 }
 

@@ -112,7 +112,7 @@ impl EtcdCluster {
             cert: self.dir.path().join("client.pem"),
             key: self.dir.path().join("client-key.pem"),
             prefix: prefix.into(),
-            timeout_ms,
+            timeout_ms: timeout_ms.try_into().expect("a store timeout of 100 to 60000 ms"),
             ..EtcdConfig::default()
         });
     }
@@ -122,7 +122,7 @@ impl EtcdCluster {
         TestGateway::start_with(|c| {
             self.configure(c, prefix, timeout_ms);
             // Keep every version, so a test can read back each write it saw acknowledged.
-            c.limits.max_versions = 1000;
+            c.limits.max_versions = secretgate::config::Ranged::of::<1000>();
         })
         .await
     }

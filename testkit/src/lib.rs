@@ -159,10 +159,10 @@ impl TestGateway {
         config.tls.client_ca = dir.path().join("ca.pem");
         config.store = StoreConfig::Embedded { path: dir.path().join("store/secretgate.redb") };
         config.crypto.keyring = dir.path().join("keyring.toml");
-        config.crypto.reload_interval_secs = 1;
+        config.crypto.reload_interval_secs = secretgate::config::Ranged::of::<1>();
         secretgate::testing::Keyring::generate().unwrap().save(&config.crypto.keyring).unwrap();
         config.authz.policies = dir.path().join("policies");
-        config.authz.reload_interval_secs = 1;
+        config.authz.reload_interval_secs = secretgate::config::Ranged::of::<1>();
         write_policy(&config.authz.policies, csv);
         config.audit.path = dir.path().join("audit/audit.log");
         config.audit.signing_key = dir.path().join("audit.key");

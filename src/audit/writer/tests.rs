@@ -2,12 +2,12 @@ use super::{
     resume::{Tail, check_start},
     *,
 };
-use crate::audit::VerifyingKey;
+use crate::{audit::VerifyingKey, config::Ranged};
 
 fn config(dir: &Path) -> AuditConfig {
     AuditConfig {
         path: dir.join("audit/audit.log"),
-        checkpoint_every: 10,
+        checkpoint_every: Ranged::of::<10>(),
         ..AuditConfig::default()
     }
 }
@@ -122,7 +122,7 @@ async fn reopening_cuts_a_torn_line_and_continues_the_chain() {
 #[tokio::test]
 async fn rotation_and_a_removed_file_continue_the_chain_in_a_new_file() {
     let dir = tempfile::tempdir().unwrap();
-    let config = AuditConfig { max_file_bytes: 4000, ..config(dir.path()) };
+    let config = AuditConfig { max_file_bytes: Ranged::unchecked(4000), ..config(dir.path()) };
     let (log, _, _rx) = open(&config);
     for n in 0..60 {
         log.append(request(n)).await.unwrap();
@@ -158,7 +158,7 @@ async fn rotation_and_a_removed_file_continue_the_chain_in_a_new_file() {
 }
 
 fn windowed(dir: &Path) -> AuditConfig {
-    AuditConfig { group_commit_us: 100_000, ..config(dir) }
+    AuditConfig { group_commit_us: Ranged::of::<100_000>(), ..config(dir) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
