@@ -5,6 +5,7 @@
 //! `query` and `tail` pick records out. `verify` exits 1 when the log was tampered with and
 //! 2 when it could not be checked (a usage or I/O error), so scripts can tell them apart.
 
+use crate::text::escaped;
 use std::{
     fs::File,
     io::{ErrorKind::BrokenPipe, Read, Seek, SeekFrom, Write},
@@ -38,15 +39,15 @@ async fn checkpoint(conn: &super::ClientArgs) -> anyhow::Result<()> {
     if !status.enabled {
         bail!("the gateway runs with audit.enabled = false: it records nothing");
     }
-    eprintln!("audit log {}", status.log_id);
+    eprintln!("audit log {}", escaped(&status.log_id));
     if !status.failure.is_empty() {
-        eprintln!("warning: the audit log is failing: {}", status.failure);
+        eprintln!("warning: the audit log is failing: {}", escaped(&status.failure));
     }
     if status.checkpoint.is_empty() {
         bail!("no checkpoint stored yet for log {}", status.log_id);
     }
     match conn.output {
-        super::Output::Human => println!("{}", status.checkpoint),
+        super::Output::Human => println!("{}", escaped(&status.checkpoint)),
         // The line as a string, byte for byte: `jq -r .checkpoint` gives a file for
         // `verify --checkpoint`.
         super::Output::Json => println!(
@@ -203,7 +204,9 @@ fn query(filter: &Filter, output: Output, files: &[PathBuf]) -> anyhow::Result<(
     for item in query::query_files(files, filter)? {
         match item {
             Ok(entry) => print(&mut out, &entry, output)?,
-            Err(e @ query::QueryError::Malformed { .. }) => eprintln!("warning: {e}"),
+            Err(e @ query::QueryError::Malformed { .. }) => {
+                eprintln!("warning: {}", escaped(&e.to_string()));
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -248,7 +251,7 @@ fn verify(
                         v.records, v.first_seq, v.last_seq, v.checkpoints
                     );
                     for note in &v.notes {
-                        println!("note: {note}");
+                        println!("note: {}", escaped(note));
                     }
                 }
                 Output::Json => println!("{}", json!({ "ok": true, "verified": v })),
@@ -257,7 +260,7 @@ fn verify(
         }
         Err(Problem::Tampered(t)) => {
             match output {
-                Output::Human => println!("TAMPERED: {t}"),
+                Output::Human => println!("TAMPERED: {}", escaped(&t.to_string())),
                 Output::Json => println!("{}", json!({ "ok": false, "tampered": t })),
             }
             Err(Tampered.into())
@@ -331,7 +334,10 @@ fn emit(
                 print(out, &Match { file: path.to_owned(), line: 0, text, record }, output)?;
             }
             Ok(_) => {}
-            Err(e) => eprintln!("warning: {}: not an audit record: {e}", path.display()),
+            Err(e) => {
+                let what = format!("{}: not an audit record: {e}", path.display());
+                eprintln!("warning: {}", escaped(&what));
+            }
         }
     }
     pending.drain(..=end);
@@ -361,15 +367,18 @@ fn print(out: &mut impl Write, entry: &Match, output: Output) -> anyhow::Result<
     let action = r.action.map_or("-", |a| a.as_str()).to_owned();
     let decision = r.decision.map_or("-", |d| d.as_str()).to_owned();
     let status = text(&r.status);
+    // Every cell is attacker-influenced text (a path as sent, a peer's reason): escaped, so a
+    // record can neither drive the terminal nor forge a row.
     let cells = [&seq, &r.ts, &who, &what, &target, &action, &decision, &status, &version];
-    writeln!(out, "{}", row(&cells.map(String::as_str)))?;
+    writeln!(out, "{}", row(&cells.map(|c| escaped(c))))?;
     Ok(())
 }
 
 /// One table row: fixed minimum widths, two spaces apart.
-fn row(cells: &[&str]) -> String {
+fn row(cells: &[impl AsRef<str>]) -> String {
     const WIDTHS: [usize; 9] = [8, 24, 28, 32, 24, 7, 8, 18, 7];
-    let padded: Vec<String> = cells.iter().zip(WIDTHS).map(|(c, w)| format!("{c:<w$}")).collect();
+    let padded: Vec<String> =
+        cells.iter().zip(WIDTHS).map(|(c, w)| format!("{:<w$}", c.as_ref())).collect();
     padded.join("  ").trim_end().to_owned()
 }
 

@@ -1,5 +1,6 @@
 //! Client commands: `put`, `get`, `ls`, `rm`, `versions`, over mTLS to a gateway.
 
+use crate::text::escaped;
 use std::{
     io::{IsTerminal, Read, Write},
     path::{Path, PathBuf},
@@ -111,10 +112,17 @@ pub(super) async fn get(
     match args.output {
         Output::Human => {
             let mut out = std::io::stdout().lock();
-            out.write_all(&value)?;
-            // Exact bytes for pipes; a newline only for a person at a terminal.
-            if std::io::stdout().is_terminal() && !value.ends_with(b"\n") {
-                out.write_all(b"\n")?;
+            if std::io::stdout().is_terminal() {
+                // For a person: control bytes escaped (a value cannot drive the terminal),
+                // and a line end.
+                let shown = Zeroizing::new(crate::text::for_terminal(&value));
+                out.write_all(shown.as_bytes())?;
+                if !shown.ends_with('\n') {
+                    out.write_all(b"\n")?;
+                }
+            } else {
+                // Exact bytes for pipes and files.
+                out.write_all(&value)?;
             }
             out.flush()?;
         }
@@ -149,7 +157,7 @@ pub(super) async fn ls(args: &ClientArgs, prefix: String) -> anyhow::Result<()> 
         page_token = resp.next_page_token;
     }
     match args.output {
-        Output::Human => paths.iter().for_each(|p| println!("{p}")),
+        Output::Human => paths.iter().for_each(|p| println!("{}", escaped(p))),
         Output::Json => print_json(&json!({ "prefix": prefix, "paths": paths })),
     }
     Ok(())
@@ -224,10 +232,14 @@ pub(super) async fn whoami(args: &ClientArgs) -> anyhow::Result<()> {
     let resp = client.who_am_i(v1::WhoAmIRequest {}).await.map_err(rpc_error)?.into_inner();
     match args.output {
         Output::Human => {
-            println!("principal:      {}", resp.principal);
+            println!("principal:      {}", escaped(&resp.principal));
             println!(
                 "roles:          {}",
-                if resp.roles.is_empty() { "(none)".into() } else { resp.roles.join(", ") }
+                if resp.roles.is_empty() {
+                    "(none)".into()
+                } else {
+                    escaped(&resp.roles.join(", ")).into_owned()
+                }
             );
             println!(
                 "certificate:    sha256 {} serial {}",

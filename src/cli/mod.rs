@@ -171,7 +171,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", crate::text::escaped(&error_chain(&e)));
             if audit { audit::exit_code(&e) } else { ExitCode::FAILURE }
         }
     }

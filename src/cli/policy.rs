@@ -48,7 +48,7 @@ pub(super) async fn run(dir: &Path, command: PolicyCommand) -> anyhow::Result<()
         PolicyCommand::Test => {
             let failures = policy.run_tests();
             for f in &failures {
-                println!("FAIL {f}");
+                println!("FAIL {}", crate::text::escaped(f));
             }
             if !failures.is_empty() {
                 bail!("{} of {} policy tests failed", failures.len(), policy.test_count());
@@ -82,7 +82,7 @@ pub(super) async fn run(dir: &Path, command: PolicyCommand) -> anyhow::Result<()
             match d.rule_line() {
                 Some(line) => println!(
                     "decided by policy.csv:{line}: {}",
-                    policy.line_text(line).unwrap_or_default()
+                    crate::text::escaped(policy.line_text(line).unwrap_or_default())
                 ),
                 None => println!("decided by: no matching rule (deny by default)"),
             }

@@ -1,0 +1,83 @@
+//! Attacks from the outside review (issue 16), each through the real front door (real mTLS on
+//! a real gateway, or the real log files and the real CLI), asserting the precise outcome.
+
+use std::process::{Command, Output};
+
+use secretgate::proto::v1::{GetRequest, PutRequest};
+use secretgate_testkit::{TestGateway, audit::log_files};
+use tonic::Code;
+
+const ADMIN: &str = "spiffe://test.example/admin";
+const BIN: &str = env!("CARGO_BIN_EXE_secretgate");
+
+/// A path that clears the screen, forges an audit row and retitles the terminal.
+const INJECTION: &str = "/x\x1b[2J\x1b[H\r\nseq 1 2026-01-01T00:00:00.000Z spiffe://test.example/admin \
+    secretgate.v1.Secrets/Put /root/key write allow OK 1\x1b]0;pwned\x07";
+
+/// Bytes a person's terminal would act on: C0 controls but the line feed, DEL, C1 controls.
+fn terminal_controls(out: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(out);
+    let mut found: Vec<u8> = text
+        .chars()
+        .filter(|c| *c != '\n' && c.is_control())
+        .map(|c| u8::try_from(u32::from(c)).unwrap_or(0xff))
+        .collect();
+    found.dedup();
+    found
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_query_and_tail_show_a_hostile_path_escaped_on_one_row() {
+    let gw = TestGateway::start().await;
+    let mut c = gw.client(ADMIN).await;
+    let get = c.get(GetRequest { path: INJECTION.into(), version: None }).await.unwrap_err();
+    assert_eq!(get.code(), Code::InvalidArgument, "{get:?}");
+    let put = PutRequest { path: INJECTION.into(), value: b"v".to_vec(), expected_version: None };
+    assert_eq!(c.put(put).await.unwrap_err().code(), Code::InvalidArgument);
+
+    // The record keeps the path as sent (for the auditor); the table must not replay it.
+    let active = gw.config.audit.path.clone();
+    let files: Vec<String> = log_files(&active).iter().map(|p| p.display().to_string()).collect();
+    let mut query = vec!["audit", "query", "--status", "INVALID_ARGUMENT"];
+    query.extend(files.iter().map(String::as_str));
+    let tail = ["audit", "tail", "--no-follow", "-n", "100", active.to_str().unwrap()];
+    for (what, out) in [("query", run(&query)), ("tail", run(&tail))] {
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(terminal_controls(&out.stdout), [] as [u8; 0], "{what} printed controls");
+        let table = String::from_utf8(out.stdout).unwrap();
+        let rows: Vec<&str> = table.lines().filter(|l| l.contains("/x\\u{1b}[2J")).collect();
+        // One row per refused request, each whole: the forged "row" stays inside its path.
+        assert_eq!(rows.len(), 2, "{what}:\n{table}");
+        assert!(rows.iter().all(|r| r.contains("\\r\\nseq 1 ") && r.contains("INVALID_ARGUMENT")));
+        assert!(!table.lines().any(|l| l.starts_with("seq 1 ")), "{what} forged a row:\n{table}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_escapes_a_value_for_a_terminal_and_pipes_it_exactly() {
+    let gw = TestGateway::start().await;
+    let mut c = gw.client(ADMIN).await;
+    let value = b"line one\n\x1b]0;pwned\x07\x1b[2J\rtwo\xff";
+    let put =
+        PutRequest { path: "/app/hostile".into(), value: value.to_vec(), expected_version: None };
+    c.put(put).await.unwrap();
+    let mut args: Vec<String> = vec!["get".into(), "/app/hostile".into()];
+    args.extend(gw.cli_args(ADMIN));
+
+    // Through a pipe: the exact bytes, nothing added.
+    let piped = Command::new(BIN).args(&args).output().unwrap();
+    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
+    assert_eq!(piped.stdout, value);
+
+    // On a terminal (a pseudo-terminal from script(1)): escaped, lines kept, a line end.
+    let command = std::iter::once(BIN.to_owned()).chain(args).collect::<Vec<_>>().join(" ");
+    let tty = Command::new("script").args(["-qec", &command, "/dev/null"]).output().unwrap();
+    assert!(tty.status.success(), "{}", String::from_utf8_lossy(&tty.stderr));
+    // The terminal turns each "\n" into "\r\n"; nothing else may reach it unescaped.
+    let shown = String::from_utf8_lossy(&tty.stdout).replace("\r\n", "\n");
+    assert_eq!(shown, "line one\n\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\rtwo\\xff\n");
+}
