@@ -27,6 +27,8 @@ use crate::{
 
 /// Bytes a request may carry beyond the value itself (path, framing).
 const REQUEST_OVERHEAD_BYTES: usize = 16 * 1024;
+/// Largest request of the services that carry no value (Admin, health, reflection).
+const SMALL_REQUEST_BYTES: usize = 16 * 1024;
 /// How long a graceful shutdown waits for open requests before closing connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -134,8 +136,12 @@ impl Gateway {
         ))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-        let admin = AdminServer::new(AdminService::new(vault, authz.clone(), audit.clone()));
+        // The other services take only small requests: a large one is refused before it is
+        // decoded (and, for Admin, before its caller is authorized).
+        let admin = AdminServer::new(AdminService::new(vault, authz.clone(), audit.clone()))
+            .max_decoding_message_size(SMALL_REQUEST_BYTES);
         let (health_reporter, health) = tonic_health::server::health_reporter();
+        let health = health.max_decoding_message_size(SMALL_REQUEST_BYTES);
         health_reporter.set_serving::<SecretsServer<SecretsService>>().await;
         health_reporter.set_serving::<AdminServer<AdminService>>().await;
         let mut watchers = vec![];
@@ -146,7 +152,8 @@ impl Gateway {
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .map_err(|e| TlsError::Rustls(format!("reflection descriptors: {e}")))?;
+            .map_err(|e| TlsError::Rustls(format!("reflection descriptors: {e}")))?
+            .max_decoding_message_size(SMALL_REQUEST_BYTES);
 
         let keyring_watcher =
             keys.watch(config.crypto.reload_interval(), Keyring::load, |r: &Keyring| {
@@ -159,6 +166,9 @@ impl Gateway {
         let (tx, rx) = oneshot::channel::<()>();
         let router = Server::builder()
             .timeout(config.limits.request_timeout())
+            .max_concurrent_streams(
+                u32::try_from(config.limits.max_streams_per_connection.get()).ok(),
+            )
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(secrets)

@@ -3,11 +3,17 @@
 
 use std::process::{Command, Output};
 
-use secretgate::proto::v1::{GetRequest, PutRequest};
-use secretgate_testkit::{TestGateway, audit::log_files};
-use tonic::Code;
+use secretgate::{
+    config::Ranged,
+    proto::v1::{GetRequest, KeyStatusRequest, KeyStatusResponse, PutRequest},
+};
+use secretgate_testkit::{TestGateway, audit::log_files, h2_settings};
+use tonic::{Code, codegen::http::uri::PathAndQuery};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_prost::ProstCodec;
 
 const ADMIN: &str = "spiffe://test.example/admin";
+const READER: &str = "spiffe://test.example/reader";
 const BIN: &str = env!("CARGO_BIN_EXE_secretgate");
 
 /// A path that clears the screen, forges an audit row and retitles the terminal.
@@ -80,4 +86,41 @@ async fn get_escapes_a_value_for_a_terminal_and_pipes_it_exactly() {
     // The terminal turns each "\n" into "\r\n"; nothing else may reach it unescaped.
     let shown = String::from_utf8_lossy(&tty.stdout).replace("\r\n", "\n");
     assert_eq!(shown, "line one\n\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\rtwo\\xff\n");
+}
+
+#[tokio::test]
+async fn the_gateway_advertises_its_stream_limit_per_connection() {
+    let gw = TestGateway::start().await;
+    let settings = h2_settings(gw.addr(), &gw.ca.cert_pem, &gw.ca.client(ADMIN)).await;
+    // SETTINGS_MAX_CONCURRENT_STREAMS (0x3): the configured default, 100.
+    let limit = settings.iter().find(|(id, _)| *id == 0x3).map(|(_, v)| *v);
+    assert_eq!(limit, Some(100), "settings {settings:?}");
+    let gw =
+        TestGateway::start_with(|c| c.limits.max_streams_per_connection = Ranged::of::<7>()).await;
+    let settings = h2_settings(gw.addr(), &gw.ca.cert_pem, &gw.ca.client(ADMIN)).await;
+    assert!(settings.contains(&(0x3, 7)), "settings {settings:?}");
+}
+
+#[tokio::test]
+async fn a_large_request_to_health_or_admin_is_refused_before_it_is_decoded() {
+    let gw = TestGateway::start().await;
+    const BIG: usize = 3 << 20;
+    let channel = gw.channel(&gw.ca.client(READER)).await.unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let err = health.check(HealthCheckRequest { service: "x".repeat(BIG) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+
+    // Admin/KeyStatus from a principal that may not use Admin: refused for its size before it
+    // is decoded (its bytes are a PutRequest: to KeyStatus, unknown fields to skip).
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let body = PutRequest { path: "/x".into(), value: vec![7; BIG], expected_version: None };
+    let path = PathAndQuery::from_static("/secretgate.v1.Admin/KeyStatus");
+    let codec = ProstCodec::<PutRequest, KeyStatusResponse>::default();
+    let err = grpc.unary(tonic::Request::new(body), path, codec).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    // A small one from the same principal is decoded, then refused by the policy.
+    let mut admin = gw.admin(READER).await;
+    let denied = admin.key_status(KeyStatusRequest {}).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
 }

@@ -161,6 +161,9 @@ pub struct Limits {
     pub max_versions: Ranged<1, 1000>,
     /// Simultaneous client connections (including handshakes in progress). Default 1024.
     pub max_connections: Ranged<1, { u32::MAX as u64 }>,
+    /// HTTP/2 streams (requests) one connection may have open at once; the gateway
+    /// advertises it in its SETTINGS, and refuses streams past it. Default 100; 1 to 10000.
+    pub max_streams_per_connection: Ranged<1, 10_000>,
     /// Seconds a request may take before the gateway cancels it (CANCELLED, "Timeout expired").
     /// Default 30; 1 to 3600.
     pub request_timeout_secs: Ranged<1, 3600>,
@@ -265,6 +268,7 @@ impl Default for Limits {
             max_value_bytes: Ranged::of::<{ 64 * 1024 }>(),
             max_versions: Ranged::of::<{ crate::store::DEFAULT_MAX_VERSIONS as u64 }>(),
             max_connections: Ranged::of::<1024>(),
+            max_streams_per_connection: Ranged::of::<100>(),
             request_timeout_secs: Ranged::of::<30>(),
         }
     }

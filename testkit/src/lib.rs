@@ -271,6 +271,45 @@ pub async fn probe(
     identity: Option<&Pem>,
     tls12: bool,
 ) -> Result<(), String> {
+    let mut tls = tls_connect(addr, ca_pem, identity, tls12).await?;
+    // In TLS 1.3 the server judges the client certificate after the client has finished
+    // its side of the handshake, so a refusal arrives as an alert on the first read. An
+    // accepted client instead receives the server's HTTP/2 SETTINGS frame.
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+        Err(_) => Err("no answer within 10 s".into()),
+        Ok(Ok(0)) => Err("connection closed without an alert".into()),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
+}
+
+/// The HTTP/2 settings (identifier, value) of the SETTINGS frame a gateway at `addr` sends
+/// first on a new connection from `identity`.
+pub async fn h2_settings(addr: SocketAddr, ca_pem: &str, identity: &Pem) -> Vec<(u16, u32)> {
+    let mut tls = tls_connect(addr, ca_pem, Some(identity), false).await.unwrap();
+    let mut frame = vec![0u8; 9];
+    tls.read_exact(&mut frame).await.unwrap();
+    let len = usize::from(frame[0]) << 16 | usize::from(frame[1]) << 8 | usize::from(frame[2]);
+    assert_eq!(frame[3], 4, "the server's first frame is not SETTINGS: {frame:?}");
+    let mut payload = vec![0u8; len];
+    tls.read_exact(&mut payload).await.unwrap();
+    payload
+        .chunks_exact(6)
+        .map(|s| {
+            let value = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+            (u16::from_be_bytes([s[0], s[1]]), value)
+        })
+        .collect()
+}
+
+/// A TLS 1.3 (or 1.2) connection offering `h2`, trusting `ca_pem`, presenting `identity`.
+async fn tls_connect(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: Option<&Pem>,
+    tls12: bool,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
@@ -293,17 +332,7 @@ pub async fn probe(
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
-    // In TLS 1.3 the server judges the client certificate after the client has finished
-    // its side of the handshake, so a refusal arrives as an alert on the first read. An
-    // accepted client instead receives the server's HTTP/2 SETTINGS frame.
-    let mut buf = [0u8; 64];
-    match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
-        Err(_) => Err("no answer within 10 s".into()),
-        Ok(Ok(0)) => Err("connection closed without an alert".into()),
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-    }
+    connector.connect(name, tcp).await.map_err(|e| e.to_string())
 }
 
 /// The policy every test gateway starts with: principals under `spiffe://test.example/`
