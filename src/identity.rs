@@ -157,18 +157,21 @@ fn spiffe_principal(uri: &str) -> Result<Principal, IdentityError> {
     const BAD: IdentityError = IdentityError::BadName("SPIFFE ID");
     // SPIFFE requires the lower-case scheme; refuse rather than normalize.
     let rest = uri.strip_prefix("spiffe://").ok_or(BAD)?;
-    let (domain, path) = rest.split_once('/').map_or((rest, ""), |(d, p)| (d, p));
+    // A path, when there is one, is non-empty: `spiffe://domain/` (a trailing slash) is not a
+    // SPIFFE ID, and would name the same workload as `spiffe://domain` in a policy.
+    let (domain, path) = rest.split_once('/').map_or((rest, None), |(d, p)| (d, Some(p)));
     let domain_ok = !domain.is_empty()
         && domain.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
         });
-    let path_ok = path.is_empty()
-        || path.split('/').all(|s| {
+    let path_ok = path.is_none_or(|path| {
+        path.split('/').all(|s| {
             !s.is_empty()
                 && s != "."
                 && s != ".."
                 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-        });
+        })
+    });
     if !domain_ok || !path_ok || uri.len() > MAX_PRINCIPAL_BYTES {
         return Err(BAD);
     }
@@ -187,10 +190,12 @@ fn dns_principal(name: &str) -> Result<Principal, IdentityError> {
     Ok(Principal(format!("dns:{}", name.to_ascii_lowercase())))
 }
 
+/// A common name of printable ASCII without a comma (`policy.csv` separates its fields with
+/// commas, so a name with one could never be granted or denied by name).
 fn cn_principal(cn: &str) -> Result<Principal, IdentityError> {
     let ok = !cn.is_empty()
         && cn.len() <= MAX_PRINCIPAL_BYTES
-        && cn.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        && cn.bytes().all(|b| (b.is_ascii_graphic() && b != b',') || b == b' ')
         && cn.trim() == cn;
     if !ok {
         return Err(IdentityError::BadName("common name"));
@@ -297,6 +302,8 @@ mod tests {
             "spiffe://d/../x",
             "spiffe://d/a//b",
             "spiffe://d/x?q",
+            "spiffe://d/",
+            "spiffe://d/app/",
         ] {
             let der = cert(|p| p.subject_alt_names = vec![uri(bad)]);
             assert_eq!(principal(&der), Err(IdentityError::BadName("SPIFFE ID")), "{bad}");
@@ -316,6 +323,12 @@ mod tests {
         assert_eq!(id.principal.as_str(), "cn:backup job");
         assert_eq!(id.fingerprint, hex::encode(Sha256::digest(&der)));
         assert!(!id.serial.is_empty());
+    }
+
+    #[test]
+    fn cn_with_a_comma_is_refused() {
+        let der = cert(|p| p.distinguished_name.push(DnType::CommonName, "backup, admin"));
+        assert_eq!(principal(&der), Err(IdentityError::BadName("common name")));
     }
 
     #[test]
@@ -422,6 +435,7 @@ mod tests {
         if p.starts_with("spiffe://") {
             prop_assert_eq!(spiffe, vec![p]);
             prop_assert!(contains(p.as_bytes()));
+            prop_assert!(!p.ends_with('/'), "{:?} ends with a slash", p);
         } else if let Some(name) = p.strip_prefix("dns:") {
             prop_assert!(spiffe.is_empty(), "{} chosen over {:?}", p, spiffe);
             prop_assert_eq!(dns.len(), 1, "{} chosen among {:?}", p, dns);
@@ -431,6 +445,7 @@ mod tests {
             prop_assert!(spiffe.is_empty() && dns.is_empty(), "{} chosen over SANs {:?}", p, sans);
             prop_assert_eq!(cns, 1, "{} chosen among {} CNs", p, cns);
             prop_assert!(!cn.is_empty() && cn.trim() == cn, "{:?}", cn);
+            prop_assert!(!cn.contains(','), "{:?} could not be named in policy.csv", cn);
             prop_assert!(contains(cn.as_bytes()));
         } else {
             prop_assert!(false, "principal {:?} has no known kind", p);

@@ -133,9 +133,10 @@ impl<T> Reloadable<T> {
     }
 }
 
-/// SHA-256 of the file's bytes — or, for a directory, of the names and bytes of every file
-/// below it in sorted order — or `None` if it cannot be read (a missing file is a change the
-/// reload then reports).
+/// SHA-256 of the file's permission bits and bytes — or, for a directory, of the names, modes
+/// and bytes of every file below it in sorted order — or `None` if it cannot be read (a
+/// missing file is a change the reload then reports). The mode is in it so that a `chmod`
+/// alone is a change too: a keyring made readable by others is refused at the next check.
 fn digest(path: &Path) -> Option<[u8; 32]> {
     let mut h = Sha256::new();
     feed(&mut h, path, 0)?;
@@ -143,6 +144,9 @@ fn digest(path: &Path) -> Option<[u8; 32]> {
 }
 
 fn feed(h: &mut Sha256, path: &Path, depth: usize) -> Option<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    h.update(mode.to_be_bytes());
     if path.is_dir() {
         // Policy directories are shallow; the bound keeps a symlink loop from recursing.
         if depth > 4 {

@@ -3,7 +3,9 @@
 
 use std::process::{Command, Output};
 
+use rcgen::{DnType, ExtendedKeyUsagePurpose, SanType};
 use secretgate::{
+    Reloaded,
     config::Ranged,
     proto::v1::{GetRequest, KeyStatusRequest, KeyStatusResponse, PutRequest},
 };
@@ -123,4 +125,53 @@ async fn a_large_request_to_health_or_admin_is_refused_before_it_is_decoded() {
     let mut admin = gw.admin(READER).await;
     let denied = admin.key_status(KeyStatusRequest {}).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+}
+
+#[tokio::test]
+async fn names_a_policy_cannot_write_are_refused_in_the_handshake() {
+    let gw = TestGateway::start().await;
+    // A SPIFFE ID with a trailing slash (not a SPIFFE ID; it would read as the trust domain's
+    // own ID in a policy) and a CN with a comma (policy.csv separates fields with commas).
+    let slash = gw.ca.issue(|p| {
+        p.subject_alt_names = vec![SanType::URI("spiffe://test.example/".try_into().unwrap())];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    });
+    let comma = gw.ca.issue(|p| {
+        p.distinguished_name.push(DnType::CommonName, "backup, spiffe://test.example/admin");
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    });
+    for (what, id) in [("trailing slash", &slash), ("comma", &comma)] {
+        let err = gw.probe(Some(id), false).await.expect_err(what);
+        assert!(err.contains("received fatal alert: CertificateUnknown"), "{what}: {err}");
+    }
+    gw.probe(Some(&gw.ca.client(ADMIN)), false).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_keyring_made_readable_by_others_is_noticed_while_running() {
+    use std::os::unix::fs::PermissionsExt;
+    let gw = TestGateway::start().await;
+    let keyring = gw.config.crypto.keyring.clone();
+    let mut c = gw.client(ADMIN).await;
+    c.put(PutRequest { path: "/k".into(), value: b"v".to_vec(), expected_version: None })
+        .await
+        .unwrap();
+    std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let error =
+        gw.refused_reload(Reloaded::Keyring, "must not be readable by group or others").await;
+    assert!(error.contains("0644"), "{error}");
+    // Operators see it in KeyStatus; the keyring in force stays, so reads go on.
+    let mut admin = gw.admin(ADMIN).await;
+    let status = admin.key_status(KeyStatusRequest {}).await.unwrap().into_inner();
+    assert!(status.reload_error.contains("chmod 600"), "{}", status.reload_error);
+    let got = c.get(GetRequest { path: "/k".into(), version: None }).await.unwrap();
+    assert_eq!(got.into_inner().value, b"v");
+    // Private again: the refusal clears.
+    std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !admin.key_status(KeyStatusRequest {}).await.unwrap().into_inner().reload_error.is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "the refusal did not clear");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
