@@ -7,7 +7,7 @@ use rcgen::{DnType, ExtendedKeyUsagePurpose, SanType};
 use secretgate::{
     Reloaded,
     config::Ranged,
-    proto::v1::{GetRequest, KeyStatusRequest, KeyStatusResponse, PutRequest},
+    proto::v1::{GetRequest, KeyStatusRequest, KeyStatusResponse, ListRequest, PutRequest},
 };
 use secretgate_testkit::{TestGateway, audit::log_files, h2_settings};
 use tonic::{Code, codegen::http::uri::PathAndQuery};
@@ -174,4 +174,48 @@ async fn a_keyring_made_readable_by_others_is_noticed_while_running() {
         assert!(std::time::Instant::now() < deadline, "the refusal did not clear");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn list_page_tokens_tell_nothing_about_hidden_names() {
+    let gw = TestGateway::start().await;
+    let mut admin = gw.client(ADMIN).await;
+    // More hidden names than one List call looks at for a page of one (ten), and a few the
+    // reader may see.
+    let hidden = (0..12).map(|i| format!("/apps/payments/prod/db-{i}"));
+    let shared = ["/shared/a", "/shared/b-with-a-much-longer-name-than-the-first", "/shared/c"];
+    for path in hidden.chain(shared.map(String::from)) {
+        let put = PutRequest { path, value: b"v".to_vec(), expected_version: None };
+        admin.put(put).await.unwrap();
+    }
+    let list = |prefix: &str, token: &str| ListRequest {
+        prefix: prefix.into(),
+        page_size: 1,
+        page_token: token.into(),
+    };
+
+    // No grant under the prefix: the same empty last page whether names hide there or not.
+    let mut stranger = gw.client("spiffe://test.example/stranger").await;
+    for prefix in ["/apps/payments/prod", "/apps/none"] {
+        let page = stranger.list(list(prefix, "")).await.unwrap().into_inner();
+        assert_eq!((page.paths.len(), page.next_page_token.as_str()), (0, ""), "{prefix}");
+    }
+
+    // Tokens of one caller and prefix have one size, whatever path they stop at.
+    let mut reader = gw.client(READER).await;
+    let first = reader.list(list("/shared", "")).await.unwrap().into_inner();
+    assert_eq!(first.paths, ["/shared/a"]);
+    let second = reader.list(list("/shared", &first.next_page_token)).await.unwrap().into_inner();
+    assert_eq!(second.paths, ["/shared/b-with-a-much-longer-name-than-the-first"]);
+    assert_eq!(first.next_page_token.len(), second.next_page_token.len());
+
+    // A token opens only for its caller and its prefix; every mismatch gets one error.
+    let token = &second.next_page_token;
+    let mut refusals = Vec::new();
+    for (who, prefix) in [(ADMIN, "/shared"), (READER, "/"), (READER, "/apps")] {
+        let err = gw.client(who).await.list(list(prefix, token)).await.unwrap_err();
+        refusals.push((err.code(), err.message().to_owned()));
+    }
+    assert!(refusals.iter().all(|r| r.0 == Code::InvalidArgument), "{refusals:?}");
+    assert!(refusals.windows(2).all(|w| w[0] == w[1]), "{refusals:?}");
 }

@@ -124,16 +124,25 @@ impl SecretsService {
             n if n > MAX_PAGE_SIZE => return Err(ApiError::InvalidPageSize(n)),
             n => n,
         } as usize;
+        let principal = &id.principal;
         let mut after = match req.page_token.as_str() {
             "" => None,
             token => {
-                let p = self.vault.open_page_token(token).ok_or(ApiError::InvalidPageToken)?;
-                if !p.starts_with(&prefix) {
-                    return Err(ApiError::InvalidPageToken);
-                }
+                // Another caller's token, or one for another prefix, opens as nothing: one
+                // error for every mismatch, so a replay tells nothing about the cursor.
+                let p = self
+                    .vault
+                    .open_page_token(principal, &prefix, token)
+                    .filter(|p| p.starts_with(&prefix))
+                    .ok_or(ApiError::InvalidPageToken)?;
                 Some(p)
             }
         };
+        // Where no rule could let the caller list or read anything, the answer is an empty
+        // last page, whatever the store holds: not even a token says that hidden names exist.
+        if !self.authz.may_list_under(principal, &prefix) {
+            return Ok(v1::ListResponse { paths: Vec::new(), next_page_token: String::new() });
+        }
         // Only names the caller may list or read leave the gateway. Hidden names are
         // skipped; after scanning a bounded number, return what we have and a token.
         let mut visible = Vec::with_capacity(size);
@@ -144,7 +153,7 @@ impl SecretsService {
             let done = batch.len() < size;
             for p in batch {
                 scanned += 1;
-                let keep = self.authz.allows_any(&id.principal, &p, &[Action::List, Action::Read]);
+                let keep = self.authz.allows_any(principal, &p, &[Action::List, Action::Read]);
                 after = Some(p.clone());
                 if keep {
                     visible.push(p);
@@ -161,7 +170,7 @@ impl SecretsService {
             }
         };
         let next_page_token = match (&after, exhausted) {
-            (Some(last), false) => self.vault.seal_page_token(last)?,
+            (Some(last), false) => self.vault.seal_page_token(principal, &prefix, last)?,
             _ => String::new(),
         };
         Ok(v1::ListResponse {

@@ -126,7 +126,8 @@ use crate::{
     audit::Intent,
     authz::{Permit, act},
     crypto::{self, Keyring, KeyringHandle},
-    path::{PathPrefix, SecretPath},
+    identity::Principal,
+    path::{MAX_PATH_BYTES, PathPrefix, SecretPath},
     store::{SecretMeta, Store, StoreError, StoredValue, VersionMeta},
 };
 
@@ -244,23 +245,53 @@ impl Vault {
         self.store.list(prefix, after, limit).await.map_err(ApiError::from_store_fault)
     }
 
-    /// A List page token: the last path a List looked at, which may be one the caller may
-    /// not see, so it is sealed (encrypted and authenticated) under the primary key: opaque
-    /// to the client, and a forged or altered token is refused.
-    pub fn seal_page_token(&self, last: &SecretPath) -> Result<String, ApiError> {
+    /// A List page token for `principal` listing `prefix`: the last path the List looked
+    /// at, which may be one the caller may not see. It is sealed (encrypted and authenticated)
+    /// under the primary key, so it is opaque and cannot be forged or altered; it is bound to
+    /// the principal and the prefix, so it opens for no other caller or prefix; and every
+    /// token has the same size, so its length says nothing about the path inside.
+    pub fn seal_page_token(
+        &self,
+        principal: &Principal,
+        prefix: &PathPrefix,
+        last: &SecretPath,
+    ) -> Result<String, ApiError> {
         use base64::Engine;
+        let cursor = last.as_str().as_bytes();
+        let mut plain = Zeroizing::new(Vec::with_capacity(TOKEN_PLAINTEXT_BYTES));
+        plain.extend_from_slice(&token_binding(principal, prefix));
+        // A canonical path is at most MAX_PATH_BYTES (512) long: it fits in two bytes.
+        plain.extend_from_slice(&(cursor.len() as u16).to_be_bytes());
+        plain.extend_from_slice(cursor);
+        plain.resize(TOKEN_PLAINTEXT_BYTES, 0);
         let keys = self.keys.current();
-        let sealed = seal(&keys, &page_token_path(), 0, last.as_str().as_bytes())?;
+        let sealed = seal(&keys, &page_token_path(), 0, &plain)?;
         Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
     }
 
-    /// The path inside a page token from [`Vault::seal_page_token`], if it is one.
-    pub fn open_page_token(&self, token: &str) -> Option<SecretPath> {
+    /// The path inside a page token that [`Vault::seal_page_token`] made for this principal
+    /// and prefix; `None` for anything else (forged, altered, or another's).
+    pub fn open_page_token(
+        &self,
+        principal: &Principal,
+        prefix: &PathPrefix,
+        token: &str,
+    ) -> Option<SecretPath> {
         use base64::Engine;
+        use subtle::ConstantTimeEq;
         let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
         let keys = self.keys.current();
-        let path = crypto::open(&keys, &page_token_path(), 0, &sealed).ok()?;
-        SecretPath::parse(std::str::from_utf8(&path).ok()?).ok()
+        let plain = crypto::open(&keys, &page_token_path(), 0, &sealed).ok()?;
+        if plain.len() != TOKEN_PLAINTEXT_BYTES {
+            return None;
+        }
+        let (binding, rest) = plain.split_at(32);
+        if !bool::from(binding.ct_eq(&token_binding(principal, prefix))) {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        let cursor = rest.get(2..2 + len)?;
+        SecretPath::parse(std::str::from_utf8(cursor).ok()?).ok()
     }
 
     /// Which keys the stored records use, and the keyring in force.
@@ -302,6 +333,21 @@ fn seal(
         tracing::error!(%path, version, error = %e, "cannot seal a value");
         ApiError::Internal
     })
+}
+
+/// A page token's plaintext: the binding, the cursor's length, the cursor padded to the
+/// longest path.
+const TOKEN_PLAINTEXT_BYTES: usize = 32 + 2 + MAX_PATH_BYTES;
+
+/// What a page token is bound to: SHA-256 over the principal and the canonical prefix.
+fn token_binding(principal: &Principal, prefix: &PathPrefix) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"secretgate list page token v1\0");
+    h.update(principal.as_str().as_bytes());
+    h.update(b"\0");
+    h.update(prefix.as_str().as_bytes());
+    h.finalize().into()
 }
 
 /// The associated-data path page tokens are sealed for: version 0 is never a stored

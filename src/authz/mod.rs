@@ -20,7 +20,11 @@ pub use pattern::{Pattern, PatternError, path_match};
 pub use permit::{Act, Object, Permit, WholeStore, act};
 pub use policy::{Decision, Effect, Policy, PolicyError, Rule};
 
-use crate::{identity::Principal, path::SecretPath, reload::Reloadable};
+use crate::{
+    identity::Principal,
+    path::{PathPrefix, SecretPath},
+    reload::Reloadable,
+};
 
 /// What a request does to a secret. Written in audit records by its policy name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -127,6 +131,13 @@ impl Authorizer {
     pub fn allows_any(&self, principal: &Principal, path: &SecretPath, actions: &[Action]) -> bool {
         let policy = self.policy.current();
         actions.iter().any(|a| policy.decide(principal.as_str(), path, *a).is_allow())
+    }
+
+    /// Whether the policy in force could let `principal` list or read anything at or below
+    /// `prefix` (see [`Policy::may_allow_under`]).
+    pub fn may_list_under(&self, principal: &Principal, prefix: &PathPrefix) -> bool {
+        let policy = self.policy.current();
+        policy.may_allow_under(principal.as_str(), prefix, &[Action::List, Action::Read])
     }
 
     /// The roles of `principal` and the policy version in force.

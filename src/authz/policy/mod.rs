@@ -23,7 +23,7 @@ use super::{
     Action, Object,
     pattern::{Pattern, Segment},
 };
-use crate::path::Target;
+use crate::path::{PathPrefix, Target};
 
 /// Role links followed at most. casbin's default role manager is created with a maximum
 /// hierarchy level of 10, which its breadth-first search turns into at most 9 links from
@@ -355,6 +355,27 @@ impl Policy {
         }
     }
 
+    /// Whether an allow rule of `subject` (or of its roles) for one of `actions` could match
+    /// `prefix` or a path below it. When none can, nothing under `prefix` can be shown to
+    /// `subject`, whatever the store holds (deny rules are not looked at: this is an upper
+    /// bound on what could be allowed).
+    pub fn may_allow_under(&self, subject: &str, prefix: &PathPrefix, actions: &[Action]) -> bool {
+        let segments: Vec<&str> = match prefix {
+            PathPrefix::Root => Vec::new(),
+            PathPrefix::Path(p) => p.segments().collect(),
+        };
+        let mut matched: Vec<u32> = Vec::new();
+        for s in self.subjects(subject) {
+            if let Some(root) = self.index.get(s) {
+                collect_under(root, &segments, &mut matched);
+            }
+        }
+        matched.into_iter().any(|i| {
+            let rule = &self.rules[i as usize];
+            rule.effect == Effect::Allow && rule.action.is_none_or(|a| actions.contains(&a))
+        })
+    }
+
     /// The subject itself and every role it reaches within [`MAX_ROLE_DEPTH`] links.
     pub fn subjects<'a>(&'a self, subject: &'a str) -> Vec<&'a str> {
         let mut out = vec![subject];
@@ -456,6 +477,30 @@ fn collect(node: &Node, segments: &[&str], out: &mut Vec<u32>) {
     }
     if let Some(child) = &node.one {
         collect(child, rest, out);
+    }
+}
+
+/// The rules whose pattern matches a path that is `segments` or lies below it.
+fn collect_under(node: &Node, segments: &[&str], out: &mut Vec<u32>) {
+    out.extend_from_slice(&node.rest);
+    let Some((first, rest)) = segments.split_first() else {
+        collect_subtree(node, out);
+        return;
+    };
+    if let Some(child) = node.literal.get(*first) {
+        collect_under(child, rest, out);
+    }
+    if let Some(child) = &node.one {
+        collect_under(child, rest, out);
+    }
+}
+
+/// Every rule at or below `node`.
+fn collect_subtree(node: &Node, out: &mut Vec<u32>) {
+    out.extend_from_slice(&node.here);
+    out.extend_from_slice(&node.rest);
+    for child in node.literal.values().chain(node.one.as_deref()) {
+        collect_subtree(child, out);
     }
 }
 

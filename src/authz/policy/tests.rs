@@ -262,3 +262,34 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn may_allow_under_is_an_upper_bound_on_what_a_list_can_show() {
+    let p = policy(
+        "p, app, /apps/billing/**, read, allow\n\
+         p, app, /apps/*/public, list, allow\n\
+         p, ops, /ops/db, write, allow\n\
+         p, all, /**, *, allow\n\
+         g, lead, app\n",
+    );
+    let list = [Action::List, Action::Read];
+    let under = |s: &str, prefix: &str| {
+        p.may_allow_under(s, &crate::path::PathPrefix::parse(prefix).unwrap(), &list)
+    };
+    assert!(under("app", "/"));
+    assert!(under("app", "/apps"), "rules below the prefix");
+    assert!(under("app", "/apps/billing/x/y"), "a ** above the prefix");
+    assert!(under("app", "/apps/x/public"));
+    assert!(under("lead", "/apps/billing"), "through a role");
+    assert!(under("all", "/anything/at/all"));
+    assert!(!under("app", "/apps/payments/prod"));
+    assert!(!under("app", "/ops"));
+    assert!(!under("ops", "/ops"), "write only");
+    assert!(!under("stranger", "/"));
+    // Where it says no, every decision below says deny.
+    for path in ["/apps/payments/prod", "/apps/payments/prod/db", "/apps/payments/prod/a/public"] {
+        for action in list {
+            assert!(!p.decide("app", &target(path), action).is_allow(), "{action} {path}");
+        }
+    }
+}
