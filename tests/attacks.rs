@@ -9,7 +9,11 @@ use secretgate::{
     config::Ranged,
     proto::v1::{GetRequest, KeyStatusRequest, KeyStatusResponse, ListRequest, PutRequest},
 };
-use secretgate_testkit::{TestGateway, audit::log_files, h2_settings};
+use secretgate_testkit::{
+    TestGateway,
+    audit::{Load, log_files},
+    h2_settings,
+};
 use tonic::{Code, codegen::http::uri::PathAndQuery};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_prost::ProstCodec;
@@ -218,4 +222,50 @@ async fn list_page_tokens_tell_nothing_about_hidden_names() {
     }
     assert!(refusals.iter().all(|r| r.0 == Code::InvalidArgument), "{refusals:?}");
     assert!(refusals.windows(2).all(|w| w[0] == w[1]), "{refusals:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_oldest_log_files_fails_verification_unless_accepted() {
+    let mut gw = TestGateway::start_with(|c| c.audit.max_file_bytes = Ranged::of::<65536>()).await;
+    let log = gw.config.audit.path.clone();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(gw.client(ADMIN).await);
+    }
+    let load = Load::start(clients);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while log_files(&log).len() < 4 {
+        assert!(std::time::Instant::now() < deadline, "the log did not rotate three times");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    load.stop().await;
+    gw.stop().await;
+    let pubkey = secretgate::audit::signing::pub_path(&gw.config.audit.signing_key);
+    let verify = |extra: &[&str]| {
+        let files = log_files(&log);
+        Command::new(BIN)
+            .args(["audit", "verify", "--pubkey"])
+            .arg(&pubkey)
+            .args(extra)
+            .args(&files)
+            .env_remove("SECRETGATE_OUTPUT")
+            .output()
+            .unwrap()
+    };
+    let whole = verify(&[]);
+    assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stdout));
+
+    // The two oldest files go: every record they held is gone with them.
+    for old in &log_files(&log)[..2] {
+        std::fs::remove_file(old).unwrap();
+    }
+    let cut = verify(&[]);
+    let report = String::from_utf8_lossy(&cut.stdout);
+    assert_eq!(cut.status.code(), Some(1), "{report}");
+    assert!(report.starts_with("INCOMPLETE: the chain starts at seq "), "{report}");
+    // An auditor who knows the files were removed on purpose (retention) says so.
+    let accepted = verify(&["--from-continue"]);
+    let report = String::from_utf8_lossy(&accepted.stdout);
+    assert!(accepted.status.success(), "{report}");
+    assert!(report.contains("a continue record"), "{report}");
 }

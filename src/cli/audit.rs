@@ -91,6 +91,10 @@ pub(super) enum AuditCommand {
         /// Output format.
         #[arg(long, short, env = "SECRETGATE_OUTPUT", value_enum, default_value_t = Output::Human)]
         output: Output,
+        /// Accept a chain that starts at a `continue` record: the oldest files were removed on
+        /// purpose (retention). Without it, a log whose start is missing fails verification.
+        #[arg(long)]
+        from_continue: bool,
         /// The log files, in any order (e.g. audit/audit.log*).
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -173,8 +177,8 @@ pub(super) fn exit_code(error: &anyhow::Error) -> ExitCode {
 pub(super) async fn run(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Keygen { out } => keygen(&out),
-        AuditCommand::Verify { pubkey, checkpoint, output, files } => {
-            verify(pubkey.as_deref(), checkpoint.as_deref(), output, &files)
+        AuditCommand::Verify { pubkey, checkpoint, output, from_continue, files } => {
+            verify(pubkey.as_deref(), checkpoint.as_deref(), output, from_continue, &files)
         }
         AuditCommand::Checkpoint { conn } => checkpoint(&conn).await,
         AuditCommand::Query { filter, output, files } => {
@@ -235,6 +239,7 @@ fn verify(
     pubkey: Option<&Path>,
     checkpoint: Option<&Path>,
     output: Output,
+    from_continue: bool,
     files: &[PathBuf],
 ) -> anyhow::Result<()> {
     let key = pubkey.map(VerifyingKey::load).transpose()?;
@@ -242,6 +247,23 @@ fn verify(
         .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
         .transpose()?;
     match verify::verify_files(files, key.as_ref(), stored.as_deref()) {
+        // The oldest files are missing: whoever removed them could have removed records with
+        // them, so this fails unless the auditor says the removal was on purpose.
+        Ok(v) if v.starts_after_genesis && !from_continue => {
+            let why = format!(
+                "the chain starts at seq {} (a continue record): the files before it are \
+                 missing, with every record before seq {}; pass --from-continue if they were \
+                 removed on purpose",
+                v.first_seq, v.first_seq
+            );
+            match output {
+                Output::Human => println!("INCOMPLETE: {why}"),
+                Output::Json => {
+                    println!("{}", json!({ "ok": false, "incomplete": why, "verified": v }));
+                }
+            }
+            Err(Tampered.into())
+        }
         Ok(v) => {
             match output {
                 Output::Human => {

@@ -84,6 +84,10 @@ pub struct Verified {
     pub last_seq: u64,
     /// The seq of the last checkpoint whose signature was checked.
     pub last_signed_seq: Option<u64>,
+    /// True when the chain starts at a `continue` record, not at the genesis record: the
+    /// files before it were not given (removed, or not passed), so the records before
+    /// `first_seq` are unchecked and may be gone.
+    pub starts_after_genesis: bool,
     /// What the result does not prove, and files that held nothing.
     pub notes: Vec<String>,
 }
@@ -230,6 +234,7 @@ impl Chain {
             Kind::Genesis if s == 0 && rec.prev == GENESIS_PREV => return Ok(()),
             Kind::Genesis => (Tamper::Edited, "a genesis record has seq 0 and a zero prev".into()),
             Kind::Continue => {
+                v.starts_after_genesis = true;
                 v.notes.push(format!(
                     "the chain starts at seq {s} (a continue record): earlier files not given, \
                      so the records before it are not checked"
