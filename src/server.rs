@@ -287,6 +287,11 @@ async fn open_audit(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
     let stored = store.audit_checkpoints().await?;
     let audit = AuditLog::open(&config.audit, key, tx, &stored)?;
+    // A checkpoint written while opening (a new log begun while the store keeps others') is
+    // stored before the gateway serves: the store then knows this log from its first line.
+    if let Ok((log_id, line)) = rx.try_recv() {
+        store.put_audit_checkpoint(&log_id, line.as_bytes()).await?;
+    }
     let log_id = audit.log_id().unwrap_or_default().to_owned();
     tracing::info!(log = %config.audit.path.display(), %log_id, "audit log open");
     let store = Arc::clone(store);

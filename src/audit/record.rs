@@ -31,17 +31,21 @@ pub enum Kind {
     Checkpoint,
     /// The log could not be written for a while; requests were refused meanwhile.
     Outage,
+    /// The gateway started after a crash: the records after the last checkpoint it stored
+    /// (`unattested_from`..=`unattested_to`) chain, but no stored checkpoint covered them.
+    Resume,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Genesis,
         Self::Continue,
         Self::Request,
         Self::Handshake,
         Self::Checkpoint,
         Self::Outage,
+        Self::Resume,
     ];
 
     /// The name of the kind as it appears in the log.
@@ -53,6 +57,7 @@ impl Kind {
             Self::Handshake => "handshake",
             Self::Checkpoint => "checkpoint",
             Self::Outage => "outage",
+            Self::Resume => "resume",
         }
     }
 }
@@ -149,6 +154,12 @@ pub struct Record {
     /// Outage: records that could not be written (their requests were refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<u64>,
+    /// Resume: the first record no stored checkpoint attested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unattested_from: Option<u64>,
+    /// Resume: the last record no stored checkpoint attested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unattested_to: Option<u64>,
     /// Genesis: the Ed25519 public key that signs checkpoints (base64).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pubkey: Option<String>,
@@ -209,6 +220,8 @@ impl Record {
             reason: None,
             since: None,
             refused: None,
+            unattested_from: None,
+            unattested_to: None,
             pubkey: None,
             sig: None,
             prev: String::new(),

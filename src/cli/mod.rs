@@ -32,6 +32,10 @@ enum Command {
         /// The configuration file (TOML).
         #[arg(long, short, env = "SECRETGATE_CONFIG", default_value = "secretgate.toml")]
         config: PathBuf,
+        /// For this start only: begin a new audit log although the store keeps checkpoints
+        /// of another (the old log was moved aside on purpose, or the signing key changes).
+        #[arg(long)]
+        new_audit_log: bool,
     },
     /// Run a development gateway: creates a dev PKI in certs-dev/ and a config and store in
     /// .secretgate-dev/ when missing, then serves on 127.0.0.1:7443.
@@ -195,7 +199,7 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { config } => serve::serve(&config).await,
+        Command::Serve { config, new_audit_log } => serve::serve(&config, new_audit_log).await,
         Command::Dev { listen, dir } => serve::dev(&dir, listen).await,
         Command::Put { path, value, file, expected_version, conn } => {
             client::put(&conn, path, value, file, expected_version).await

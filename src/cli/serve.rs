@@ -8,9 +8,10 @@ use super::dev::{ensure_dev_pki, write_file};
 use crate::{Config, Gateway, config::ValidConfig};
 
 /// Runs a gateway from a configuration file until SIGINT/SIGTERM.
-pub(super) async fn serve(config_path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
-    run(&config).await
+pub(super) async fn serve(config_path: &Path, new_audit_log: bool) -> anyhow::Result<()> {
+    let mut config = Config::load(config_path)?.into_inner();
+    config.audit.new_log = new_audit_log;
+    run(&config.check()?).await
 }
 
 /// Prepares the development PKI, config and store under `dir`, then serves.

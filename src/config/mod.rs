@@ -147,7 +147,10 @@ pub struct AuditConfig {
     /// Begin a new log although the store keeps checkpoints of others (the old log was
     /// moved aside on purpose, or the signing key changes). Without it the gateway refuses
     /// to start when it finds no log but the store remembers one. The new genesis record
-    /// names the logs left behind. Set it for one start, then remove it. Default `false`.
+    /// names the logs left behind. Only the one-shot flag `secretgate serve --new-audit-log`
+    /// sets it: it is not a file or environment setting, so a deployment cannot leave the
+    /// check off for good.
+    #[serde(skip)]
     pub new_log: bool,
 }
 

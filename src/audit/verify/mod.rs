@@ -287,6 +287,17 @@ impl Chain {
                     None => self.key = Some(named),
                 }
             }
+            Kind::Resume => {
+                if let (Some(from), Some(to)) = (rec.unattested_from, rec.unattested_to) {
+                    v.notes.push(format!(
+                        "records seq {from}..{to} were written after the last checkpoint the \
+                         gateway stored, before it stopped without a final one (a crash); the \
+                         resume record at seq {} says so: they chain, and later checkpoints \
+                         sign them, but no checkpoint attested them when they were written",
+                        rec.seq
+                    ));
+                }
+            }
             Kind::Checkpoint => {
                 v.checkpoints += 1;
                 match &self.key {

@@ -44,6 +44,8 @@ pub(super) struct State {
     pub(super) shared: Arc<Shared>,
     /// The runtime task that answers waiters (see `open`).
     pub(super) dispatch: Option<tokio::sync::mpsc::UnboundedSender<Done>>,
+    /// Set for the final checkpoint of a clean stop, which says so.
+    pub(super) stopping: bool,
 }
 
 impl State {
@@ -177,10 +179,11 @@ impl State {
 
     /// The final checkpoint at shutdown.
     fn finish(&mut self) -> Option<String> {
-        if self.since_checkpoint > 0 || self.last_checkpoint_line.is_none() {
-            if let Err(e) = self.check_file().and_then(|()| self.write(&[], true)) {
-                tracing::error!(error = %e, "cannot write the final audit checkpoint");
-            }
+        // Always a final checkpoint, marked as such: at the next start, a log whose stored
+        // checkpoint is a final one must end with it (nothing may be added while stopped).
+        self.stopping = true;
+        if let Err(e) = self.check_file().and_then(|()| self.write(&[], true)) {
+            tracing::error!(error = %e, "cannot write the final audit checkpoint");
         }
         self.last_checkpoint_line.clone()
     }

@@ -27,6 +27,9 @@ impl State {
         if checkpoint {
             let mut cp = Record::new(Kind::Checkpoint);
             cp.log_id = Some(self.log_id.clone());
+            if self.stopping {
+                cp.reason = Some(FINAL_CHECKPOINT.into());
+            }
             let msg = checkpoint_message(&self.log_id, head.next_seq, &ts, &head.prev);
             cp.sig = Some(self.key.sign(&msg));
             let line = chain(&cp.body(), &mut buf, &mut head);

@@ -71,6 +71,8 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 const GROUP_STEP: Duration = Duration::from_micros(100);
 /// Most records written in one batch.
 const MAX_BATCH: usize = 4096;
+/// The `reason` of the final checkpoint a clean stop writes.
+pub const FINAL_CHECKPOINT: &str = "final checkpoint: the gateway stopped cleanly";
 /// Bytes read from the end of a file to find its last line on start.
 const TAIL_BYTES: u64 = 256 * 1024;
 

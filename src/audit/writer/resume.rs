@@ -20,6 +20,11 @@ impl State {
         let found = find_tail(&path).map_err(|e| fail(e.to_string()))?;
         let genesis_note =
             check_start(found.as_ref(), stored, &key, config.new_log).map_err(fail)?;
+        let checkpoint_now = genesis_note.is_some();
+        let unattested = match found.as_ref() {
+            Some(tail) => after_stored_checkpoint(&path, tail, stored).map_err(fail)?,
+            None => None,
+        };
         let file = open_append(&path).map_err(|e| fail(e.to_string()))?;
         let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
         let mut state = Self {
@@ -44,6 +49,7 @@ impl State {
             sync_time: Duration::ZERO,
             shared,
             dispatch: None,
+            stopping: false,
         };
         // Answer waiters from a task of the runtime: one wakeup crosses threads per batch,
         // and the waiters are woken on a worker's own queue (promptly) rather than one by
@@ -78,9 +84,31 @@ impl State {
                 Some(r)
             }
         };
+        // A new log begun while the store keeps others' checkpoints gets its own at once (the
+        // gateway stores it before serving), so a crash now cannot leave a log the store has
+        // never seen.
         if let Some(mut r) = first {
             r.log_id = Some(state.log_id.clone());
             state.first_seq = state.head.next_seq;
+            state
+                .write(&[&r.body()], checkpoint_now)
+                .map_err(|e| fail(format!("cannot write: {e}")))?;
+        }
+        if let Some((from, to)) = unattested {
+            tracing::warn!(
+                from,
+                to,
+                "audit log resumed after a crash: records after the last stored checkpoint are marked unattested"
+            );
+            let mut r = Record::new(Kind::Resume);
+            r.log_id = Some(state.log_id.clone());
+            r.unattested_from = Some(from);
+            r.unattested_to = Some(to);
+            r.reason = Some(
+                "started after a crash: these records chain, but no checkpoint the store kept \
+                 covered them"
+                    .into(),
+            );
             state.write(&[&r.body()], false).map_err(|e| fail(format!("cannot write: {e}")))?;
         }
         Ok(state)
@@ -112,12 +140,7 @@ pub(super) fn check_start(
     let Some(tail) = found else {
         // No log here. Checkpoints that this key signed are of a log that was here (or of a
         // replica sharing the key); other replicas' logs are none of this gateway's business.
-        let mine: Vec<String> = stored
-            .iter()
-            .filter_map(|(id, line)| Record::parse(line).ok().map(|r| (id, r)))
-            .filter(|(_, r)| r.kind() == Kind::Checkpoint && signed(&public, r))
-            .map(|(id, r)| format!("{id} (seq {})", r.seq))
-            .collect();
+        let mine = signed_by(stored, &public);
         if mine.is_empty() {
             return Ok(None);
         }
@@ -127,14 +150,14 @@ pub(super) fn check_start(
                 "no audit log here, but the store keeps checkpoints that audit.signing_key \
                  signed, of audit log {logs}: the log was deleted or moved, or audit.path \
                  changed. Put the log files back; or, to begin a new log on purpose (or for a \
-                 new replica that shares this key), start once with audit.new_log = true \
-                 (SECRETGATE_AUDIT_NEW_LOG=true): its genesis record then names the logs left \
+                 new replica that shares this key), start once with \
+                 `secretgate serve --new-audit-log`: its genesis record then names the logs left \
                  behind"
             ));
         }
-        tracing::warn!(previous = %logs, "audit.new_log: beginning a new audit log; the store keeps checkpoints of others");
+        tracing::warn!(previous = %logs, "--new-audit-log: beginning a new audit log; the store keeps checkpoints of others");
         return Ok(Some(format!(
-            "begun with audit.new_log; the store keeps checkpoints of {logs}"
+            "begun with --new-audit-log; the store keeps checkpoints of {logs}"
         )));
     };
     if let Some(named) = &tail.genesis_pubkey {
@@ -143,11 +166,27 @@ pub(super) fn check_start(
                 "audit.signing_key is not this log's key: its genesis record names public key \
                  {named}, the configured key's is {public}. Configure the log's own key; to \
                  change keys, move the log aside (it stays verifiable with its key) and begin a \
-                 new one with audit.new_log = true"
+                 new one with `secretgate serve --new-audit-log`"
             ));
         }
     }
-    if let Some((_, line)) = stored.iter().find(|(id, _)| *id == tail.log_id) {
+    let Some((_, line)) = stored.iter().find(|(id, _)| *id == tail.log_id) else {
+        // A log the store has never seen, while it keeps checkpoints this key signed: a log
+        // put in place of the real one (a new genesis written with the public key).
+        let mine = signed_by(stored, &public);
+        if !mine.is_empty() {
+            return Err(format!(
+                "the audit log here (log id {}) is not one the store knows, but the store keeps \
+                 checkpoints that audit.signing_key signed, of audit log {}: the log was \
+                 replaced. Keep it as evidence, put the real log back; or move it aside and \
+                 begin a new log with `secretgate serve --new-audit-log`",
+                tail.log_id,
+                mine.join(", ")
+            ));
+        }
+        return Ok(None);
+    };
+    {
         let cp = Record::parse(line).map_err(|e| {
             format!(
                 "the checkpoint the store keeps for this log ({}) cannot be read ({e}); the \
@@ -160,7 +199,7 @@ pub(super) fn check_start(
             return Err(format!(
                 "the log ends at seq {last} but the store holds a checkpoint at seq {}: it was \
                  cut short or replaced. Keep it as evidence, move it aside (with its rotated \
-                 files) and begin a new log with audit.new_log = true",
+                 files) and begin a new log with `secretgate serve --new-audit-log`",
                 cp.seq
             ));
         }
@@ -176,12 +215,83 @@ pub(super) fn check_start(
     Ok(None)
 }
 
-/// Finds where the chain ends: the active file, else the newest rotated file. Cuts a torn
-/// last line off the active file.
-pub(super) fn find_tail(path: &Path) -> io::Result<Option<Tail>> {
-    if let Some(tail) = file_tail(path, true)? {
-        return Ok(Some(Tail { in_active: true, ..tail }));
+/// The stored checkpoints that `public` signed, as `log id (seq N)`.
+fn signed_by(stored: &[(String, Vec<u8>)], public: &crate::audit::VerifyingKey) -> Vec<String> {
+    stored
+        .iter()
+        .filter_map(|(id, line)| Record::parse(line).ok().map(|r| (id, r)))
+        .filter(|(_, r)| r.kind() == Kind::Checkpoint && signed(public, r))
+        .map(|(id, r)| format!("{id} (seq {})", r.seq))
+        .collect()
+}
+
+/// Checks what follows the checkpoint the store keeps for this log, before anything is
+/// written: the stored line must be in the log (in the active file, or ending the newest
+/// rotated one), and every line after it must chain to it. After the final checkpoint of a
+/// clean stop nothing may follow; after another (a crash), the records that follow are
+/// returned as the range no stored checkpoint attested.
+pub(super) fn after_stored_checkpoint(
+    path: &Path,
+    tail: &Tail,
+    stored: &[(String, Vec<u8>)],
+) -> Result<Option<(u64, u64)>, String> {
+    let Some((_, cp_line)) = stored.iter().find(|(id, _)| *id == tail.log_id) else {
+        return Ok(None);
+    };
+    let cp_line = cp_line.strip_suffix(b"\n").unwrap_or(cp_line);
+    let cp = Record::parse(cp_line).map_err(|e| format!("the stored checkpoint: {e}"))?;
+    let read = |p: &Path| match std::fs::read(p) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(format!("{}: {e}", p.display())),
+    };
+    let rotated = match newest_rotated(path).map_err(|e| e.to_string())? {
+        Some(p) => read(&p)?,
+        None => Vec::new(),
+    };
+    let active = read(path)?;
+    let lines: Vec<&[u8]> = [&rotated, &active]
+        .into_iter()
+        .flat_map(|bytes| bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()))
+        .collect();
+    let Some(at) = lines.iter().rposition(|l| *l == cp_line) else {
+        return Err(format!(
+            "the checkpoint the store keeps for this log (seq {}) is not in the log: records \
+             were cut off (or the log replaced) while the gateway was stopped. Keep it as \
+             evidence, move it aside (with its rotated files) and begin a new log with \
+             `secretgate serve --new-audit-log`",
+            cp.seq
+        ));
+    };
+    let after = &lines[at + 1..];
+    let mut prev = (cp.seq, cp_line);
+    for line in after {
+        let r = Record::parse(line).map_err(|e| format!("a line after seq {}: {e}", prev.0))?;
+        if r.seq != prev.0 + 1 || r.prev != line_hash(prev.1) {
+            return Err(format!(
+                "the record after seq {} (seq {}) does not chain to it: the log was altered \
+                 after the checkpoint the store keeps (seq {}). Keep it as evidence; `secretgate \
+                 audit verify` names the break",
+                prev.0, r.seq, cp.seq
+            ));
+        }
+        prev = (r.seq, line);
     }
+    match after {
+        [] => Ok(None),
+        [..] if cp.reason.as_deref() == Some(FINAL_CHECKPOINT) => Err(format!(
+            "{} records follow the final checkpoint of the last clean stop (seq {}): they were \
+             added while the gateway was stopped. Keep the log as evidence, remove them (or \
+             move the log aside and begin a new one with `secretgate serve --new-audit-log`)",
+            after.len(),
+            cp.seq
+        )),
+        [..] => Ok(Some((cp.seq + 1, prev.0))),
+    }
+}
+
+/// The newest rotated file of the log whose active file is `path`.
+fn newest_rotated(path: &Path) -> io::Result<Option<PathBuf>> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return Ok(None) };
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     let prefix = format!("{}.", name.to_string_lossy());
@@ -200,8 +310,17 @@ pub(super) fn find_tail(path: &Path) -> io::Result<Option<Tail>> {
         Err(e) => return Err(e),
     };
     rotated.sort();
-    match rotated.last() {
-        Some(newest) => file_tail(newest, false),
+    Ok(rotated.pop())
+}
+
+/// Finds where the chain ends: the active file, else the newest rotated file. Cuts a torn
+/// last line off the active file.
+pub(super) fn find_tail(path: &Path) -> io::Result<Option<Tail>> {
+    if let Some(tail) = file_tail(path, true)? {
+        return Ok(Some(Tail { in_active: true, ..tail }));
+    }
+    match newest_rotated(path)? {
+        Some(newest) => file_tail(&newest, false),
         None => Ok(None),
     }
 }

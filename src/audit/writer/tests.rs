@@ -248,9 +248,14 @@ fn a_log_is_checked_against_the_stored_checkpoints_before_it_is_continued() {
     // Its own key, a checkpoint behind the end: continues.
     assert_eq!(check_start(Some(&tail("log-1", 50, Some(&key))), &stored, &key, false), Ok(None));
     assert_eq!(check_start(Some(&tail("log-1", 41, None)), &stored, &key, false), Ok(None));
-    // No checkpoint stored for it, or none at all: continues.
-    assert_eq!(check_start(Some(&tail("log-2", 3, None)), &stored, &key, false), Ok(None));
+    // None stored at all, or only other keys' (another replica's log): continues.
     assert_eq!(check_start(Some(&tail("log-1", 3, None)), &[], &key, false), Ok(None));
+    let replica = vec![("log-9".to_owned(), checkpoint_line(&other, "log-9", 7))];
+    assert_eq!(check_start(Some(&tail("log-2", 3, None)), &replica, &key, false), Ok(None));
+    // A log the store has never seen while it keeps this key's checkpoints: replaced (issue
+    // 16; this used to continue).
+    let e = check_start(Some(&tail("log-2", 3, None)), &stored, &key, false).unwrap_err();
+    assert!(e.contains("(log id log-2) is not one the store knows") && e.contains("log-1"), "{e}");
     assert_eq!(check_start(None, &[], &key, false), Ok(None));
 
     let refused = |found: Option<&Tail>, stored: &[(String, Vec<u8>)], key, new_log| {
