@@ -22,7 +22,7 @@ use crate::{
     },
     reload::Reloadable,
     store::{EmbeddedStore, EtcdStore, Store, StoreError},
-    tls::{self, ClientTrust, ServerCert, TlsError, TlsIncoming},
+    tls::{self, ClientTrust, HandshakeLimits, ServerCert, TlsError, TlsIncoming},
 };
 
 /// Bytes a request may carry beyond the value itself (path, framing).
@@ -118,10 +118,20 @@ impl Gateway {
         let addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let handshakes = HandshakeLimits {
+            timeout: config.tls.handshake_timeout(),
+            first_byte: config
+                .tls
+                .client_hello_timeout_secs
+                .secs()
+                .min(config.tls.handshake_timeout()),
+            budget: config.limits.max_handshakes.get() as usize,
+            per_source: config.limits.max_handshakes_per_source.get() as usize,
+        };
         let incoming = TlsIncoming::new(
             listener,
             Arc::clone(&trust),
-            config.tls.handshake_timeout(),
+            handshakes,
             config.limits.max_connections.get() as usize,
             audit.clone(),
         );

@@ -269,3 +269,61 @@ async fn deleting_the_oldest_log_files_fails_verification_unless_accepted() {
     assert!(accepted.status.success(), "{report}");
     assert!(report.contains("a continue record"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_dripping_connections_do_not_lock_out_a_real_client() {
+    use std::time::{Duration, Instant};
+    use tokio::{io::AsyncWriteExt, net::TcpSocket};
+    let gw = TestGateway::start_with(|c| {
+        c.limits.max_connections = Ranged::of::<8>();
+        c.limits.max_handshakes = Ranged::of::<16>();
+        c.limits.max_handshakes_per_source = Ranged::of::<8>();
+    })
+    .await;
+    let addr = gw.addr();
+    let from = move |ip: &str| {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        socket.connect(addr)
+    };
+    // More than the budget plus the cap: silent connections from the client's own address
+    // and from many others, and a few that drip a ClientHello a byte at a time.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(from("127.0.0.1").await.unwrap());
+    }
+    for n in 2..22 {
+        held.push(from(&format!("127.0.0.{n}")).await.unwrap());
+    }
+    let drip_until = Instant::now() + Duration::from_secs(8);
+    let drips: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let Ok(mut tcp) = from("127.0.0.1").await else { return };
+                // A TLS record header, then one byte a second (bounded: stops by itself).
+                for byte in [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc] {
+                    if Instant::now() > drip_until || tcp.write_all(&[byte]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        })
+        .collect();
+
+    // A real client from the same address as most of the flood gets answers at once.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut c = secretgate::proto::v1::secrets_client::SecretsClient::new(
+            gw.channel(&gw.ca.client(ADMIN)).await.expect("connected despite the flood"),
+        );
+        let me = c.who_am_i(secretgate::proto::v1::WhoAmIRequest {}).await.unwrap();
+        assert_eq!(me.into_inner().principal, ADMIN);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    }
+    drop(held);
+    for d in drips {
+        d.abort();
+    }
+}

@@ -76,6 +76,9 @@ pub struct TlsConfig {
     pub min_version: TlsVersion,
     /// Seconds a client has to complete the TLS handshake. Default 10; 1 to 300.
     pub handshake_timeout_secs: Ranged<1, 300>,
+    /// Seconds a new connection has to send its first byte (the ClientHello). Default 3; 1
+    /// to 60; a longer value than `handshake_timeout_secs` is that.
+    pub client_hello_timeout_secs: Ranged<1, 60>,
     /// PEM file of certificate revocation lists (`X509 CRL` blocks), one from each client
     /// CA. Empty (default): no revocation checking. Reloaded when it changes.
     pub client_crl: PathBuf,
@@ -162,8 +165,15 @@ pub struct Limits {
     pub max_value_bytes: Ranged<1, MAX_VALUE_LIMIT>,
     /// Versions kept per secret. Default 10; 1 to 1000.
     pub max_versions: Ranged<1, 1000>,
-    /// Simultaneous client connections (including handshakes in progress). Default 1024.
+    /// Simultaneous client connections whose handshake completed. Default 1024.
     pub max_connections: Ranged<1, { u32::MAX as u64 }>,
+    /// TLS handshakes in progress at most; past it the oldest pending one is dropped to make
+    /// room for a new connection. Default 256; 1 to 100000.
+    pub max_handshakes: Ranged<1, 100_000>,
+    /// TLS handshakes in progress from one source address at most; past it that source's
+    /// oldest pending one is dropped. 0 turns the cap off (every client behind one load
+    /// balancer address). Default 32.
+    pub max_handshakes_per_source: Ranged<0, 100_000>,
     /// HTTP/2 streams (requests) one connection may have open at once; the gateway
     /// advertises it in its SETTINGS, and refuses streams past it. Default 100; 1 to 10000.
     pub max_streams_per_connection: Ranged<1, 10_000>,
@@ -259,6 +269,7 @@ impl Default for TlsConfig {
             client_ca: PathBuf::new(),
             min_version: TlsVersion::Tls13,
             handshake_timeout_secs: Ranged::of::<10>(),
+            client_hello_timeout_secs: Ranged::of::<3>(),
             client_crl: PathBuf::new(),
             reload_interval_secs: Ranged::of::<10>(),
         }
@@ -271,6 +282,8 @@ impl Default for Limits {
             max_value_bytes: Ranged::of::<{ 64 * 1024 }>(),
             max_versions: Ranged::of::<{ crate::store::DEFAULT_MAX_VERSIONS as u64 }>(),
             max_connections: Ranged::of::<1024>(),
+            max_handshakes: Ranged::of::<256>(),
+            max_handshakes_per_source: Ranged::of::<32>(),
             max_streams_per_connection: Ranged::of::<100>(),
             request_timeout_secs: Ranged::of::<30>(),
         }

@@ -1,9 +1,10 @@
 //! The accept loop: TCP accept → bounded TLS handshake → identity → hand to tonic.
 //!
-//! Each handshake runs in its own task with a deadline, so a slow or silent client holds
-//! one connection slot for at most the handshake timeout and never delays other clients.
-//! `limits.max_connections` slots bound open connections including handshakes in progress;
-//! when all are taken the loop stops accepting and the kernel backlog queues new clients.
+//! Each handshake runs in its own task with a deadline (and a shorter one for its first
+//! byte). Handshakes in progress have their own budget and a per-source cap
+//! ([`super::pending`]): the oldest pending one makes room for a new connection, never the
+//! other way round, so silent or dripping connections cannot lock real clients out.
+//! `limits.max_connections` bounds the connections whose handshake completed.
 //!
 //! Refused handshakes are recorded in the audit log one by one up to a rate
 //! ([`REFUSALS_PER_SEC`], bursts of [`REFUSAL_BURST`]); beyond it they are counted, and one
@@ -30,7 +31,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tonic::transport::server::Connected;
 
-use super::{ConnTrust, TrustHandle, Untrusted};
+use super::{ConnTrust, TrustHandle, Untrusted, pending::Pending};
 use crate::{
     audit::{AuditLog, Kind, Record},
     identity::PeerIdentity,
@@ -83,20 +84,19 @@ impl TlsIncoming {
     pub fn new(
         listener: TcpListener,
         trust: TrustHandle,
-        handshake_timeout: Duration,
+        limits: HandshakeLimits,
         max_connections: usize,
         audit: AuditLog,
     ) -> Self {
         let (tx, rx) = mpsc::channel(64);
         let slots = Arc::new(Semaphore::new(max_connections));
         let refusals = Arc::new(Refusals::new(audit));
+        let pending = Arc::new(Pending::new(limits.budget, limits.per_source));
         let task = tokio::spawn(accept_loop(
             listener,
             trust,
-            handshake_timeout,
-            slots,
-            tx,
-            Arc::clone(&refusals),
+            limits,
+            Accepted { slots, tx, refusals: Arc::clone(&refusals), pending },
         ));
         let summaries = {
             let refusals = Arc::clone(&refusals);
@@ -110,6 +110,27 @@ impl TlsIncoming {
         };
         Self { rx, task, summaries, refusals }
     }
+}
+
+/// How handshakes are bounded (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeLimits {
+    /// The whole handshake's deadline.
+    pub timeout: Duration,
+    /// The deadline for the client's first byte.
+    pub first_byte: Duration,
+    /// Handshakes in progress at most.
+    pub budget: usize,
+    /// Handshakes in progress per source address at most; 0 for no cap.
+    pub per_source: usize,
+}
+
+/// Where the accept loop's connections go.
+struct Accepted {
+    slots: Arc<Semaphore>,
+    tx: mpsc::Sender<TlsConnection>,
+    refusals: Arc<Refusals>,
+    pending: Arc<Pending>,
 }
 
 /// Records refused handshakes, one by one up to the rate (a token bucket), then as counts.
@@ -204,13 +225,11 @@ fn refusal_record(peer: SocketAddr, reason: String) -> Record {
 async fn accept_loop(
     listener: TcpListener,
     trust: TrustHandle,
-    handshake_timeout: Duration,
-    slots: Arc<Semaphore>,
-    tx: mpsc::Sender<TlsConnection>,
-    refusals: Arc<Refusals>,
+    limits: HandshakeLimits,
+    to: Accepted,
 ) {
+    let to = Arc::new(to);
     loop {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
         let (tcp, peer_addr) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
@@ -221,21 +240,39 @@ async fn accept_loop(
             }
         };
         let (handle, current) = (Arc::clone(&trust), trust.current());
-        let tx = tx.clone();
-        let refusals = Arc::clone(&refusals);
-        tokio::spawn(async move {
-            let acceptor = TlsAcceptor::from(current.config());
-            match handshake(acceptor, tcp, peer_addr, handshake_timeout).await {
-                Ok((stream, identity, chain)) => {
-                    tracing::debug!(peer = %peer_addr, principal = %identity.principal, "client connected");
-                    let trust = Arc::new(ConnTrust::new(handle, current, chain, identity.expires));
-                    let info = ConnInfo { peer_addr, identity: Arc::new(identity), trust };
-                    // A closed channel means the server is shutting down: drop the connection.
-                    let _ = tx.send(TlsConnection { stream, info, _slot: slot }).await;
+        let task_to = Arc::clone(&to);
+        let dropped = to.pending.admit(peer_addr, |id| {
+            tokio::spawn(async move {
+                let to = task_to;
+                let acceptor = TlsAcceptor::from(current.config());
+                let result = handshake(acceptor, tcp, peer_addr, limits).await;
+                to.pending.done(id);
+                match result {
+                    Ok((stream, identity, chain)) => {
+                        let Ok(slot) = Arc::clone(&to.slots).try_acquire_owned() else {
+                            let why = "too many open connections (limits.max_connections)";
+                            to.refusals.refused(peer_addr, why);
+                            return;
+                        };
+                        tracing::debug!(peer = %peer_addr, principal = %identity.principal, "client connected");
+                        let trust =
+                            Arc::new(ConnTrust::new(handle, current, chain, identity.expires));
+                        let info = ConnInfo { peer_addr, identity: Arc::new(identity), trust };
+                        // A closed channel means the server is shutting down: drop it.
+                        let _ = to.tx.send(TlsConnection { stream, info, _slot: slot }).await;
+                    }
+                    Err(reason) => to.refusals.refused(peer_addr, &reason),
                 }
-                Err(reason) => refusals.refused(peer_addr, &reason),
-            }
+            })
+            .abort_handle()
         });
+        for peer in dropped {
+            to.refusals.refused(
+                peer,
+                "handshake dropped unfinished to make room for a newer connection \
+                 (limits.max_handshakes, limits.max_handshakes_per_source)",
+            );
+        }
     }
 }
 
@@ -243,12 +280,22 @@ async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    timeout: Duration,
+    limits: HandshakeLimits,
 ) -> Result<(TlsStream<TcpStream>, PeerIdentity, Vec<CertificateDer<'static>>), String> {
     let _ = tcp.set_nodelay(true);
-    let stream = tokio::time::timeout(timeout, acceptor.accept(tcp))
+    let started = Instant::now();
+    // A client that says nothing is dropped early: its ClientHello is its first packet.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.first_byte, tcp.peek(&mut first)).await {
+        Err(_) => return Err(format!("no ClientHello within {:?}", limits.first_byte)),
+        Ok(Ok(0)) => return Err("closed before its ClientHello".into()),
+        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Ok(_)) => {}
+    }
+    let left = limits.timeout.saturating_sub(started.elapsed());
+    let stream = tokio::time::timeout(left, acceptor.accept(tcp))
         .await
-        .map_err(|_| format!("handshake not completed within {timeout:?}"))?
+        .map_err(|_| format!("handshake not completed within {:?}", limits.timeout))?
         .map_err(|e| e.to_string())?;
     let chain = stream.get_ref().1.peer_certificates().unwrap_or_default().to_vec();
     let leaf = chain.first().ok_or_else(|| format!("{peer}: no client certificate"))?;

@@ -12,6 +12,7 @@
 
 mod acceptor;
 pub mod crl;
+mod pending;
 pub mod trust;
 mod verifier;
 
@@ -25,7 +26,9 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-pub use acceptor::{ConnInfo, REFUSAL_BURST, REFUSALS_PER_SEC, TlsConnection, TlsIncoming};
+pub use acceptor::{
+    ConnInfo, HandshakeLimits, REFUSAL_BURST, REFUSALS_PER_SEC, TlsConnection, TlsIncoming,
+};
 pub use crl::ClientCrl;
 pub use trust::{
     ClientTrust, ConnTrust, TrustHandle, Untrusted, client_trust, warn_when_crls_are_due,
