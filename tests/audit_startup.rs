@@ -158,11 +158,27 @@ fn append(log: &std::path::Path, line: &str) {
     std::fs::write(log, text).unwrap();
 }
 
+/// A gateway started with `f`, given `puts` writes, then stopped cleanly.
+async fn stopped_after(puts: usize, f: impl FnOnce(&mut secretgate::Config)) -> TestGateway {
+    let mut gw = TestGateway::start_with(f).await;
+    let mut c = gw.client(ADMIN).await;
+    for i in 0..puts {
+        c.put(put(&format!("/start/k{i}"), b"v")).await.unwrap();
+    }
+    drop(c);
+    gw.stop().await;
+    gw
+}
+
+/// Replaces the log file with `lines`.
+fn write_lines(log: &std::path::Path, lines: &[(String, secretgate::audit::Record)]) {
+    let text: String = lines.iter().map(|(l, _)| format!("{l}\n")).collect();
+    std::fs::write(log, text).unwrap();
+}
+
 #[tokio::test]
 async fn a_forged_record_after_a_clean_stop_is_refused_at_start() {
-    let mut gw = TestGateway::start().await;
-    gw.client(ADMIN).await.put(put("/f/k", b"v")).await.unwrap();
-    gw.stop().await;
+    let gw = stopped_after(1, |_| {}).await;
     let log = gw.config.audit.path.clone();
     let lines = read_log(&log);
     let last = lines.last().unwrap();
@@ -176,9 +192,7 @@ async fn a_forged_record_after_a_clean_stop_is_refused_at_start() {
 
 #[tokio::test]
 async fn a_forged_log_with_a_new_id_is_refused_at_start() {
-    let mut gw = TestGateway::start().await;
-    gw.client(ADMIN).await.put(put("/f/k", b"v")).await.unwrap();
-    gw.stop().await;
+    let gw = stopped_after(1, |_| {}).await;
     let log = gw.config.audit.path.clone();
     let real_id = read_log(&log)[0].1.log_id.clone().unwrap();
     delete_log(&log);
@@ -197,23 +211,16 @@ async fn a_forged_log_with_a_new_id_is_refused_at_start() {
 
 #[tokio::test]
 async fn a_log_cut_before_the_stored_checkpoint_and_padded_is_refused_at_start() {
-    let mut gw = TestGateway::start().await;
-    let mut c = gw.client(ADMIN).await;
-    for i in 0..5 {
-        c.put(put(&format!("/cut/k{i}"), b"v")).await.unwrap();
-    }
-    drop(c);
-    gw.stop().await;
+    let gw = stopped_after(5, |_| {}).await;
     let log = gw.config.audit.path.clone();
     let lines = read_log(&log);
     let stored_seq = lines.last().unwrap().1.seq;
     // Cut the last records with the stored checkpoint, then pad past it with a high seq.
     let kept = &lines[..lines.len() - 3];
-    let mut text: String = kept.iter().map(|(l, _)| format!("{l}\n")).collect();
-    let mut pad = (kept.last().unwrap().0.clone(), kept.last().unwrap().1.clone());
+    write_lines(&log, kept);
+    let mut pad = kept.last().unwrap().clone();
     pad.1.seq = stored_seq + 1000;
-    text.push_str(&format!("{}\n", forged_after(&pad)));
-    std::fs::write(&log, text).unwrap();
+    append(&log, &forged_after(&pad));
 
     let err = refused_at_start(&gw.config, "a gateway started on a cut and padded log").await;
     assert!(err.contains(&format!("(seq {stored_seq}) is not in the log")), "{err}");
@@ -221,16 +228,10 @@ async fn a_log_cut_before_the_stored_checkpoint_and_padded_is_refused_at_start()
 
 #[tokio::test]
 async fn records_after_a_crash_are_marked_unattested() {
-    let mut gw = TestGateway::start_with(|c| {
+    let mut gw = stopped_after(7, |c| {
         c.audit.checkpoint_every = secretgate::config::Ranged::of::<4>();
     })
     .await;
-    let mut c = gw.client(ADMIN).await;
-    for i in 0..7 {
-        c.put(put(&format!("/crash/k{i}"), b"v")).await.unwrap();
-    }
-    drop(c);
-    gw.stop().await;
     // What a crash leaves: no final checkpoint in the log, and in the store an earlier one.
     let log = gw.config.audit.path.clone();
     let mut lines = read_log(&log);
@@ -238,8 +239,7 @@ async fn records_after_a_crash_are_marked_unattested() {
     let last_cp = lines.iter().rposition(|(_, r)| r.kind() == Kind::Checkpoint).unwrap();
     let (cp_line, cp) = lines[last_cp].clone();
     assert!(last_cp + 2 < lines.len(), "records follow the last periodic checkpoint");
-    let text: String = lines.iter().map(|(l, _)| format!("{l}\n")).collect();
-    std::fs::write(&log, text).unwrap();
+    write_lines(&log, &lines);
     {
         let store = EmbeddedStore::open(gw.store_path(), 10).unwrap();
         let log_id = cp.log_id.clone().unwrap();

@@ -498,7 +498,7 @@ mod tests;
 fn parse_error(text: &str, origin: &Path, e: &toml::de::Error) -> ConfigError {
     let field = e.span().and_then(|span| ranged::field_at(text, span.start));
     match field {
-        Some(field) if e.message().starts_with("must be ") => {
+        Some(field) if ranged::is_refusal(e.message()) => {
             ConfigError::Invalid { field, reason: e.message().to_owned() }
         }
         _ => ConfigError::Parse { path: origin.to_owned(), message: e.to_string() },

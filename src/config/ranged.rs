@@ -11,8 +11,13 @@ use serde::{Deserialize, Deserializer, Serialize, de::Error as _};
 #[serde(transparent)]
 pub struct Ranged<const MIN: u64, const MAX: u64>(u64);
 
-/// Why a [`Ranged`] refused a number: what the configuration error says.
-pub(super) const RANGE_REASON: &str = "must be between";
+/// How every refusal of a [`Ranged`] begins (see [`is_refusal`]).
+const REFUSAL: &str = "must be ";
+
+/// Whether a deserializer's message is a [`Ranged`] refusal.
+pub(super) fn is_refusal(message: &str) -> bool {
+    message.starts_with(REFUSAL)
+}
 
 impl<const MIN: u64, const MAX: u64> Ranged<MIN, MAX> {
     /// `value`, if it is in range.
@@ -55,9 +60,9 @@ impl<const MIN: u64, const MAX: u64> Ranged<MIN, MAX> {
 
     fn out_of_range(value: u64) -> String {
         if MAX == u64::MAX {
-            format!("must be at least {MIN} (got {value})")
+            format!("{REFUSAL}at least {MIN} (got {value})")
         } else {
-            format!("{RANGE_REASON} {MIN} and {MAX} (got {value})")
+            format!("{REFUSAL}between {MIN} and {MAX} (got {value})")
         }
     }
 }

@@ -58,7 +58,7 @@ pub struct StorePassword(Option<zeroize::Zeroizing<String>>);
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self::Embedded { path: PathBuf::from("data/secretgate.redb") }
+        Self::Embedded { path: PathBuf::from(DEFAULT_EMBEDDED_PATH) }
     }
 }
 
@@ -176,6 +176,9 @@ impl std::fmt::Debug for StorePassword {
     }
 }
 
+/// The embedded store's file when `store.path` is not given.
+const DEFAULT_EMBEDDED_PATH: &str = "data/secretgate.redb";
+
 /// `[store]` as written in the file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -194,10 +197,7 @@ pub(super) struct StoreFile {
 
 impl Default for StoreFile {
     fn default() -> Self {
-        let StoreConfig::Embedded { path } = StoreConfig::default() else {
-            unreachable!("the default store is embedded")
-        };
-        Self { backend: "embedded".into(), path, ..Self::from_etcd(EtcdConfig::default()) }
+        Self { backend: "embedded".into(), ..Self::from_etcd(EtcdConfig::default()) }
     }
 }
 
@@ -205,7 +205,7 @@ impl StoreFile {
     fn from_etcd(e: EtcdConfig) -> Self {
         Self {
             backend: "etcd".into(),
-            path: PathBuf::from("data/secretgate.redb"),
+            path: PathBuf::from(DEFAULT_EMBEDDED_PATH),
             endpoints: e.endpoints,
             ca: e.ca,
             cert: e.cert,

@@ -245,16 +245,24 @@ pub(super) fn after_stored_checkpoint(
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(format!("{}: {e}", p.display())),
     };
-    let rotated = match newest_rotated(path).map_err(|e| e.to_string())? {
-        Some(p) => read(&p)?,
-        None => Vec::new(),
-    };
+    fn split(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+        bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty())
+    }
+    // Usually in the active file; only when it is not there is the newest rotated file read
+    // too (a checkpoint ends a file before rotation, and the stored copy may lag by one).
     let active = read(path)?;
-    let lines: Vec<&[u8]> = [&rotated, &active]
-        .into_iter()
-        .flat_map(|bytes| bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()))
-        .collect();
-    let Some(at) = lines.iter().rposition(|l| *l == cp_line) else {
+    let mut lines: Vec<&[u8]> = split(&active).collect();
+    let mut at = lines.iter().rposition(|l| *l == cp_line);
+    let rotated;
+    if at.is_none() {
+        if let Some(newest) = newest_rotated(path).map_err(|e| e.to_string())? {
+            rotated = read(&newest)?;
+            let older: Vec<&[u8]> = split(&rotated).collect();
+            at = older.iter().rposition(|l| *l == cp_line);
+            lines = older.into_iter().chain(lines).collect();
+        }
+    }
+    let Some(at) = at else {
         return Err(format!(
             "the checkpoint the store keeps for this log (seq {}) is not in the log: records \
              were cut off (or the log replaced) while the gateway was stopped. Keep it as \
