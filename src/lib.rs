@@ -26,6 +26,7 @@ mod clock;
 mod crypto;
 mod fs;
 mod identity;
+mod limits;
 mod path;
 mod reload;
 mod server;

@@ -16,6 +16,7 @@ use crate::{
     authz::{Authorizer, Policy, PolicyError},
     config::{StoreConfig, ValidConfig},
     crypto::{Keyring, KeyringError, KeyringHandle},
+    limits::{MemoryBudget, RateLimiter, RequestLayer},
     proto::{
         FILE_DESCRIPTOR_SET,
         v1::{admin_server::AdminServer, secrets_server::SecretsServer},
@@ -25,8 +26,6 @@ use crate::{
     tls::{self, ClientTrust, HandshakeLimits, ServerCert, TlsError, TlsIncoming},
 };
 
-/// Bytes a request may carry beyond the value itself (path, framing).
-const REQUEST_OVERHEAD_BYTES: usize = 16 * 1024;
 /// Largest request of the services that carry no value (Admin, health, reflection).
 const SMALL_REQUEST_BYTES: usize = 16 * 1024;
 /// How long a graceful shutdown waits for open requests before closing connections.
@@ -93,6 +92,7 @@ pub struct Gateway {
     audit: AuditLog,
     checkpoint_task: Option<JoinHandle<()>>,
     reloads: Reloads,
+    limiter: RateLimiter,
 }
 
 impl Gateway {
@@ -127,29 +127,38 @@ impl Gateway {
                 .min(config.tls.handshake_timeout()),
             budget: config.limits.max_handshakes.get() as usize,
             per_source: config.limits.max_handshakes_per_source.get() as usize,
+            proxy_from: config.proxy_protocol_from.clone().into(),
         };
         let incoming = TlsIncoming::new(
             listener,
             Arc::clone(&trust),
             handshakes,
             config.limits.max_connections.get() as usize,
+            config.limits.idle_connection_timeout(),
             audit.clone(),
         );
 
-        let max_message = config.limits.max_value_bytes.get() as usize + REQUEST_OVERHEAD_BYTES;
+        let max_message = config.limits.max_request_bytes() as usize;
         let vault = Vault::new(store, keys.clone());
+        let limiter = RateLimiter::new(authz.clone(), audit.clone());
         let secrets = SecretsServer::new(SecretsService::new(
             vault.clone(),
             authz.clone(),
             audit.clone(),
+            limiter.clone(),
             config.limits.max_value_bytes.get(),
         ))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
         // The other services take only small requests: a large one is refused before it is
         // decoded (and, for Admin, before its caller is authorized).
-        let admin = AdminServer::new(AdminService::new(vault, authz.clone(), audit.clone()))
-            .max_decoding_message_size(SMALL_REQUEST_BYTES);
+        let admin = AdminServer::new(AdminService::new(
+            vault,
+            authz.clone(),
+            audit.clone(),
+            limiter.clone(),
+        ))
+        .max_decoding_message_size(SMALL_REQUEST_BYTES);
         let (health_reporter, health) = tonic_health::server::health_reporter();
         let health = health.max_decoding_message_size(SMALL_REQUEST_BYTES);
         health_reporter.set_serving::<SecretsServer<SecretsService>>().await;
@@ -174,6 +183,7 @@ impl Gateway {
                 format!("{} ({} rules)", p.version(), p.rule_count())
             });
         let (tx, rx) = oneshot::channel::<()>();
+        let request_memory = MemoryBudget::new(config.limits.max_request_memory() as usize);
         let router = Server::builder()
             .timeout(config.limits.request_timeout())
             .max_concurrent_streams(
@@ -181,6 +191,7 @@ impl Gateway {
             )
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(RequestLayer::new(request_memory))
             .add_service(secrets)
             .add_service(admin)
             .add_service(health)
@@ -193,7 +204,7 @@ impl Gateway {
                 .await
         });
         tracing::info!(%addr, store = %config.store.describe(), "secretgate serving");
-        watchers.extend([keyring_watcher, policy_watcher]);
+        watchers.extend([keyring_watcher, policy_watcher, limiter.spawn_summaries()]);
         watchers.push(server_cert.watch(
             config.tls.reload_interval(),
             load_server_cert,
@@ -202,7 +213,16 @@ impl Gateway {
         watchers.push(trust.watch(config.tls.reload_interval(), load_trust, ClientTrust::describe));
         watchers.push(tls::warn_when_crls_are_due(Arc::clone(&trust)));
         let reloads = Reloads { keys, policy: Arc::clone(authz.handle()), server_cert, trust };
-        Ok(Self { addr, shutdown: Some(tx), task, watchers, audit, checkpoint_task, reloads })
+        Ok(Self {
+            addr,
+            shutdown: Some(tx),
+            task,
+            watchers,
+            audit,
+            checkpoint_task,
+            reloads,
+            limiter,
+        })
     }
 
     /// Why the newest files of `what` were refused (the last good version stays in force),
@@ -241,6 +261,8 @@ impl Gateway {
                 let _ = (&mut self.task).await;
             }
         }
+        // Requests refused since the last summary are counted in the log before it closes.
+        self.limiter.summarize();
         if self.audit.close().await.is_none() && self.audit.log_id().is_some() {
             tracing::error!("the audit log could not be closed with a final checkpoint");
         }

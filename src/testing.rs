@@ -5,5 +5,7 @@
 
 pub use crate::{
     crypto::{Keyring, KeyringHandle, open, parse_header, seal},
+    limits::bypass as bypass_request_limits,
     store::{EmbeddedStore, EtcdStore, Store, StoredVersion},
+    tls::proxy_header,
 };

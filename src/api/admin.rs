@@ -10,6 +10,7 @@ use super::{ApiError, Call, RewrapCounts, Vault};
 use crate::{
     audit::AuditLog,
     authz::{Authorizer, Permit, WholeStore, act},
+    limits::{Class, RateLimiter},
     proto::v1::{self, admin_server::Admin},
 };
 
@@ -22,13 +23,15 @@ pub struct AdminService {
     vault: Vault,
     authz: Authorizer,
     audit: AuditLog,
+    limiter: RateLimiter,
     rewrap: Arc<Mutex<()>>,
 }
 
 impl AdminService {
-    /// An admin service over `vault`, deciding with `authz`, recording to `audit`.
-    pub fn new(vault: Vault, authz: Authorizer, audit: AuditLog) -> Self {
-        Self { vault, authz, audit, rewrap: Arc::new(Mutex::new(())) }
+    /// An admin service over `vault`, deciding with `authz`, recording to `audit`,
+    /// admitting requests past `limiter`.
+    pub fn new(vault: Vault, authz: Authorizer, audit: AuditLog, limiter: RateLimiter) -> Self {
+        Self { vault, authz, audit, limiter, rewrap: Arc::new(Mutex::new(())) }
     }
 
     fn permit(&self, call: &mut Call) -> Result<Permit<act::Admin>, ApiError> {
@@ -110,7 +113,14 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::KeyStatusRequest>,
     ) -> Result<Response<v1::KeyStatusResponse>, Status> {
-        let mut call = Call::new("secretgate.v1.Admin/KeyStatus", &request, "/", &self.audit);
+        let mut call = Call::admit(
+            &self.limiter,
+            Class::Admin,
+            "secretgate.v1.Admin/KeyStatus",
+            &request,
+            "/",
+            &self.audit,
+        )?;
         let result = match self.permit(&mut call) {
             Ok(permit) => AdminService::key_status(self, &permit).await,
             Err(e) => Err(e),
@@ -122,7 +132,14 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::AuditStatusRequest>,
     ) -> Result<Response<v1::AuditStatusResponse>, Status> {
-        let mut call = Call::new("secretgate.v1.Admin/AuditStatus", &request, "/", &self.audit);
+        let mut call = Call::admit(
+            &self.limiter,
+            Class::Admin,
+            "secretgate.v1.Admin/AuditStatus",
+            &request,
+            "/",
+            &self.audit,
+        )?;
         let result = match self.permit(&mut call) {
             Ok(permit) => self.audit_status(&permit).await,
             Err(e) => Err(e),
@@ -137,7 +154,14 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RewrapRequest>,
     ) -> Result<Response<Self::RewrapStream>, Status> {
-        let mut call = Call::new("secretgate.v1.Admin/Rewrap", &request, "/", &self.audit);
+        let mut call = Call::admit(
+            &self.limiter,
+            Class::Admin,
+            "secretgate.v1.Admin/Rewrap",
+            &request,
+            "/",
+            &self.audit,
+        )?;
         let permit = match self.permit(&mut call) {
             Ok(p) => p,
             Err(e) => return call.finish(Err(e)).await,

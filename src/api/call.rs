@@ -16,6 +16,7 @@ use crate::{
     audit::{AuditLog, InFlight, Intent, Kind, Phase, Record, Writing},
     authz::{Act, Action, Authorizer, Decision, Effect, Permit},
     identity::PeerIdentity,
+    limits::{Class, RateLimiter},
     tls::ConnInfo,
 };
 
@@ -57,6 +58,27 @@ pub(crate) struct Call {
 }
 
 impl Call {
+    /// Admits a `class` request past the caller's rate limits, then starts its context
+    /// ([`Call::new`]). A refusal is RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo`
+    /// detail; it is not recorded one by one but counted by the limiter (its module docs).
+    pub(crate) fn admit<T>(
+        limiter: &RateLimiter,
+        class: Class,
+        method: &'static str,
+        req: &Request<T>,
+        path: &str,
+        audit: &AuditLog,
+    ) -> Result<Self, Status> {
+        if let Some(conn) = req.extensions().get::<ConnInfo>() {
+            let principal = conn.identity.principal.as_str();
+            if let Err(throttled) = limiter.admit(principal, class) {
+                let principal = principal.to_owned();
+                return Err(Status::from(&ApiError::RateLimited { principal, throttled }));
+            }
+        }
+        Ok(Self::new(method, req, path, audit))
+    }
+
     pub(crate) fn new<T>(
         method: &'static str,
         req: &Request<T>,

@@ -7,6 +7,7 @@
 use tonic::{Code, Status};
 
 use crate::{
+    limits::Throttled,
     path::{PathError, SecretPath},
     store::StoreError,
 };
@@ -31,6 +32,22 @@ pub enum ApiError {
     /// A page token that did not come from a List over the same prefix.
     #[error("page_token is not valid for this prefix")]
     InvalidPageToken,
+    /// Over a rate limit of the policy (`rate_limits.toml`).
+    #[error(
+        "rate limit: {principal} is over its limit of {rate}/s (burst {burst}) for {class} \
+         requests on this gateway replica{shared}; retry in {wait} ms",
+        rate = .throttled.rate.per_second,
+        burst = .throttled.rate.burst,
+        class = .throttled.class.as_str(),
+        shared = .throttled.role.as_ref().map(|r| format!(" (shared by role {r})")).unwrap_or_default(),
+        wait = .throttled.retry_after.as_millis().max(1),
+    )]
+    RateLimited {
+        /// The caller.
+        principal: String,
+        /// The limit and when to retry.
+        throttled: Throttled,
+    },
     /// The policy does not allow it. Names the action and path, never the policy.
     #[error(transparent)]
     Denied(#[from] crate::authz::Denied),
@@ -175,6 +192,7 @@ impl ApiError {
                 Code::NotFound
             }
             Self::Denied(_) => Code::PermissionDenied,
+            Self::RateLimited { .. } => Code::ResourceExhausted,
             Self::CertificateNotAccepted(_) => Code::Unauthenticated,
             Self::RewrapCancelled => Code::Cancelled,
             Self::Conflict { .. } | Self::RewrapRunning => Code::FailedPrecondition,
@@ -192,7 +210,15 @@ impl ApiError {
 
 impl From<&ApiError> for Status {
     fn from(err: &ApiError) -> Self {
-        Status::new(err.code(), err.to_string())
+        match err {
+            // The standard detail tells gRPC clients when to retry.
+            ApiError::RateLimited { throttled, .. } => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                let details = ErrorDetails::with_retry_info(Some(throttled.retry_after));
+                Status::with_error_details(err.code(), err.to_string(), details)
+            }
+            _ => Status::new(err.code(), err.to_string()),
+        }
     }
 }
 

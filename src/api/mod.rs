@@ -26,6 +26,7 @@ use self::call::Call;
 use crate::{
     audit::AuditLog,
     authz::{Action, Authorizer, act},
+    limits::{Class, RateLimiter},
     path::{PathPrefix, SecretPath},
     proto::v1::{self, secrets_server::Secrets},
     store::UnixMillis,
@@ -45,19 +46,33 @@ pub struct SecretsService {
     vault: Vault,
     authz: Authorizer,
     audit: AuditLog,
+    limiter: RateLimiter,
     max_value_bytes: u64,
 }
 
 impl SecretsService {
-    /// A service over `vault`, deciding with `authz`, recording to `audit`, refusing values
-    /// larger than `max_value_bytes`.
-    pub fn new(vault: Vault, authz: Authorizer, audit: AuditLog, max_value_bytes: u64) -> Self {
-        Self { vault, authz, audit, max_value_bytes }
+    /// A service over `vault`, deciding with `authz`, recording to `audit`, admitting
+    /// requests past `limiter`, refusing values larger than `max_value_bytes`.
+    pub fn new(
+        vault: Vault,
+        authz: Authorizer,
+        audit: AuditLog,
+        limiter: RateLimiter,
+        max_value_bytes: u64,
+    ) -> Self {
+        Self { vault, authz, audit, limiter, max_value_bytes }
     }
 
-    /// The context of one RPC: `path` is the path or prefix as sent (for the record).
-    fn call<T>(&self, method: &'static str, request: &Request<T>, path: &str) -> Call {
-        Call::new(method, request, path, &self.audit)
+    /// The context of one RPC, once admitted past the rate limits: `path` is the path or
+    /// prefix as sent (for the record).
+    fn call<T>(
+        &self,
+        method: &'static str,
+        class: Class,
+        request: &Request<T>,
+        path: &str,
+    ) -> Result<Call, Status> {
+        Call::admit(&self.limiter, class, method, request, path, &self.audit)
     }
 
     async fn put_secret(
@@ -225,7 +240,12 @@ impl Secrets for SecretsService {
         &self,
         request: Request<v1::PutRequest>,
     ) -> Result<Response<v1::PutResponse>, Status> {
-        let mut call = self.call("secretgate.v1.Secrets/Put", &request, &request.get_ref().path);
+        let mut call = self.call(
+            "secretgate.v1.Secrets/Put",
+            Class::Write,
+            &request,
+            &request.get_ref().path,
+        )?;
         let result = self.put_secret(&mut call, request.into_inner()).await;
         call.finish(result).await
     }
@@ -234,7 +254,8 @@ impl Secrets for SecretsService {
         &self,
         request: Request<v1::GetRequest>,
     ) -> Result<Response<v1::GetResponse>, Status> {
-        let mut call = self.call("secretgate.v1.Secrets/Get", &request, &request.get_ref().path);
+        let mut call =
+            self.call("secretgate.v1.Secrets/Get", Class::Read, &request, &request.get_ref().path)?;
         let result = self.get_secret(&mut call, request.into_inner()).await;
         call.finish(result).await
     }
@@ -243,7 +264,12 @@ impl Secrets for SecretsService {
         &self,
         request: Request<v1::DeleteRequest>,
     ) -> Result<Response<v1::DeleteResponse>, Status> {
-        let mut call = self.call("secretgate.v1.Secrets/Delete", &request, &request.get_ref().path);
+        let mut call = self.call(
+            "secretgate.v1.Secrets/Delete",
+            Class::Write,
+            &request,
+            &request.get_ref().path,
+        )?;
         let result = self.delete_secret(&mut call, request.into_inner()).await;
         call.finish(result).await
     }
@@ -252,7 +278,12 @@ impl Secrets for SecretsService {
         &self,
         request: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListResponse>, Status> {
-        let mut call = self.call("secretgate.v1.Secrets/List", &request, &request.get_ref().prefix);
+        let mut call = self.call(
+            "secretgate.v1.Secrets/List",
+            Class::Read,
+            &request,
+            &request.get_ref().prefix,
+        )?;
         let result = self.list_secrets(&mut call, request.into_inner()).await;
         call.finish(result).await
     }
@@ -261,8 +292,12 @@ impl Secrets for SecretsService {
         &self,
         request: Request<v1::VersionsRequest>,
     ) -> Result<Response<v1::VersionsResponse>, Status> {
-        let mut call =
-            self.call("secretgate.v1.Secrets/Versions", &request, &request.get_ref().path);
+        let mut call = self.call(
+            "secretgate.v1.Secrets/Versions",
+            Class::Read,
+            &request,
+            &request.get_ref().path,
+        )?;
         let result = self.secret_versions(&mut call, request.into_inner()).await;
         call.finish(result).await
     }
@@ -271,7 +306,7 @@ impl Secrets for SecretsService {
         &self,
         request: Request<v1::WhoAmIRequest>,
     ) -> Result<Response<v1::WhoAmIResponse>, Status> {
-        let mut call = self.call("secretgate.v1.Secrets/WhoAmI", &request, "");
+        let mut call = self.call("secretgate.v1.Secrets/WhoAmI", Class::Read, &request, "")?;
         let result = SecretsService::who_am_i(self, &mut call, request.into_inner()).await;
         call.finish(result).await
     }

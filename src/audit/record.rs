@@ -34,11 +34,13 @@ pub enum Kind {
     /// The gateway started after a crash: the records after the last checkpoint it stored
     /// (`unattested_from`..=`unattested_to`) chain, but no stored checkpoint covered them.
     Resume,
+    /// Requests of one principal refused by rate limits over an interval, as a count.
+    RateLimit,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Genesis,
         Self::Continue,
         Self::Request,
@@ -46,6 +48,7 @@ impl Kind {
         Self::Checkpoint,
         Self::Outage,
         Self::Resume,
+        Self::RateLimit,
     ];
 
     /// The name of the kind as it appears in the log.
@@ -58,6 +61,7 @@ impl Kind {
             Self::Checkpoint => "checkpoint",
             Self::Outage => "outage",
             Self::Resume => "resume",
+            Self::RateLimit => "rate_limit",
         }
     }
 }

@@ -28,6 +28,10 @@ pub const MAX_VALUE_LIMIT: u64 = 16 << 20;
 pub struct Config {
     /// Address the gRPC listener binds. Default `127.0.0.1:7443`.
     pub listen: SocketAddr,
+    /// Load balancers (addresses or networks) whose connections start with a PROXY
+    /// protocol v2 header naming the client; only these may send one, and they must.
+    /// Default none.
+    pub proxy_protocol_from: Vec<IpNet>,
     /// The gateway's TLS identity and the CA that signs client certificates.
     pub tls: TlsConfig,
     /// Where secrets are kept.
@@ -180,6 +184,12 @@ pub struct Limits {
     /// Seconds a request may take before the gateway cancels it (CANCELLED, "Timeout expired").
     /// Default 30; 1 to 3600.
     pub request_timeout_secs: Ranged<1, 3600>,
+    /// MiB of requests in flight (their bytes as received) for the whole gateway; a request
+    /// past it is refused with RESOURCE_EXHAUSTED. Default 256; at least one largest request.
+    pub max_request_memory_mib: Ranged<1, 1_048_576>,
+    /// Seconds a connection may stay open with no request or stream in progress before the
+    /// gateway closes it; 0 never. Default 300.
+    pub idle_connection_timeout_secs: Ranged<0, 86_400>,
 }
 
 /// A configuration that cannot be used, naming the field or variable at fault.
@@ -223,6 +233,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            proxy_protocol_from: Vec::new(),
             tls: TlsConfig::default(),
             store: StoreConfig::default(),
             crypto: CryptoConfig::default(),
@@ -286,6 +297,8 @@ impl Default for Limits {
             max_handshakes_per_source: Ranged::of::<32>(),
             max_streams_per_connection: Ranged::of::<100>(),
             request_timeout_secs: Ranged::of::<30>(),
+            max_request_memory_mib: Ranged::of::<256>(),
+            idle_connection_timeout_secs: Ranged::of::<300>(),
         }
     }
 }
@@ -389,6 +402,12 @@ impl Config {
         if self.audit.enabled {
             self.audit.validate()?;
         }
+        if self.limits.max_request_bytes() > self.limits.max_request_memory() {
+            return invalid(
+                "limits.max_request_memory_mib",
+                "must hold at least one largest request (limits.max_value_bytes and 16 KiB)",
+            );
+        }
         Ok(())
     }
 }
@@ -456,9 +475,27 @@ impl CryptoConfig {
 }
 
 impl Limits {
+    /// Bytes a `Secrets` request may carry beyond its value (path, framing).
+    pub const REQUEST_OVERHEAD_BYTES: u64 = 16 * 1024;
+
     /// The request timeout as a `Duration`.
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout_secs.secs()
+    }
+
+    /// The largest `Secrets` request: the largest value and its overhead.
+    pub fn max_request_bytes(&self) -> u64 {
+        self.max_value_bytes.get() + Self::REQUEST_OVERHEAD_BYTES
+    }
+
+    /// The budget for the bytes of requests in flight.
+    pub fn max_request_memory(&self) -> u64 {
+        self.max_request_memory_mib.get() << 20
+    }
+
+    /// The idle-connection timeout, `None` for never.
+    pub fn idle_connection_timeout(&self) -> Option<Duration> {
+        Some(self.idle_connection_timeout_secs.secs()).filter(|d| !d.is_zero())
     }
 }
 
@@ -484,9 +521,11 @@ impl From<TlsVersion> for String {
 }
 
 mod env;
+mod net;
 mod ranged;
 mod store;
 
+pub use net::IpNet;
 pub use ranged::Ranged;
 
 pub use store::{EtcdConfig, StoreConfig, StorePassword};

@@ -11,8 +11,11 @@
 //! refused once the certificate is revoked, its CA removed, or it expires.
 
 mod acceptor;
+mod connection;
 pub mod crl;
 mod pending;
+mod proxy;
+mod refusals;
 pub mod trust;
 mod verifier;
 
@@ -26,10 +29,12 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-pub use acceptor::{
-    ConnInfo, HandshakeLimits, REFUSAL_BURST, REFUSALS_PER_SEC, TlsConnection, TlsIncoming,
-};
+pub use acceptor::{HandshakeLimits, TlsIncoming};
+pub use connection::{ConnInfo, TlsConnection};
 pub use crl::ClientCrl;
+#[cfg(feature = "testing")]
+pub use proxy::header as proxy_header;
+pub use refusals::{REFUSAL_BURST, REFUSALS_PER_SEC};
 pub use trust::{
     ClientTrust, ConnTrust, TrustHandle, Untrusted, client_trust, warn_when_crls_are_due,
 };

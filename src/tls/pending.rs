@@ -40,19 +40,19 @@ impl Pending {
     }
 
     /// Starts the handshake of `peer` (`start` spawns it, given its id), after dropping the
-    /// oldest pending ones that stand in its way; returns the peers of those dropped.
+    /// oldest pending ones that stand in its way; returns the peers of those dropped. A
+    /// connection that is not `capped` (from a load balancer, whose PROXY header has not
+    /// named the client yet) counts against the budget only, until [`Pending::moved`].
     pub(super) fn admit(
         &self,
         peer: SocketAddr,
+        capped: bool,
         start: impl FnOnce(u64) -> AbortHandle,
     ) -> Vec<SocketAddr> {
         let mut inner = self.lock();
         let mut dropped = Vec::new();
-        if self.per_source > 0 {
-            let oldest = inner.by_source.get(&peer.ip()).filter(|q| q.len() >= self.per_source);
-            if let Some(&id) = oldest.and_then(|q| q.front()) {
-                dropped.extend(inner.remove(id, true));
-            }
+        if capped {
+            dropped.extend(self.make_room_for(&mut inner, peer));
         }
         if inner.order.len() >= self.budget {
             if let Some(id) = inner.order.keys().next().copied() {
@@ -64,8 +64,31 @@ impl Pending {
         // Spawned under the lock, so the handshake's own `done` comes after it is listed.
         let handle = start(id);
         inner.order.insert(id, (peer, handle));
-        inner.by_source.entry(peer.ip()).or_default().push_back(id);
+        if capped {
+            inner.by_source.entry(peer.ip()).or_default().push_back(id);
+        }
         dropped
+    }
+
+    /// The PROXY header of handshake `id` named its client: it is capped as one of that
+    /// client's from now on (dropping the client's oldest if it is at the cap; returned).
+    pub(super) fn moved(&self, id: u64, client: SocketAddr) -> Vec<SocketAddr> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.order.get_mut(&id) else { return Vec::new() };
+        entry.0 = client;
+        let dropped: Vec<SocketAddr> = self.make_room_for(&mut inner, client).into_iter().collect();
+        inner.by_source.entry(client.ip()).or_default().push_back(id);
+        dropped
+    }
+
+    /// Drops the oldest pending handshake of `peer`'s source if it is at the cap.
+    fn make_room_for(&self, inner: &mut Inner, peer: SocketAddr) -> Option<SocketAddr> {
+        if self.per_source == 0 {
+            return None;
+        }
+        let oldest = inner.by_source.get(&peer.ip()).filter(|q| q.len() >= self.per_source);
+        let id = *oldest.and_then(|q| q.front())?;
+        inner.remove(id, true)
     }
 
     /// The handshake `id` ended (done, failed or dropped).
@@ -120,31 +143,50 @@ mod tests {
     async fn the_oldest_pending_handshake_makes_room_never_the_new_one() {
         let p = Pending::new(4, 2);
         let first = silent();
-        assert!(p.admit(peer("10.0.0.1", 1), |_| first.clone()).is_empty());
-        assert!(p.admit(peer("10.0.0.1", 2), |_| silent()).is_empty());
+        assert!(p.admit(peer("10.0.0.1", 1), true, |_| first.clone()).is_empty());
+        assert!(p.admit(peer("10.0.0.1", 2), true, |_| silent()).is_empty());
         // The source's cap: its oldest goes (and is aborted).
-        assert_eq!(p.admit(peer("10.0.0.1", 3), |_| silent()), [peer("10.0.0.1", 1)]);
+        assert_eq!(p.admit(peer("10.0.0.1", 3), true, |_| silent()), [peer("10.0.0.1", 1)]);
         tokio::task::yield_now().await;
         assert!(first.is_finished(), "the dropped handshake was aborted");
         assert_eq!(p.len(), 2);
         // The whole budget: the oldest anywhere goes.
-        assert!(p.admit(peer("10.0.0.2", 1), |_| silent()).is_empty());
-        assert!(p.admit(peer("10.0.0.3", 1), |_| silent()).is_empty());
-        assert_eq!(p.admit(peer("10.0.0.4", 1), |_| silent()), [peer("10.0.0.1", 2)]);
+        assert!(p.admit(peer("10.0.0.2", 1), true, |_| silent()).is_empty());
+        assert!(p.admit(peer("10.0.0.3", 1), true, |_| silent()).is_empty());
+        assert_eq!(p.admit(peer("10.0.0.4", 1), true, |_| silent()), [peer("10.0.0.1", 2)]);
         assert_eq!(p.len(), 4);
         // A finished handshake frees its place.
         let ids: Vec<u64> = p.lock().order.keys().copied().collect();
         p.done(ids[0]);
         assert_eq!(p.len(), 3);
-        assert!(p.admit(peer("10.0.0.5", 1), |_| silent()).is_empty());
+        assert!(p.admit(peer("10.0.0.5", 1), true, |_| silent()).is_empty());
     }
 
     #[tokio::test]
     async fn without_a_per_source_cap_only_the_budget_applies() {
         let p = Pending::new(3, 0);
         for port in 0..3 {
-            assert!(p.admit(peer("10.0.0.9", port), |_| silent()).is_empty());
+            assert!(p.admit(peer("10.0.0.9", port), true, |_| silent()).is_empty());
         }
-        assert_eq!(p.admit(peer("10.0.0.9", 3), |_| silent()), [peer("10.0.0.9", 0)]);
+        assert_eq!(p.admit(peer("10.0.0.9", 3), true, |_| silent()), [peer("10.0.0.9", 0)]);
+    }
+
+    #[tokio::test]
+    async fn a_balancers_connection_is_capped_as_its_client_once_named() {
+        let p = Pending::new(10, 1);
+        let lb = peer("10.9.9.9", 1);
+        // Not capped under the balancer's address: many may wait for their headers.
+        for port in 1..4 {
+            assert!(p.admit(peer("10.9.9.9", port), false, |_| silent()).is_empty());
+        }
+        assert!(p.admit(peer("192.0.2.1", 1), true, |_| silent()).is_empty());
+        let ids: Vec<u64> = p.lock().order.keys().copied().collect();
+        // Named as 192.0.2.1, which is at its cap of 1: that client's older one goes.
+        assert_eq!(p.moved(ids[0], peer("192.0.2.1", 7)), [peer("192.0.2.1", 1)]);
+        assert!(p.moved(ids[1], peer("192.0.2.2", 7)).is_empty());
+        assert_eq!(p.len(), 3);
+        p.done(ids[0]);
+        assert_eq!(p.len(), 2);
+        assert!(!p.lock().by_source.contains_key(&lb.ip()));
     }
 }

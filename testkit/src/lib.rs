@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod conformance;
 pub mod etcd;
+pub mod h2;
 
 use std::{
     net::SocketAddr,
@@ -310,6 +311,13 @@ async fn tls_connect(
     identity: Option<&Pem>,
     tls12: bool,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let config = client_tls(ca_pem, identity, tls12);
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tls_over(tcp, config).await
+}
+
+/// A TLS client configuration trusting `ca_pem` and presenting `identity`, offering `h2`.
+fn client_tls(ca_pem: &str, identity: Option<&Pem>, tls12: bool) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
@@ -329,8 +337,15 @@ async fn tls_connect(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config
+}
+
+/// A TLS handshake over `tcp` as a client with `config`.
+async fn tls_over(
+    tcp: TcpStream,
+    config: rustls::ClientConfig,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = ServerName::try_from("localhost").unwrap();
     connector.connect(name, tcp).await.map_err(|e| e.to_string())
 }

@@ -23,7 +23,10 @@ use super::{
     Action, Object,
     pattern::{Pattern, Segment},
 };
-use crate::path::{PathPrefix, Target};
+use crate::{
+    limits::{RATE_LIMITS_FILE, RateLimits},
+    path::{PathPrefix, Target},
+};
 
 /// Role links followed at most. casbin's default role manager is created with a maximum
 /// hierarchy level of 10, which its breadth-first search turns into at most 9 links from
@@ -133,6 +136,7 @@ pub struct Policy {
     tests: Vec<TestCase>,
     version: String,
     lines: Vec<String>,
+    rate_limits: RateLimits,
 }
 
 /// One table test from `tests/*.toml`.
@@ -242,8 +246,38 @@ impl Policy {
                 tests.push(case);
             }
         }
+        // Optional: without the file nothing is rate limited.
+        let limits_path = dir.join(RATE_LIMITS_FILE);
+        let limits = match std::fs::read_to_string(&limits_path) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(PolicyError::Read { file: limits_path.display().to_string(), source });
+            }
+        };
+        if let Some(text) = &limits {
+            hasher.update(RATE_LIMITS_FILE);
+            hasher.update(text);
+        }
         let version = hex::encode(&hasher.finalize()[..6]);
-        Self::from_csv(&csv, &policy_path.display().to_string(), tests, version)
+        let mut policy = Self::from_csv(&csv, &policy_path.display().to_string(), tests, version)?;
+        if let Some(text) = &limits {
+            policy.rate_limits =
+                policy.parse_rate_limits(text, &limits_path.display().to_string())?;
+        }
+        Ok(policy)
+    }
+
+    /// Parses `rate_limits.toml` text against this policy's roles.
+    pub fn parse_rate_limits(&self, text: &str, file: &str) -> Result<RateLimits, PolicyError> {
+        let is_role = |name: &str| self.roles.values().flatten().any(|r| r == name);
+        let subjects = self.roles.keys().map(|s| (s.as_str(), self.subjects(s)));
+        RateLimits::parse(text, file, is_role, subjects)
+    }
+
+    /// The rate limits in force with this policy (none without `rate_limits.toml`).
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.rate_limits
     }
 
     /// Parses `policy.csv` text.
@@ -322,7 +356,8 @@ impl Policy {
             }
         }
         let lines = csv.lines().map(str::to_owned).collect();
-        Ok(Self { rules, roles, index, tests, version, lines })
+        let rate_limits = RateLimits::default();
+        Ok(Self { rules, roles, index, tests, version, lines, rate_limits })
     }
 
     /// Decides whether `subject` may do `action` on `target` (a [`Target`], a secret path or
