@@ -22,71 +22,21 @@
 
 use secretgate_testkit as support;
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use secretgate::proto::v1::{
-    AuditStatusRequest, GetRequest, PutRequest, admin_client::AdminClient,
-    secrets_client::SecretsClient,
+    AuditStatusRequest, admin_client::AdminClient, secrets_client::SecretsClient,
 };
-use support::audit::ServedGateway;
+use support::{
+    audit::ServedGateway,
+    bench::{self, Op, Slice, env_usize, mean, median},
+};
 use tonic::transport::Channel;
 
 const SLICE: Duration = Duration::from_millis(1500);
 const WARM_UP: Duration = Duration::from_millis(500);
 const KEYS: usize = 256;
 const ADMIN: &str = "spiffe://test.example/admin";
-
-#[derive(Clone, Copy, PartialEq)]
-enum Op {
-    Get,
-    Put,
-}
-
-/// Busy and total clock ticks of the whole machine, from `/proc/stat`.
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let cpu: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    let total: u64 = cpu.iter().sum();
-    let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-/// CPU clock ticks (user + system) used so far by process `pid`, from `/proc/<pid>/stat`.
-fn process_ticks(pid: Option<u32>) -> u64 {
-    let Some(pid) = pid else { return 0 };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
-}
-
-/// What one slice measured.
-#[derive(Clone, Copy)]
-struct Slice {
-    /// Requests per second.
-    rate: f64,
-    /// CPU µs per request, whole machine.
-    cpu_us: f64,
-    /// CPU µs per request in the gateway process alone.
-    gateway_us: f64,
-    /// How busy the machine was (0..1).
-    busy: f64,
-}
 
 /// One gateway under test (its own process), with clients connected to it.
 struct Side {
@@ -107,14 +57,7 @@ impl Side {
         for _ in 0..env_usize("AUDIT_BENCH_CONNECTIONS", 4) {
             clients.push(gw.client(ADMIN).await);
         }
-        for k in 0..KEYS {
-            let req = PutRequest {
-                path: format!("/bench/k{k}"),
-                value: vec![b'v'; 100],
-                expected_version: None,
-            };
-            clients[0].put(req).await.unwrap();
-        }
+        bench::seed(&mut clients[0], KEYS).await;
         let admin = gw.admin(ADMIN).await;
         Self { gw, clients, admin }
     }
@@ -127,66 +70,9 @@ impl Side {
 
     /// Runs the load for `length`.
     async fn slice(&self, op: Op, length: Duration) -> Slice {
-        let clients = env_usize("AUDIT_BENCH_CLIENTS", 64);
-        let done = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let counting = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::new();
-        for i in 0..clients {
-            let mut c = self.clients[i % self.clients.len()].clone();
-            let (done, stop, counting) = (done.clone(), stop.clone(), counting.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut n = i;
-                while !stop.load(Ordering::Relaxed) {
-                    n = n.wrapping_mul(31).wrapping_add(7);
-                    let path = format!("/bench/k{}", n % KEYS);
-                    let ok = match op {
-                        Op::Get => c.get(GetRequest { path, version: None }).await.is_ok(),
-                        Op::Put => {
-                            let value = vec![b'w'; 100];
-                            let req = PutRequest { path, value, expected_version: None };
-                            c.put(req).await.is_ok()
-                        }
-                    };
-                    assert!(ok, "request failed during the benchmark");
-                    if counting.load(Ordering::Relaxed) {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await; // every client under way
-        counting.store(true, Ordering::Relaxed);
-        let pid = self.gw.pid();
-        let (started, machine, gateway) = (Instant::now(), machine_ticks(), process_ticks(pid));
-        tokio::time::sleep(length).await;
-        let (machine_after, gateway_after) = (machine_ticks(), process_ticks(pid));
-        let busy =
-            (machine_after.0 - machine.0) as f64 / (machine_after.1 - machine.1).max(1) as f64;
-        let n = done.load(Ordering::Relaxed);
-        let rate = n as f64 / started.elapsed().as_secs_f64();
-        // Clock ticks are 10 ms of one CPU.
-        let cpu_us = (machine_after.0 - machine.0) as f64 * 10_000.0 / n.max(1) as f64;
-        let gateway_us = gateway_after.saturating_sub(gateway) as f64 * 10_000.0 / n.max(1) as f64;
-        stop.store(true, Ordering::Relaxed);
-        for t in tasks {
-            t.await.unwrap();
-        }
-        Slice { rate, cpu_us, gateway_us, busy }
+        let callers = env_usize("AUDIT_BENCH_CLIENTS", 64);
+        bench::slice(&self.clients, callers, op, KEYS, length, self.gw.pid()).await
     }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().map_or(default, |v| v.parse().expect(name))
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 #[tokio::main]

@@ -4,6 +4,7 @@
 //! ([`audit`]) and the store conformance suite ([`conformance`]).
 
 pub mod audit;
+pub mod bench;
 pub mod conformance;
 pub mod etcd;
 pub mod h2;
