@@ -167,11 +167,21 @@ impl Gateway {
         if let Some(health) = audit.watch() {
             watchers.push(tokio::spawn(report_audit_health(health, health_reporter.clone())));
         }
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Reflection v1 and v1alpha, as grpc-go serves them: older tools (grpcurl before
+        // 1.9, grpcui, Python's grpcio-reflection) speak only v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let descriptors = |e| TlsError::Rustls(format!("reflection descriptors: {e}"));
+        let reflection_v1 = reflection()
             .build_v1()
-            .map_err(|e| TlsError::Rustls(format!("reflection descriptors: {e}")))?
+            .map_err(descriptors)?
+            .max_decoding_message_size(SMALL_REQUEST_BYTES);
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(descriptors)?
             .max_decoding_message_size(SMALL_REQUEST_BYTES);
 
         let keyring_watcher =
@@ -195,7 +205,8 @@ impl Gateway {
             .add_service(secrets)
             .add_service(admin)
             .add_service(health)
-            .add_service(reflection);
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
         let task = tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(incoming, async {

@@ -250,22 +250,41 @@ async fn health_and_reflection_answer_over_mtls() {
         assert_eq!(resp.into_inner().status(), ServingStatus::Serving, "{service:?}");
     }
 
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    // Both versions of reflection, as grpc-go serves them (older tools speak only v1alpha).
+    macro_rules! list_services {
+        ($version:ident) => {{
+            use tonic_reflection::pb::$version::{
+                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse,
+            };
+            let mut reflection = ServerReflectionClient::new(channel.clone());
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut stream = reflection
+                .server_reflection_info(tokio_stream::iter([req]))
+                .await
+                .unwrap()
+                .into_inner();
+            let resp = stream.message().await.unwrap().unwrap();
+            let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+                panic!("unexpected reflection answer");
+            };
+            list.service.into_iter().map(|s| s.name).collect::<Vec<String>>()
+        }};
+    }
+    // Each lists itself as the reflection service; the rest is the same.
+    let others = |names: Vec<String>| -> Vec<String> {
+        names.into_iter().filter(|n| !n.starts_with("grpc.reflection.")).collect()
     };
-    let mut reflection = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream =
-        reflection.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
-    let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("unexpected reflection answer");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let names = list_services!(v1);
+    assert_eq!(
+        others(list_services!(v1alpha)),
+        others(names.clone()),
+        "v1alpha lists what v1 does"
+    );
     assert!(names.contains(&"secretgate.v1.Secrets".to_string()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
 }
