@@ -6,12 +6,15 @@
 # Against a local 3-member etcd cluster (TLS everywhere), see docs/etcd.md:
 #   make etcd-cluster   in one terminal (Ctrl-C stops all three members)
 #   make run-etcd       in another: the development gateway with the etcd store
+#
+#   make bench          the gateway against etcd itself and its grpc-proxy (release build;
+#                       BENCH_ARGS=--json for scripts)
 
 SHELL := /bin/bash
 CARGO ?= cargo
 CARGO_BIN ?= $(if $(CARGO_HOME),$(CARGO_HOME),$(HOME)/.cargo)/bin
 
-.PHONY: run test deps build fmt lint file-sizes install-link etcd-cluster etcd-pki run-etcd
+.PHONY: run test deps build fmt lint file-sizes install-link etcd-cluster etcd-pki run-etcd bench
 
 # No Rust file over this many lines (tests and benches included, no exemptions): a longer
 # file is a module that wants to be split (STYLE.md).
@@ -87,6 +90,12 @@ etcd-pki:
 	    -out gateway.pem -extfile <(printf "extendedKeyUsage=clientAuth\n") 2>/dev/null; \
 	  rm -f *.csr; echo "wrote the dev etcd PKI in $(ETCD_DIR)/pki"; \
 	fi
+
+# A 3-member etcd, its grpc-proxy and two release gateways, started and stopped by the
+# benchmark itself (benches/etcd.rs; BENCH_OPS, BENCH_CONCURRENCY, BENCH_ROUNDS,
+# BENCH_SLICE_MS, BENCH_CONNECTIONS tune it).
+bench: deps
+	$(CARGO) bench --bench etcd -- $(BENCH_ARGS)
 
 # Three members in the foreground with the production flags of docs/etcd.md (TLS for
 # clients and peers, client certificates required, quota, auto-compaction).

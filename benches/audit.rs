@@ -29,7 +29,7 @@ use secretgate::proto::v1::{
 };
 use support::{
     audit::ServedGateway,
-    bench::{self, Op, Slice, env_usize, mean, median},
+    bench::{self, Caller, Op, Slice, env_usize, mean, median},
 };
 use tonic::transport::Channel;
 
@@ -57,7 +57,7 @@ impl Side {
         for _ in 0..env_usize("AUDIT_BENCH_CONNECTIONS", 4) {
             clients.push(gw.client(ADMIN).await);
         }
-        bench::seed(&mut clients[0], KEYS).await;
+        bench::seed(&Caller::Gateway(clients[0].clone()), KEYS).await;
         let admin = gw.admin(ADMIN).await;
         Self { gw, clients, admin }
     }
@@ -71,7 +71,8 @@ impl Side {
     /// Runs the load for `length`.
     async fn slice(&self, op: Op, length: Duration) -> Slice {
         let callers = env_usize("AUDIT_BENCH_CLIENTS", 64);
-        bench::slice(&self.clients, callers, op, KEYS, length, self.gw.pid()).await
+        let clients = Caller::gateways(&self.clients);
+        bench::slice(&clients, callers, op, KEYS, length, self.gw.pid()).await
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use secretgate_testkit::{
     TestGateway,
-    bench::{self, Op, env_usize, mean, median},
+    bench::{self, Caller, Op, env_usize, mean, median},
     write,
 };
 
@@ -49,7 +49,8 @@ async fn main() {
     for _ in 0..connections {
         clients.push(gw.client(ADMIN).await);
     }
-    bench::seed(&mut clients[0], KEYS).await;
+    let clients = Caller::gateways(&clients);
+    bench::seed(&clients[0], KEYS).await;
     println!(
         "per-request limits cost: {callers} concurrent Gets on {connections} connections, \
          {pairs} pairs of {SLICE:?} slices alternating off/on, audit log off, {} cores",

@@ -16,8 +16,8 @@
 //! `mod_revision` with the one read (0 for "never existed") and then puts the meta and the
 //! value and deletes pruned versions together, so concurrent writers and crashes never leave
 //! half a write, and a lost compare is a [`StoreError::Conflict`] with the current version
-//! read back. Reads are linearizable (etcd's default), and a value is read at the revision
-//! of its metadata. Requests carry etcd's `hasleader` flag, so a member without a leader
+//! read back. A read is one linearizable etcd transaction that gets the metadata and the
+//! value together (one round trip, one snapshot). Requests carry etcd's `hasleader` flag, so a member without a leader
 //! refuses at once instead of hanging.
 //!
 //! **Time bounds.** One operation, retries included, takes at most `store.timeout_ms`. Each
@@ -33,7 +33,9 @@ mod members;
 use std::{fmt, future::Future, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, GetResponse, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
@@ -128,32 +130,72 @@ impl EtcdStore {
         Ok((meta, mod_revision, revision))
     }
 
+    /// One try of a read: one etcd transaction (one round trip, one linearizable snapshot)
+    /// that gets the metadata and the value, either the version asked for or the newest
+    /// value key of the path, which is the current version's (a write puts both in one
+    /// transaction, a delete only marks the metadata). Should the newest key not be the
+    /// version the metadata names, the value is read at the transaction's revision.
     async fn get_once(
         &self,
         path: &SecretPath,
         version: Option<u64>,
         deadline: Instant,
     ) -> Result<StoredValue, Failure> {
-        let (meta, _, revision) = self.meta(path, deadline).await?;
-        let meta = meta.ok_or(Failure::Done(StoreError::NotFound))?;
-        let info = meta.readable(version).map_err(Failure::Done)?;
-        let options = GetOptions::new().with_revision(revision);
-        let key = self.data_key(path, info.version);
-        let mut resp = self
-            .members
-            .attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await })
-            .await?;
-        let Some(kv) = resp.take_kvs().pop() else {
-            let what = format!("value of {path} version {} missing", info.version);
-            return Err(Failure::Done(StoreError::Corrupt(what)));
+        let data = match version {
+            Some(v) => TxnOp::get(self.data_key(path, v), None),
+            None => {
+                let newest = GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Key, SortOrder::Descend)
+                    .with_limit(1);
+                TxnOp::get(format!("{}data{path}@", self.prefix), Some(newest))
+            }
         };
-        let (_, value) = kv.into_key_value();
+        let txn = Txn::new().and_then([TxnOp::get(self.meta_key(path.as_str()), None), data]);
+        let resp =
+            self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let (Some(meta), Some(mut data)) = (gets.next(), gets.next()) else {
+            return Err(corrupt(format!("a read of {path} got no answer to its gets")));
+        };
+        let meta =
+            decode_first(path.as_str(), &meta)?.0.ok_or(Failure::Done(StoreError::NotFound))?;
+        let info = meta.readable(version).map_err(Failure::Done)?;
+        let key = self.data_key(path, info.version);
+        let value = match data.take_kvs().pop() {
+            Some(kv) if kv.key() == key.as_bytes() => kv.into_key_value().1,
+            _ => self.value_at(path, info.version, revision, deadline).await?,
+        };
         Ok(StoredValue {
             version: info.version,
             created: info.created,
             current_version: meta.current_version,
             value: Zeroizing::new(value),
         })
+    }
+
+    /// The value of `path`'s `version` as of `revision`.
+    async fn value_at(
+        &self,
+        path: &SecretPath,
+        version: u64,
+        revision: i64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, Failure> {
+        let options = GetOptions::new().with_revision(revision);
+        let key = self.data_key(path, version);
+        let mut resp = self
+            .members
+            .attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await })
+            .await?;
+        let Some(kv) = resp.take_kvs().pop() else {
+            return Err(corrupt(format!("value of {path} version {version} missing")));
+        };
+        Ok(kv.into_key_value().1)
     }
 
     /// Whether the secret holds `info`'s version with `info`'s creation time and `value`:

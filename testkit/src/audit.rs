@@ -190,6 +190,7 @@ pub struct ServedGateway {
     pub ca: Ca,
     pub dir: tempfile::TempDir,
     audit: String,
+    store: String,
     addr: SocketAddr,
     child: Option<Child>,
 }
@@ -207,7 +208,14 @@ impl ServedGateway {
         SigningKey::generate().unwrap().save(&dir.path().join("audit.key")).unwrap();
         super::write_policy(&dir.path().join("policies"), super::TEST_POLICY);
         let addr = "127.0.0.1:0".parse().unwrap();
-        Self { ca, dir, audit: audit.to_owned(), addr, child: None }
+        let store = "backend = \"embedded\"\npath = \"store/secretgate.redb\"\n".to_owned();
+        Self { ca, dir, audit: audit.to_owned(), store, addr, child: None }
+    }
+
+    /// Uses `store` (the TOML of the `[store]` section) instead of the embedded store.
+    pub fn with_store(mut self, store: &str) -> Self {
+        store.clone_into(&mut self.store);
+        self
     }
 
     /// Starts serving on a free port, logging at `log` level, and waits until it listens.
@@ -217,11 +225,10 @@ impl ServedGateway {
         self.addr = SocketAddr::from(([127, 0, 0, 1], port));
         let config = format!(
             "listen = \"{}\"\n\n[tls]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\n\
-             client_ca = \"ca.pem\"\n\n[store]\nbackend = \"embedded\"\n\
-             path = \"store/secretgate.redb\"\n\n[crypto]\nkeyring = \"keyring.toml\"\n\n\
+             client_ca = \"ca.pem\"\n\n[store]\n{}\n[crypto]\nkeyring = \"keyring.toml\"\n\n\
              [authz]\npolicies = \"policies\"\n\n[audit]\npath = \"audit/audit.log\"\n\
              signing_key = \"audit.key\"\n{}",
-            self.addr, self.audit
+            self.addr, self.store, self.audit
         );
         let config_path = super::write(self.dir.path(), "secretgate.toml", &config);
         let stderr = std::fs::OpenOptions::new()

@@ -1,5 +1,6 @@
-//! Load for the benchmarks: concurrent Get or Put callers on a few connections for one
-//! slice of time, with the CPU the machine (and the gateway's process) used meanwhile.
+//! Load for the benchmarks: concurrent Get or Put callers on a few connections (to a gateway,
+//! or straight to etcd) for one slice of time, with each request's latency and the CPU the
+//! machine (and the gateway's process) used meanwhile.
 //! Benchmarks alternate short slices between the sides they compare, so drift of the
 //! shared machine hits both alike, and report the median of the per-pair ratios.
 
@@ -21,10 +22,66 @@ pub enum Op {
     Get,
     /// Put one of them (100 bytes).
     Put,
+    /// Nine Gets, then a Put.
+    Mix,
+}
+
+impl Op {
+    /// The workload's name in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Get => "get",
+            Self::Put => "put",
+            Self::Mix => "90/10",
+        }
+    }
+}
+
+/// One connection the callers share: to a gateway, or to etcd (keys `<prefix>k<N>`,
+/// linearizable gets).
+#[derive(Clone)]
+pub enum Caller {
+    /// A gateway's `Secrets` service.
+    Gateway(SecretsClient<Channel>),
+    /// An etcd KV client (to the members, or to a grpc-proxy) and the key prefix.
+    Etcd(etcd_client::KvClient, Arc<str>),
+}
+
+impl Caller {
+    /// Gateway callers, one per connection.
+    pub fn gateways(clients: &[SecretsClient<Channel>]) -> Vec<Self> {
+        clients.iter().cloned().map(Self::Gateway).collect()
+    }
+
+    /// One request: a Get, or a Put of 100 bytes, of key `key`.
+    async fn call(&mut self, put: bool, key: usize) -> Result<(), String> {
+        let value = vec![b'w'; 100];
+        match self {
+            Self::Gateway(c) => {
+                let path = format!("/bench/k{key}");
+                let result = if put {
+                    let req = PutRequest { path, value, expected_version: None };
+                    c.put(req).await.map(drop)
+                } else {
+                    c.get(GetRequest { path, version: None }).await.map(drop)
+                };
+                result.map_err(|s| s.to_string())
+            }
+            Self::Etcd(kv, prefix) => {
+                let key = format!("{prefix}k{key}");
+                let result = if put {
+                    kv.put(key, value, None).await.map(drop)
+                } else {
+                    kv.get(key, None).await.map(drop)
+                };
+                result.map_err(|e| e.to_string())
+            }
+        }
+    }
 }
 
 /// What one slice measured.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Slice {
     /// Requests per second.
     pub rate: f64,
@@ -34,17 +91,15 @@ pub struct Slice {
     pub gateway_us: f64,
     /// How busy the machine was (0..1).
     pub busy: f64,
+    /// Every counted request's latency in µs, sorted.
+    pub latencies_us: Vec<u32>,
 }
 
-/// Writes the `keys` secrets the callers read, 100 bytes each.
-pub async fn seed(client: &mut SecretsClient<Channel>, keys: usize) {
+/// Writes the `keys` secrets (or etcd keys) the callers read, 100 bytes each.
+pub async fn seed(caller: &Caller, keys: usize) {
+    let mut caller = caller.clone();
     for k in 0..keys {
-        let req = PutRequest {
-            path: format!("/bench/k{k}"),
-            value: vec![b'v'; 100],
-            expected_version: None,
-        };
-        client.put(req).await.unwrap();
+        caller.call(true, k).await.unwrap();
     }
 }
 
@@ -52,7 +107,7 @@ pub async fn seed(client: &mut SecretsClient<Channel>, keys: usize) {
 /// `length`, each doing `op` on `keys` secrets; `pid` is the gateway's process, if it has
 /// its own. Every request must succeed.
 pub async fn slice(
-    clients: &[SecretsClient<Channel>],
+    clients: &[Caller],
     callers: usize,
     op: Op,
     keys: usize,
@@ -67,25 +122,26 @@ pub async fn slice(
         let mut c = clients[i % clients.len()].clone();
         let (done, stop, counting) = (done.clone(), stop.clone(), counting.clone());
         tasks.push(tokio::spawn(async move {
-            let mut n = i;
+            let (mut n, mut calls) = (i, 0u64);
+            let mut latencies = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 n = n.wrapping_mul(31).wrapping_add(7);
-                let path = format!("/bench/k{}", n % keys);
-                let result = match op {
-                    Op::Get => c.get(GetRequest { path, version: None }).await.map(drop),
-                    Op::Put => {
-                        let value = vec![b'w'; 100];
-                        let req = PutRequest { path, value, expected_version: None };
-                        c.put(req).await.map(drop)
-                    }
+                calls += 1;
+                let put = match op {
+                    Op::Get => false,
+                    Op::Put => true,
+                    Op::Mix => calls % 10 == 0,
                 };
-                if let Err(status) = result {
-                    panic!("request failed during the benchmark: {status}");
+                let started = Instant::now();
+                if let Err(e) = c.call(put, n % keys).await {
+                    panic!("request failed during the benchmark: {e}");
                 }
                 if counting.load(Ordering::Relaxed) {
                     done.fetch_add(1, Ordering::Relaxed);
+                    latencies.push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
                 }
             }
+            latencies
         }));
     }
     tokio::time::sleep(Duration::from_millis(100)).await; // every caller under way
@@ -100,10 +156,12 @@ pub async fn slice(
     let cpu_us = (machine_after.0 - machine.0) as f64 * 10_000.0 / n.max(1) as f64;
     let gateway_us = gateway_after.saturating_sub(gateway) as f64 * 10_000.0 / n.max(1) as f64;
     stop.store(true, Ordering::Relaxed);
+    let mut latencies_us = Vec::new();
     for t in tasks {
-        t.await.unwrap();
+        latencies_us.extend(t.await.unwrap());
     }
-    Slice { rate, cpu_us, gateway_us, busy }
+    latencies_us.sort_unstable();
+    Slice { rate, cpu_us, gateway_us, busy, latencies_us }
 }
 
 /// Busy and total clock ticks of the whole machine, from `/proc/stat`.
@@ -123,7 +181,7 @@ fn machine_ticks() -> (u64, u64) {
 }
 
 /// CPU clock ticks (user + system) used so far by process `pid`, from `/proc/<pid>/stat`.
-fn process_ticks(pid: Option<u32>) -> u64 {
+pub fn process_ticks(pid: Option<u32>) -> u64 {
     let Some(pid) = pid else { return 0 };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The fields after the command name (which is in parentheses and may hold spaces).
@@ -131,6 +189,15 @@ fn process_ticks(pid: Option<u32>) -> u64 {
     let f: Vec<u64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// The `p` quantile (0..1) of sorted latencies, in ms.
+pub fn quantile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted_us.len() as f64 * p).ceil() as usize).clamp(1, sorted_us.len()) - 1;
+    f64::from(sorted_us[i]) / 1000.0
 }
 
 /// The value of the environment variable `name` as a number, or `default`.

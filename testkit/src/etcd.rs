@@ -117,6 +117,70 @@ impl EtcdCluster {
         });
     }
 
+    /// The `[store]` section of a config file that points at this cluster under `prefix`.
+    pub fn store_toml(&self, prefix: &str) -> String {
+        let endpoints: Vec<String> = self.endpoints().iter().map(|e| format!("{e:?}")).collect();
+        let file = |name: &str| format!("{:?}", self.dir.path().join(name).display().to_string());
+        format!(
+            "backend = \"etcd\"\nendpoints = [{}]\nca = {}\ncert = {}\nkey = {}\nprefix = {prefix:?}\n",
+            endpoints.join(", "),
+            file("ca.pem"),
+            file("client.pem"),
+            file("client-key.pem"),
+        )
+    }
+
+    /// etcd's own `etcd grpc-proxy start` in front of this cluster, with TLS on both sides
+    /// (the members' CA and certificates), once it answers.
+    pub async fn grpc_proxy(&self) -> GrpcProxy {
+        let port = free_ports(1)[0];
+        // The proxy refuses a client certificate with a Common Name (etcd would take it as
+        // a user name): it gets one without.
+        let proxy_cert = self.ca.issue(|p| {
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        });
+        write(self.dir.path(), "proxy-client.pem", &proxy_cert.cert);
+        write(self.dir.path(), "proxy-client-key.pem", &proxy_cert.key);
+        let f = |n: &str| self.dir.path().join(n).display().to_string();
+        let log = File::create(self.dir.path().join("grpc-proxy.log")).unwrap();
+        let child = Command::new("etcd")
+            .args(["grpc-proxy", "start"])
+            .arg(format!("--endpoints={}", self.endpoints().join(",")))
+            .arg(format!("--listen-addr=127.0.0.1:{port}"))
+            .args([
+                "--cacert",
+                &f("ca.pem"),
+                "--cert",
+                &f("proxy-client.pem"),
+                "--key",
+                &f("proxy-client-key.pem"),
+            ])
+            .args(["--cert-file", &f("member.pem"), "--key-file", &f("member-key.pem")])
+            .args(["--trusted-ca-file", &f("ca.pem")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting etcd grpc-proxy: {e}; {INSTALL_HINT}"));
+        let proxy = GrpcProxy { endpoint: format!("https://127.0.0.1:{port}"), child };
+        let deadline = Instant::now() + HEALTHY_WITHIN;
+        loop {
+            let mut client = self.client_to(vec![proxy.endpoint.clone()]).await;
+            let answer = client.get("health-probe", None).await;
+            if answer.is_ok() {
+                return proxy;
+            }
+            let log = std::fs::read_to_string(self.dir.path().join("grpc-proxy.log"));
+            assert!(
+                Instant::now() < deadline,
+                "the grpc-proxy did not answer within 30 s: {answer:?}\n{}",
+                log.unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// A gateway in this process using this cluster as its store, under `prefix`.
     pub async fn gateway(&self, prefix: &str, timeout_ms: u64) -> TestGateway {
         TestGateway::start_with(|c| {
@@ -133,6 +197,12 @@ impl EtcdCluster {
             Some(i) => vec![self.endpoints()[i].clone()],
             None => self.endpoints(),
         };
+        self.client_to(endpoints).await
+    }
+
+    /// An etcd client to `endpoints` (members, or a proxy), with this cluster's client
+    /// certificate.
+    pub async fn client_to(&self, endpoints: Vec<String>) -> Client {
         let tls = TlsOptions::new()
             .ca_certificate(Certificate::from_pem(&self.ca.cert_pem))
             .identity(Identity::from_pem(&self.client_cert.cert, &self.client_cert.key));
@@ -281,6 +351,20 @@ impl EtcdCluster {
             }
         }
         out
+    }
+}
+
+/// A running `etcd grpc-proxy`; killed when dropped.
+pub struct GrpcProxy {
+    /// Its client URL.
+    pub endpoint: String,
+    child: Child,
+}
+
+impl Drop for GrpcProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,0 +1,189 @@
+//! The gateway against etcd itself, in one run (issue 17): `make bench`, or
+//! `cargo bench --bench etcd [-- --json]`.
+//!
+//! Starts a real 3-member etcd 3.4 with TLS on loopback (testkit), etcd's own
+//! `etcd grpc-proxy start` in front of it (TLS both sides), and two release gateways on it
+//! with the production settings (etcd backend; one with the audit log on, fsync and group
+//! commit as configured by default, one with it off, for the difference it makes to gets).
+//! Then each workload three ways in alternating slices, the order rotated every round:
+//! direct etcd (etcd-client over the three members, linearizable get, put), the
+//! grpc-proxy, and the gateway (mTLS, authorization, encryption, audit, etcd). 100-byte
+//! values over 1,000 keys; gateway callers share `BENCH_CONNECTIONS` (4) TLS connections,
+//! etcd callers one etcd-client channel (a connection per member).
+//!
+//! Prints one row per workload, concurrency and side: ops/s (mean over rounds), latency
+//! p50/p99/p999 over every request of the rounds, the ratio to direct etcd (median of the
+//! per-round ratios) and, for the gateways, their CPU time per request. `--json` prints the
+//! rows as one JSON array instead.
+//!
+//! Environment: `BENCH_OPS` (`get,put,mix`), `BENCH_CONCURRENCY` (`1,64,256`),
+//! `BENCH_ROUNDS` (3), `BENCH_SLICE_MS` (1000), `BENCH_CONNECTIONS` (4).
+
+use std::time::Duration;
+
+use secretgate_testkit::{
+    audit::ServedGateway,
+    bench::{self, Caller, Op, Slice, env_usize, mean, median, quantile_ms},
+    etcd::EtcdCluster,
+};
+
+const KEYS: usize = 1000;
+const ADMIN: &str = "spiffe://test.example/admin";
+const DIRECT_PREFIX: &str = "/bench-direct/";
+
+/// One way to reach the data.
+struct Side {
+    name: &'static str,
+    callers: Vec<Caller>,
+    /// The gateway's process, for its CPU per request.
+    pid: Option<u32>,
+    /// Only for gets (the audit-off gateway).
+    gets_only: bool,
+}
+
+/// One row of the table.
+#[derive(serde::Serialize)]
+struct Row {
+    workload: &'static str,
+    concurrency: usize,
+    side: &'static str,
+    ops_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    ratio_to_direct: f64,
+    cpu_us_per_request: Option<f64>,
+}
+
+fn list(var: &str, default: &str) -> Vec<String> {
+    let raw = std::env::var(var).unwrap_or_else(|_| default.into());
+    raw.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+}
+
+async fn gateway(cluster: &EtcdCluster, audit: &str, prefix: &str) -> (ServedGateway, Vec<Caller>) {
+    let mut gw = ServedGateway::prepare(audit).with_store(&cluster.store_toml(prefix));
+    gw.serve("warn").await;
+    let mut clients = Vec::new();
+    for _ in 0..env_usize("BENCH_CONNECTIONS", 4) {
+        clients.push(gw.client(ADMIN).await);
+    }
+    (gw, Caller::gateways(&clients))
+}
+
+#[tokio::main]
+async fn main() {
+    let json = std::env::args().any(|a| a == "--json");
+    let ops: Vec<Op> = list("BENCH_OPS", "get,put,mix")
+        .iter()
+        .map(|o| match o.as_str() {
+            "get" => Op::Get,
+            "put" => Op::Put,
+            "mix" => Op::Mix,
+            other => panic!("BENCH_OPS: unknown workload {other:?} (get, put, mix)"),
+        })
+        .collect();
+    let concurrency: Vec<usize> = list("BENCH_CONCURRENCY", "1,64,256")
+        .iter()
+        .map(|c| c.parse().expect("BENCH_CONCURRENCY: numbers"))
+        .collect();
+    let rounds = env_usize("BENCH_ROUNDS", 3);
+    let slice_len = Duration::from_millis(env_usize("BENCH_SLICE_MS", 1000) as u64);
+
+    let cluster = EtcdCluster::start().await;
+    let proxy = cluster.grpc_proxy().await;
+    let direct = Caller::Etcd(cluster.client(None).await.kv_client(), DIRECT_PREFIX.into());
+    let via_proxy = Caller::Etcd(
+        cluster.client_to(vec![proxy.endpoint.clone()]).await.kv_client(),
+        DIRECT_PREFIX.into(),
+    );
+    let (gw_on, on_callers) = gateway(&cluster, "", "/sg-audit-on/").await;
+    let (gw_off, off_callers) = gateway(&cluster, "enabled = false\n", "/sg-audit-off/").await;
+    for caller in [&direct, &on_callers[0], &off_callers[0]] {
+        bench::seed(caller, KEYS).await;
+    }
+    let mut sides = vec![
+        Side { name: "etcd direct", callers: vec![direct], pid: None, gets_only: false },
+        Side { name: "etcd grpc-proxy", callers: vec![via_proxy], pid: None, gets_only: false },
+        Side { name: "gateway", callers: on_callers, pid: gw_on.pid(), gets_only: false },
+        Side {
+            name: "gateway, audit off",
+            callers: off_callers,
+            pid: gw_off.pid(),
+            gets_only: true,
+        },
+    ];
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    if !json {
+        println!(
+            "secretgate vs etcd: 3-member etcd 3.4 (TLS, loopback), {cores} cores, {KEYS} keys of \
+             100 bytes, {rounds} rounds of {slice_len:?} slices per side, order rotated each round"
+        );
+    }
+
+    let mut rows = Vec::new();
+    for op in &ops {
+        for &n in &concurrency {
+            let active: Vec<usize> =
+                (0..sides.len()).filter(|&i| *op == Op::Get || !sides[i].gets_only).collect();
+            // Warm up every side for this workload.
+            for &i in &active {
+                let s = &sides[i];
+                bench::slice(&s.callers, n, *op, KEYS, Duration::from_millis(300), s.pid).await;
+            }
+            let mut slices: Vec<Vec<Slice>> = vec![Vec::new(); sides.len()];
+            for round in 0..rounds {
+                for k in 0..active.len() {
+                    let i = active[(k + round) % active.len()];
+                    let s = &sides[i];
+                    slices[i].push(bench::slice(&s.callers, n, *op, KEYS, slice_len, s.pid).await);
+                }
+            }
+            for &i in &active {
+                let row = row(op.name(), n, &sides[i], &slices[i], &slices[0]);
+                if !json {
+                    print_row(&row);
+                }
+                rows.push(row);
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).unwrap());
+    }
+    sides.clear();
+    drop((gw_on, gw_off, proxy, cluster));
+}
+
+fn row(workload: &'static str, n: usize, side: &Side, own: &[Slice], direct: &[Slice]) -> Row {
+    let mut latencies: Vec<u32> = own.iter().flat_map(|s| s.latencies_us.iter().copied()).collect();
+    latencies.sort_unstable();
+    let ratios: Vec<f64> = own.iter().zip(direct).map(|(o, d)| o.rate / d.rate).collect();
+    Row {
+        workload,
+        concurrency: n,
+        side: side.name,
+        ops_per_sec: mean(&own.iter().map(|s| s.rate).collect::<Vec<_>>()),
+        p50_ms: quantile_ms(&latencies, 0.5),
+        p99_ms: quantile_ms(&latencies, 0.99),
+        p999_ms: quantile_ms(&latencies, 0.999),
+        ratio_to_direct: median(ratios),
+        cpu_us_per_request: side
+            .pid
+            .map(|_| mean(&own.iter().map(|s| s.gateway_us).collect::<Vec<_>>())),
+    }
+}
+
+fn print_row(r: &Row) {
+    let cpu = r.cpu_us_per_request.map_or_else(String::new, |c| format!("  CPU {c:.0} µs/req"));
+    println!(
+        "{:<6} {:>4}  {:<19} {:>8.0} ops/s  p50 {:>6.2}  p99 {:>6.2}  p999 {:>6.2} ms  {:>5.2}× direct{cpu}",
+        r.workload,
+        r.concurrency,
+        r.side,
+        r.ops_per_sec,
+        r.p50_ms,
+        r.p99_ms,
+        r.p999_ms,
+        r.ratio_to_direct
+    );
+}
