@@ -91,9 +91,10 @@ async fn main() {
 
     let cluster = EtcdCluster::start().await;
     let proxy = cluster.grpc_proxy().await;
-    let direct = Caller::Etcd(cluster.client(None).await.kv_client(), DIRECT_PREFIX.into());
+    let direct =
+        Caller::Etcd(Box::new(cluster.client(None).await.kv_client()), DIRECT_PREFIX.into());
     let via_proxy = Caller::Etcd(
-        cluster.client_to(vec![proxy.endpoint.clone()]).await.kv_client(),
+        Box::new(cluster.client_to(vec![proxy.endpoint.clone()]).await.kv_client()),
         DIRECT_PREFIX.into(),
     );
     let (gw_on, on_callers) = gateway(&cluster, "", "/sg-audit-on/").await;

@@ -29,17 +29,20 @@
 //! a plain failure: the write may still commit.
 
 mod members;
+mod scan;
+mod write;
 
 use std::{fmt, future::Future, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use etcd_client::{
-    Compare, CompareOp, GetOptions, GetResponse, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{GetOptions, GetResponse, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use self::members::{Failure, Members, Trouble};
+use self::{
+    members::{Failure, Members, Trouble},
+    write::{Hints, PutStep},
+};
 use super::{SecretMeta, Store, StoreError, StoredValue, StoredVersion, UnixMillis, VersionMeta};
 use crate::{
     config::EtcdConfig,
@@ -56,6 +59,7 @@ pub struct EtcdStore {
     prefix: String,
     timeout: Duration,
     max_versions: u32,
+    hints: Arc<Hints>,
 }
 
 impl fmt::Debug for EtcdStore {
@@ -68,25 +72,14 @@ impl fmt::Debug for EtcdStore {
     }
 }
 
-/// Where one try of a write left it.
-enum PutStep {
-    /// This write committed (in this try or an earlier one).
-    Written,
-    /// The secret is at another version, not written by this write.
-    Conflict(u64),
-    /// An earlier try may have committed, but the evidence has been pruned.
-    Unsure,
-    /// Another writer changed the metadata (not the version) in between: try again.
-    Again,
-}
-
 impl EtcdStore {
     /// Prepares connections to the cluster named by `config` (TLS with its CA and client
     /// certificate, and its user if one is set). Connections open on first use, so an
     /// unreachable cluster shows up as `Unavailable` on the first operation, not here.
     pub fn connect(config: &EtcdConfig, max_versions: u32) -> Result<Self, StoreError> {
         let members = Arc::new(Members::new(config)?);
-        Ok(Self { members, prefix: config.prefix.clone(), timeout: config.timeout(), max_versions })
+        let (prefix, timeout) = (config.prefix.clone(), config.timeout());
+        Ok(Self { members, prefix, timeout, max_versions, hints: Arc::default() })
     }
 
     fn meta_key(&self, path: &str) -> String {
@@ -162,8 +155,12 @@ impl EtcdStore {
         let (Some(meta), Some(mut data)) = (gets.next(), gets.next()) else {
             return Err(corrupt(format!("a read of {path} got no answer to its gets")));
         };
-        let meta =
-            decode_first(path.as_str(), &meta)?.0.ok_or(Failure::Done(StoreError::NotFound))?;
+        let (meta, mod_revision) = decode_first(path.as_str(), &meta)?;
+        let Some(meta) = meta else {
+            self.hints.forget(path);
+            return Err(Failure::Done(StoreError::NotFound));
+        };
+        self.hints.remember(path, meta.clone(), mod_revision);
         let info = meta.readable(version).map_err(Failure::Done)?;
         let key = self.data_key(path, info.version);
         let value = match data.take_kvs().pop() {
@@ -196,72 +193,6 @@ impl EtcdStore {
             return Err(corrupt(format!("value of {path} version {version} missing")));
         };
         Ok(kv.into_key_value().1)
-    }
-
-    /// Whether the secret holds `info`'s version with `info`'s creation time and `value`:
-    /// how a retried write recognizes that an earlier, unanswered try of it committed.
-    /// `None` if that version is no longer kept, so nobody can tell.
-    async fn holds(
-        &self,
-        path: &SecretPath,
-        meta: &SecretMeta,
-        info: &VersionMeta,
-        value: &[u8],
-        deadline: Instant,
-    ) -> Result<Option<bool>, Failure> {
-        let Some(kept) = meta.versions.iter().find(|v| v.version == info.version) else {
-            return Ok(None);
-        };
-        if kept.created != info.created {
-            return Ok(Some(false));
-        }
-        let key = self.data_key(path, info.version);
-        let resp =
-            self.members.attempt(deadline, |mut kv| async move { kv.get(key, None).await }).await?;
-        Ok(Some(resp.kvs().first().is_some_and(|kv| kv.value() == value)))
-    }
-
-    /// One try of a write: read the metadata, then one compare-and-set transaction. `retried`:
-    /// an earlier try may have committed, so a moved version may be this write's own.
-    /// An error carries whether the request may have reached etcd as a write.
-    async fn put_once(
-        &self,
-        path: &SecretPath,
-        expected: u64,
-        value: &[u8],
-        info: &VersionMeta,
-        retried: bool,
-        deadline: Instant,
-    ) -> Result<PutStep, (Failure, bool)> {
-        let (meta, mod_revision, _) = self.meta(path, deadline).await.map_err(|f| (f, false))?;
-        let mut meta = meta.unwrap_or(SecretMeta { current_version: 0, versions: Vec::new() });
-        if meta.current_version != expected {
-            if !retried {
-                return Ok(PutStep::Conflict(meta.current_version));
-            }
-            return match self.holds(path, &meta, info, value, deadline).await {
-                Ok(Some(true)) => Ok(PutStep::Written),
-                Ok(Some(false)) => Ok(PutStep::Conflict(meta.current_version)),
-                Ok(None) => Ok(PutStep::Unsure),
-                Err(f) => Err((f, false)),
-            };
-        }
-        let meta_key = self.meta_key(path.as_str());
-        let mut ops = Vec::new();
-        for pruned in meta.push_version(info.clone(), self.max_versions) {
-            ops.push(TxnOp::delete(self.data_key(path, pruned.version), None));
-        }
-        ops.push(TxnOp::put(self.data_key(path, info.version), value, None));
-        ops.push(TxnOp::put(meta_key.as_str(), encode_meta(&meta).map_err(|f| (f, false))?, None));
-        let txn = Txn::new()
-            .when([Compare::mod_revision(meta_key.as_str(), CompareOp::Equal, mod_revision)])
-            .and_then(ops);
-        match self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await {
-            Ok(resp) if resp.succeeded() => Ok(PutStep::Written),
-            // Someone else changed the secret; the next read tells how.
-            Ok(_) => Ok(PutStep::Again),
-            Err(f) => Err((f, true)),
-        }
     }
 
     /// One try of a list, all pages read at the revision of the first.
@@ -332,113 +263,23 @@ impl EtcdStore {
         }
         Ok(out)
     }
-
-    /// Soft-deletes the current version in one compare-and-set transaction, retrying when
-    /// the metadata changed between the read and the write.
-    async fn delete_once(
-        &self,
-        path: &SecretPath,
-        deadline: Instant,
-    ) -> Result<VersionMeta, Failure> {
-        let key = self.meta_key(path.as_str());
-        let (meta, mod_revision, _) = self.meta(path, deadline).await?;
-        let mut meta = meta.ok_or(Failure::Done(StoreError::NotFound))?;
-        let current = meta.current_version;
-        let Some(info) = meta.versions.iter_mut().find(|v| v.version == current) else {
-            return Err(Failure::Done(StoreError::NotFound));
-        };
-        if info.deleted.is_some() {
-            // Deleting again changes nothing: also how a retry sees its own earlier try.
-            return Ok(info.clone());
-        }
-        info.deleted = Some(UnixMillis::now());
-        let info = info.clone();
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)])
-            .and_then([TxnOp::put(key.as_str(), encode_meta(&meta)?, None)]);
-        let resp =
-            self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await?;
-        if resp.succeeded() {
-            Ok(info)
-        } else {
-            Err(Failure::Refused("metadata changed during delete".into()))
-        }
-    }
-}
-
-impl EtcdStore {
-    /// One try of a scan: one range read over the data keys (a single revision).
-    async fn scan_once(
-        &self,
-        after: Option<(&SecretPath, u64)>,
-        limit: usize,
-        deadline: Instant,
-    ) -> Result<Vec<StoredVersion>, Failure> {
-        let base = format!("{}data", self.prefix);
-        let start = match after {
-            Some((path, version)) => format!("{}\0", self.data_key(path, version)),
-            None => format!("{base}/"),
-        };
-        let end = format!("{base}0");
-        let page = i64::try_from(limit.min(LIST_PAGE)).unwrap_or(1);
-        let options = GetOptions::new().with_range(end.as_str()).with_limit(page);
-        let from = start.as_str();
-        let mut resp = self
-            .members
-            .attempt(deadline, |mut kv| async move { kv.get(from, Some(options)).await })
-            .await?;
-        let mut out = Vec::with_capacity(resp.kvs().len());
-        for kv in resp.take_kvs() {
-            let (key, value) = kv.into_key_value();
-            let value = Zeroizing::new(value);
-            let key = String::from_utf8(key).map_err(|e| corrupt(format!("data key: {e}")))?;
-            let rest = key.strip_prefix(base.as_str()).unwrap_or(&key);
-            let parsed = rest.rsplit_once('@').and_then(|(path, version)| {
-                Some((SecretPath::parse(path).ok()?, version.parse::<u64>().ok()?))
-            });
-            let Some((path, version)) = parsed else {
-                return Err(corrupt(format!("stored data key {key:?}")));
-            };
-            out.push(StoredVersion { path, version, value });
-        }
-        Ok(out)
-    }
-
-    /// One try of a replace: a transaction comparing the stored value. A try that finds `new`
-    /// already stored counts as done: an earlier, unanswered try applied it (the bytes of a
-    /// fresh envelope never repeat, so nobody else wrote them).
-    async fn replace_once(
-        &self,
-        key: &str,
-        old: &[u8],
-        new: &[u8],
-        deadline: Instant,
-    ) -> Result<bool, Failure> {
-        let txn = Txn::new()
-            .when([Compare::value(key, CompareOp::Equal, old)])
-            .and_then([TxnOp::put(key, new, None)])
-            .or_else([TxnOp::get(key, None)]);
-        let resp =
-            self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await?;
-        if resp.succeeded() {
-            return Ok(true);
-        }
-        let current = resp.op_responses().into_iter().find_map(|op| match op {
-            etcd_client::TxnOpResponse::Get(get) => {
-                get.kvs().first().map(|kv| Zeroizing::new(kv.value().to_vec()))
-            }
-            _ => None,
-        });
-        Ok(current.is_some_and(|v| v.as_slice() == new))
-    }
 }
 
 #[async_trait]
 impl Store for EtcdStore {
+    /// The version this replica last saw (a guess, which the write's compare-and-set
+    /// checks: a stale one ends in a `Conflict` naming the current version), or one read.
     async fn current_version(&self, path: &SecretPath) -> Result<u64, StoreError> {
+        if let Some((meta, _)) = self.hints.get(path) {
+            return Ok(meta.current_version);
+        }
         self.retry("current_version", false, |deadline| async move {
-            let (meta, _, _) = self.meta(path, deadline).await?;
-            Ok(meta.map_or(0, |m| m.current_version))
+            let (meta, rev, _) = self.meta(path, deadline).await?;
+            let current = meta.as_ref().map_or(0, |m| m.current_version);
+            if let Some(meta) = meta {
+                self.hints.remember(path, meta, rev);
+            }
+            Ok(current)
         })
         .await
     }

@@ -123,7 +123,10 @@ pub enum StoreError {
 /// The operations every backend provides. All are atomic; see the module docs.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// The secret's current version, 0 if it never existed.
+    /// The secret's current version, 0 if it never existed: the version a write without a
+    /// guard builds on. etcd may answer from what this replica last saw, which can lag; a
+    /// write built on a stale answer fails its compare with a `Conflict` naming the current
+    /// version, and the writer tries again.
     async fn current_version(&self, path: &SecretPath) -> Result<u64, StoreError>;
 
     /// Writes version `expected + 1` if the current version is `expected`, and prunes

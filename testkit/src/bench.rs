@@ -44,7 +44,7 @@ pub enum Caller {
     /// A gateway's `Secrets` service.
     Gateway(SecretsClient<Channel>),
     /// An etcd KV client (to the members, or to a grpc-proxy) and the key prefix.
-    Etcd(etcd_client::KvClient, Arc<str>),
+    Etcd(Box<etcd_client::KvClient>, Arc<str>),
 }
 
 impl Caller {
