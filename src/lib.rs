@@ -27,6 +27,7 @@ mod crypto;
 mod fs;
 mod identity;
 mod limits;
+mod log;
 mod path;
 mod reload;
 mod server;

@@ -5,6 +5,7 @@ use std::{ops::ControlFlow, sync::Arc, time::Instant};
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::{ApiError, Call, RewrapCounts, Vault};
 use crate::{
@@ -121,11 +122,16 @@ impl Admin for AdminService {
             "/",
             &self.audit,
         )?;
-        let result = match self.permit(&mut call) {
-            Ok(permit) => AdminService::key_status(self, &permit).await,
-            Err(e) => Err(e),
-        };
-        call.finish(result).await
+        let span = call.span();
+        async move {
+            let result = match self.permit(&mut call) {
+                Ok(permit) => AdminService::key_status(self, &permit).await,
+                Err(e) => Err(e),
+            };
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
     }
 
     async fn audit_status(
@@ -140,8 +146,9 @@ impl Admin for AdminService {
             "/",
             &self.audit,
         )?;
+        let span = call.span();
         let result = match self.permit(&mut call) {
-            Ok(permit) => self.audit_status(&permit).await,
+            Ok(permit) => self.audit_status(&permit).instrument(span).await,
             Err(e) => Err(e),
         };
         // Answered even while the log fails: reporting why is the point of this RPC.

@@ -55,6 +55,8 @@ pub(crate) struct Call {
     summary: Option<String>,
     /// Tells the audit writer this request is in progress (its group commit window).
     in_flight: Option<InFlight>,
+    /// The request's span: every log line within it names the request id.
+    span: tracing::Span,
 }
 
 impl Call {
@@ -87,12 +89,14 @@ impl Call {
     ) -> Self {
         // Paths are attacker-controlled text: keep a bounded excerpt for the logs.
         let path = path.chars().take(600).collect();
+        let request_id = request_id();
+        let span = tracing::info_span!("request", request_id = %request_id, method);
         Self {
             method,
             conn: req.extensions().get::<ConnInfo>().cloned(),
             path,
             started: Instant::now(),
-            request_id: request_id(),
+            request_id,
             audit: audit.clone(),
             action: None,
             decision: None,
@@ -102,7 +106,13 @@ impl Call {
             intent_recorded: false,
             summary: None,
             in_flight: Some(audit.begin()),
+            span,
         }
+    }
+
+    /// The request's span, to run its handler in.
+    pub(crate) fn span(&self) -> tracing::Span {
+        self.span.clone()
     }
 
     /// The caller's verified identity, unless the client trust in force no longer accepts its
@@ -300,7 +310,7 @@ impl Call {
         let request_id = &self.request_id;
         match result {
             Ok(_) => {
-                tracing::info!(method = self.method, %request_id, %principal, %peer, path = ?self.path, latency_us, "ok");
+                tracing::debug!(method = self.method, %request_id, %principal, %peer, path = ?self.path, latency_us, "ok");
             }
             Err(err) => {
                 let rule = match &self.decision {

@@ -14,6 +14,7 @@ mod rotation;
 mod vault;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use zeroize::Zeroizing;
 
 pub use admin::AdminService;
@@ -246,8 +247,13 @@ impl Secrets for SecretsService {
             &request,
             &request.get_ref().path,
         )?;
-        let result = self.put_secret(&mut call, request.into_inner()).await;
-        call.finish(result).await
+        let span = call.span();
+        async move {
+            let result = self.put_secret(&mut call, request.into_inner()).await;
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
     }
 
     async fn get(
@@ -256,8 +262,13 @@ impl Secrets for SecretsService {
     ) -> Result<Response<v1::GetResponse>, Status> {
         let mut call =
             self.call("secretgate.v1.Secrets/Get", Class::Read, &request, &request.get_ref().path)?;
-        let result = self.get_secret(&mut call, request.into_inner()).await;
-        call.finish(result).await
+        let span = call.span();
+        async move {
+            let result = self.get_secret(&mut call, request.into_inner()).await;
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
     }
 
     async fn delete(
@@ -270,8 +281,13 @@ impl Secrets for SecretsService {
             &request,
             &request.get_ref().path,
         )?;
-        let result = self.delete_secret(&mut call, request.into_inner()).await;
-        call.finish(result).await
+        let span = call.span();
+        async move {
+            let result = self.delete_secret(&mut call, request.into_inner()).await;
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
     }
 
     async fn list(
@@ -284,8 +300,13 @@ impl Secrets for SecretsService {
             &request,
             &request.get_ref().prefix,
         )?;
-        let result = self.list_secrets(&mut call, request.into_inner()).await;
-        call.finish(result).await
+        let span = call.span();
+        async move {
+            let result = self.list_secrets(&mut call, request.into_inner()).await;
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
     }
 
     async fn versions(
@@ -298,8 +319,13 @@ impl Secrets for SecretsService {
             &request,
             &request.get_ref().path,
         )?;
-        let result = self.secret_versions(&mut call, request.into_inner()).await;
-        call.finish(result).await
+        let span = call.span();
+        async move {
+            let result = self.secret_versions(&mut call, request.into_inner()).await;
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
     }
 
     async fn who_am_i(
@@ -307,8 +333,13 @@ impl Secrets for SecretsService {
         request: Request<v1::WhoAmIRequest>,
     ) -> Result<Response<v1::WhoAmIResponse>, Status> {
         let mut call = self.call("secretgate.v1.Secrets/WhoAmI", Class::Read, &request, "")?;
-        let result = SecretsService::who_am_i(self, &mut call, request.into_inner()).await;
-        call.finish(result).await
+        let span = call.span();
+        async move {
+            let result = SecretsService::who_am_i(self, &mut call, request.into_inner()).await;
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
     }
 }
 

@@ -164,7 +164,7 @@ enum Output {
 pub fn run(cli: Cli) -> ExitCode {
     let server = matches!(cli.command, Command::Serve { .. } | Command::Dev { .. });
     let audit = matches!(cli.command, Command::Audit { .. });
-    init_logging(if server { "info" } else { "warn" });
+    crate::log::init(if server { "info" } else { "warn" });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -213,16 +213,6 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Policy { dir, command } => policy::run(&dir, command).await,
         Command::Audit { command } => audit::run(command).await,
     }
-}
-
-fn init_logging(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("SECRETGATE_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(default));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 #[cfg(test)]

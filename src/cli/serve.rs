@@ -58,6 +58,7 @@ pub(super) async fn dev(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Resul
 }
 
 async fn run(config: &ValidConfig) -> anyhow::Result<()> {
+    crate::log::set_format(config.log.format);
     let gateway = Gateway::start(config).await?;
     gateway.run_until_signal().await.context("waiting for a shutdown signal")?;
     Ok(())

@@ -44,6 +44,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Sizes, counts and timeouts.
     pub limits: Limits,
+    /// The gateway's own log.
+    pub log: LogConfig,
 }
 
 /// A configuration that passed every check: made only by [`Config::load`],
@@ -240,6 +242,7 @@ impl Default for Config {
             authz: AuthzConfig::default(),
             audit: AuditConfig::default(),
             limits: Limits::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -521,10 +524,12 @@ impl From<TlsVersion> for String {
 }
 
 mod env;
+mod log;
 mod net;
 mod ranged;
 mod store;
 
+pub use log::{LogConfig, LogFormat};
 pub use net::IpNet;
 pub use ranged::Ranged;
 

@@ -191,6 +191,7 @@ pub struct ServedGateway {
     pub dir: tempfile::TempDir,
     audit: String,
     store: String,
+    extra: String,
     addr: SocketAddr,
     child: Option<Child>,
 }
@@ -209,7 +210,13 @@ impl ServedGateway {
         super::write_policy(&dir.path().join("policies"), super::TEST_POLICY);
         let addr = "127.0.0.1:0".parse().unwrap();
         let store = "backend = \"embedded\"\npath = \"store/secretgate.redb\"\n".to_owned();
-        Self { ca, dir, audit: audit.to_owned(), store, addr, child: None }
+        Self { ca, dir, audit: audit.to_owned(), store, extra: String::new(), addr, child: None }
+    }
+
+    /// Adds `toml` (whole sections) at the end of the configuration file.
+    pub fn with_config(mut self, toml: &str) -> Self {
+        toml.clone_into(&mut self.extra);
+        self
     }
 
     /// Uses `store` (the TOML of the `[store]` section) instead of the embedded store.
@@ -227,8 +234,8 @@ impl ServedGateway {
             "listen = \"{}\"\n\n[tls]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\n\
              client_ca = \"ca.pem\"\n\n[store]\n{}\n[crypto]\nkeyring = \"keyring.toml\"\n\n\
              [authz]\npolicies = \"policies\"\n\n[audit]\npath = \"audit/audit.log\"\n\
-             signing_key = \"audit.key\"\n{}",
-            self.addr, self.store, self.audit
+             signing_key = \"audit.key\"\n{}\n{}",
+            self.addr, self.store, self.audit, self.extra
         );
         let config_path = super::write(self.dir.path(), "secretgate.toml", &config);
         let stderr = std::fs::OpenOptions::new()
