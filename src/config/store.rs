@@ -50,6 +50,12 @@ pub struct EtcdConfig {
     /// The password, from `password_file` or `SECRETGATE_STORE_PASSWORD`; never in the
     /// file itself, never serialized, redacted in `Debug`.
     pub password: StorePassword,
+    /// Serve reads from memory, kept by a watch on the prefix and checked against etcd by a
+    /// linearizable barrier (docs/etcd.md). Default true.
+    pub cache: bool,
+    /// MiB the cache may hold (sealed values and metadata, never plaintext); past it reads
+    /// go to etcd directly until a restart. Default 256; 1 to 65536.
+    pub cache_max_mib: Ranged<1, 65_536>,
 }
 
 /// The etcd password. Wiped from memory on drop; `Debug` shows only whether it is set.
@@ -74,6 +80,8 @@ impl Default for EtcdConfig {
             username: String::new(),
             password_file: PathBuf::new(),
             password: StorePassword::default(),
+            cache: true,
+            cache_max_mib: Ranged::of::<256>(),
         }
     }
 }
@@ -193,6 +201,8 @@ pub(super) struct StoreFile {
     timeout_ms: Ranged<100, 60_000>,
     username: String,
     password_file: PathBuf,
+    cache: bool,
+    cache_max_mib: Ranged<1, 65_536>,
 }
 
 impl Default for StoreFile {
@@ -214,6 +224,8 @@ impl StoreFile {
             timeout_ms: e.timeout_ms,
             username: e.username,
             password_file: e.password_file,
+            cache: e.cache,
+            cache_max_mib: e.cache_max_mib,
         }
     }
 }
@@ -234,6 +246,8 @@ impl TryFrom<StoreFile> for StoreConfig {
                 username: f.username,
                 password_file: f.password_file,
                 password: StorePassword::default(),
+                cache: f.cache,
+                cache_max_mib: f.cache_max_mib,
             })),
             _ => Err("store.backend must be \"embedded\" or \"etcd\"".into()),
         }

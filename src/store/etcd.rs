@@ -28,6 +28,7 @@
 //! write was sent and nothing settles it, the error is [`StoreError::OutcomeUnknown`], never
 //! a plain failure: the write may still commit.
 
+mod cache;
 mod members;
 mod scan;
 mod write;
@@ -40,6 +41,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use self::{
+    cache::Cache,
     members::{Failure, Members, Trouble},
     write::{Hints, PutStep},
 };
@@ -60,6 +62,8 @@ pub struct EtcdStore {
     timeout: Duration,
     max_versions: u32,
     hints: Arc<Hints>,
+    /// The read cache, unless `store.cache = false`.
+    cache: Option<Arc<Cache>>,
 }
 
 impl fmt::Debug for EtcdStore {
@@ -79,7 +83,11 @@ impl EtcdStore {
     pub fn connect(config: &EtcdConfig, max_versions: u32) -> Result<Self, StoreError> {
         let members = Arc::new(Members::new(config)?);
         let (prefix, timeout) = (config.prefix.clone(), config.timeout());
-        Ok(Self { members, prefix, timeout, max_versions, hints: Arc::default() })
+        let cache = config.cache.then(|| {
+            let max = (config.cache_max_mib.get() << 20) as usize;
+            Cache::start(Arc::clone(&members), prefix.clone(), max, timeout)
+        });
+        Ok(Self { members, prefix, timeout, max_versions, hints: Arc::default(), cache })
     }
 
     fn meta_key(&self, path: &str) -> String {
@@ -121,6 +129,64 @@ impl EtcdStore {
         let revision = resp.header().map_or(0, |h| h.revision());
         let (meta, mod_revision) = decode_first(path.as_str(), &resp)?;
         Ok((meta, mod_revision, revision))
+    }
+
+    /// Reads answered from the read cache so far, by every etcd store of the process.
+    #[cfg(feature = "testing")]
+    pub fn cache_hits() -> u64 {
+        cache::HITS.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A read answered from memory after the barrier (see [`cache`]), or `None` when the
+    /// cache cannot answer it for sure: then the caller reads etcd directly.
+    async fn cached_get(
+        &self,
+        path: &SecretPath,
+        version: Option<u64>,
+    ) -> Option<Result<StoredValue, StoreError>> {
+        let cache = self.cache.as_ref().filter(|c| c.serving())?;
+        let meta_key = self.meta_key(path.as_str()).into_bytes();
+        let mut keys = vec![meta_key.clone()];
+        let cached = cache.entry(&meta_key).and_then(|(v, _)| decode_meta(path.as_str(), &v).ok());
+        if let Some(info) = cached.as_ref().and_then(|m| m.readable(version).ok()) {
+            keys.push(self.data_key(path, info.version).into_bytes());
+        }
+        let revisions = cache.barrier(keys.clone()).await.ok()?;
+        let values = match cache.snapshot(&keys, &revisions) {
+            Some(values) => values,
+            None => {
+                let newest = revisions.iter().copied().max().unwrap_or(0);
+                if !cache.caught_up(newest).await {
+                    return None;
+                }
+                cache.snapshot(&keys, &revisions)?
+            }
+        };
+        let Some(meta) = values.first()?.as_deref() else {
+            cache::HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Some(Err(StoreError::NotFound));
+        };
+        let meta = decode_meta(path.as_str(), meta).ok()?;
+        let info = match meta.readable(version) {
+            Ok(info) => info,
+            Err(e) => {
+                cache::HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Some(Err(e));
+            }
+        };
+        // The value key checked must be the one this metadata names (the cached metadata
+        // may have moved on while waiting for the feed).
+        if keys.get(1) != Some(&self.data_key(path, info.version).into_bytes()) {
+            return None;
+        }
+        let value = values.get(1)?.clone()?;
+        cache::HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(Ok(StoredValue {
+            version: info.version,
+            created: info.created,
+            current_version: meta.current_version,
+            value: Zeroizing::new(value),
+        }))
     }
 
     /// One try of a read: one etcd transaction (one round trip, one linearizable snapshot)
@@ -323,6 +389,9 @@ impl Store for EtcdStore {
         path: &SecretPath,
         version: Option<u64>,
     ) -> Result<StoredValue, StoreError> {
+        if let Some(answer) = self.cached_get(path, version).await {
+            return answer;
+        }
         self.retry("get", false, |deadline| self.get_once(path, version, deadline)).await
     }
 

@@ -49,6 +49,7 @@ struct Member {
 }
 
 /// Why one try failed, and what that means for retrying.
+#[derive(Debug)]
 pub(super) enum Failure {
     /// The member has no leader: nothing was applied; the cluster has no quorum right now.
     NoLeader(String),
@@ -137,6 +138,34 @@ impl Members {
         // `options` is never formatted: its Debug output includes the password.
         let client = Client::connect([url], Some(self.options.clone())).await?;
         Ok(client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES))
+    }
+
+    /// A watch of `key` with `options` on the next member in turn that is not cooling down,
+    /// on a connection of its own; with that member's URL. A member whose watch fails or
+    /// stalls can be cooled down with [`Members::cool`], so the next watch goes elsewhere.
+    pub(super) async fn watch(
+        &self,
+        key: &str,
+        options: etcd_client::WatchOptions,
+    ) -> (String, Result<etcd_client::WatchStream, etcd_client::Error>) {
+        let member = self.pick();
+        let watch = async {
+            let client = Client::connect([member.url.as_str()], Some(self.options.clone())).await?;
+            let mut watch = client.watch_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
+            watch.watch(key, Some(options)).await
+        };
+        let result = tokio::time::timeout(self.share, watch).await.unwrap_or_else(|_| {
+            Err(etcd_client::Error::WatchError(format!("no answer within {:?}", self.share)))
+        });
+        (member.url.clone(), result)
+    }
+
+    /// Lets member `url` sit out the next picks (its watch failed or stalled).
+    pub(super) fn cool(&self, url: &str) {
+        if let Some(m) = self.members.iter().find(|m| m.url == url) {
+            *m.cool_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Instant::now() + 3 * self.share);
+        }
     }
 
     /// The next member in turn that is not cooling down; if all are, the next in turn.

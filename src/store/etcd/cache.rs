@@ -1,0 +1,394 @@
+//! The consistent read cache: the sealed records of the prefix (metadata and sealed values,
+//! never plaintext) in memory, filled by one range read and kept by one etcd watch from the
+//! revision after it (the replica's one watch feed), re-listed when the watch is cancelled,
+//! compacted away, ends, or stalls on a member (a paused member keeps its stream open but
+//! silent, so a quiet watch is asked for progress and given up when it does not answer).
+//!
+//! **Reads are never served from memory on the feed's word alone.** Each read first passes a
+//! linearizability barrier: one linearizable, keys-only etcd transaction that returns the
+//! current `mod_revision` of the keys the read would use (the metadata key, and the value key
+//! of the version the cached metadata names). The read is answered from memory only if every
+//! one of them matches the cached entry (a `mod_revision` names one write of one key, so equal
+//! revisions mean equal bytes); otherwise it waits briefly for the feed to apply those
+//! revisions, and then reads etcd directly. So a read that starts after a write was
+//! acknowledged (by this replica, another one, or etcd directly) always sees it. Comparing
+//! per-key revisions, not "the watch reached etcd's revision", matters: etcd's revision is
+//! cluster-wide, and a write outside the prefix moves it without any event here.
+//!
+//! One barrier is in flight at a time; every read that arrives meanwhile joins the next one
+//! (up to [`MAX_BARRIER_KEYS`] keys per transaction, etcd's default `--max-txn-ops`). Past
+//! `store.cache_max_mib` the cache empties itself and reads go to etcd until a restart.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, atomic::AtomicU64},
+    time::Duration,
+};
+
+use etcd_client::{EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+
+use super::members::{Failure, Members};
+
+/// Keys one barrier transaction checks at most.
+pub(super) const MAX_BARRIER_KEYS: usize = 128;
+/// How long a read whose barrier found the cache behind waits for the feed.
+const CATCH_UP: Duration = Duration::from_millis(100);
+/// A watch silent this long is asked for progress...
+const QUIET: Duration = Duration::from_secs(5);
+/// ... and given up if it does not answer within this.
+const PROGRESS_DEADLINE: Duration = Duration::from_secs(2);
+/// Bytes counted per entry besides its key and value.
+const ENTRY_OVERHEAD: usize = 64;
+/// Keys per page of the initial range read.
+const LIST_PAGE: i64 = 1000;
+
+/// One cached key: its value and the revision that wrote it.
+type Entry = (Vec<u8>, i64);
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<Vec<u8>, Entry>,
+    bytes: usize,
+    /// Filled and following a watch.
+    serving: bool,
+    /// Emptied for good: past the budget.
+    over_budget: bool,
+}
+
+/// Reads answered from memory, for tests and (later) metrics.
+pub(super) static HITS: AtomicU64 = AtomicU64::new(0);
+
+/// One read's question to the barrier: the current `mod_revision` of these keys (0: absent).
+struct Ask {
+    keys: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Result<Vec<i64>, Failure>>,
+}
+
+/// See the module docs.
+pub(super) struct Cache {
+    state: RwLock<State>,
+    /// The highest revision the feed has applied.
+    applied: watch::Sender<i64>,
+    barrier: mpsc::UnboundedSender<Ask>,
+    max_bytes: usize,
+    prefix: String,
+}
+
+impl Cache {
+    /// Starts the feed and the barrier over `members` for keys under `prefix`.
+    pub(super) fn start(
+        members: Arc<Members>,
+        prefix: String,
+        max_bytes: usize,
+        timeout: Duration,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cache = Arc::new(Self {
+            state: RwLock::default(),
+            applied: watch::channel(0).0,
+            barrier: tx,
+            max_bytes,
+            prefix,
+        });
+        tokio::spawn(barrier_loop(Arc::clone(&members), timeout, rx));
+        tokio::spawn(feed_loop(Arc::downgrade(&cache), members, timeout));
+        cache
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        // A panic mid-update leaves entries that the barrier still checks one by one.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether reads may be tried from memory.
+    pub(super) fn serving(&self) -> bool {
+        self.read().serving
+    }
+
+    /// The cached value of `key` and its revision (0: not cached).
+    pub(super) fn entry(&self, key: &[u8]) -> Option<Entry> {
+        self.read().entries.get(key).cloned()
+    }
+
+    /// The cached values of `keys` (`None` for absent ones), if every key's cached revision
+    /// is the one in `revisions` (0 and absent alike): all taken under one lock.
+    pub(super) fn snapshot(
+        &self,
+        keys: &[Vec<u8>],
+        revisions: &[i64],
+    ) -> Option<Vec<Option<Vec<u8>>>> {
+        let state = self.read();
+        let current = keys
+            .iter()
+            .zip(revisions)
+            .all(|(k, r)| state.entries.get(k).map_or(0, |(_, rev)| *rev) == *r);
+        (state.serving && current && keys.len() == revisions.len())
+            .then(|| keys.iter().map(|k| state.entries.get(k).map(|(v, _)| v.clone())).collect())
+    }
+
+    /// The current `mod_revision` of `keys`, from the next barrier.
+    pub(super) async fn barrier(&self, keys: Vec<Vec<u8>>) -> Result<Vec<i64>, Failure> {
+        let (reply, answer) = oneshot::channel();
+        if self.barrier.send(Ask { keys, reply }).is_err() {
+            return Err(Failure::Unknown("the read barrier stopped".into()));
+        }
+        answer.await.unwrap_or_else(|_| Err(Failure::Unknown("the read barrier stopped".into())))
+    }
+
+    /// Waits (at most [`CATCH_UP`]) until the feed has applied `revision`.
+    pub(super) async fn caught_up(&self, revision: i64) -> bool {
+        let mut applied = self.applied.subscribe();
+        let wait = applied.wait_for(|a| *a >= revision);
+        matches!(tokio::time::timeout(CATCH_UP, wait).await, Ok(Ok(_)))
+    }
+
+    fn wanted(&self, key: &[u8]) -> bool {
+        let rest = key.strip_prefix(self.prefix.as_bytes()).unwrap_or_default();
+        rest.starts_with(b"meta/") || rest.starts_with(b"data/")
+    }
+
+    /// Replaces everything with a fresh list at `revision`.
+    fn fill(&self, entries: HashMap<Vec<u8>, Entry>, revision: i64) {
+        let mut state = self.write();
+        if state.over_budget {
+            return;
+        }
+        let bytes = entries.iter().map(|(k, (v, _))| k.len() + v.len() + ENTRY_OVERHEAD).sum();
+        (state.entries, state.bytes) = (entries, bytes);
+        self.check_budget(&mut state);
+        state.serving = !state.over_budget;
+        drop(state);
+        self.applied.send_modify(|a| *a = (*a).max(revision));
+    }
+
+    /// Applies one watch response's events.
+    fn apply(&self, events: &[etcd_client::Event], progress: i64) {
+        let mut top = progress;
+        let mut state = self.write();
+        for e in events {
+            let Some(kv) = e.kv() else { continue };
+            top = top.max(kv.mod_revision());
+            if state.over_budget || !self.wanted(kv.key()) {
+                continue;
+            }
+            let old = match e.event_type() {
+                EventType::Put => state
+                    .entries
+                    .insert(kv.key().to_vec(), (kv.value().to_vec(), kv.mod_revision())),
+                EventType::Delete => state.entries.remove(kv.key()),
+            };
+            let added = match e.event_type() {
+                EventType::Put => kv.key().len() + kv.value().len() + ENTRY_OVERHEAD,
+                EventType::Delete => 0,
+            };
+            let removed = old.map_or(0, |(v, _)| kv.key().len() + v.len() + ENTRY_OVERHEAD);
+            state.bytes = (state.bytes + added).saturating_sub(removed);
+        }
+        self.check_budget(&mut state);
+        drop(state);
+        self.applied.send_modify(|a| *a = (*a).max(top));
+    }
+
+    fn check_budget(&self, state: &mut State) {
+        if state.bytes > self.max_bytes && !state.over_budget {
+            tracing::warn!(
+                bytes = state.bytes,
+                limit = self.max_bytes,
+                "the read cache is over store.cache_max_mib: emptied; reads go to etcd directly \
+                 until a restart"
+            );
+            *state = State { over_budget: true, ..State::default() };
+        }
+    }
+
+    fn stop_serving(&self) {
+        self.write().serving = false;
+    }
+}
+
+/// Answers the reads' questions, one transaction at a time, each covering every question
+/// that arrived while the previous one was in flight.
+async fn barrier_loop(
+    members: Arc<Members>,
+    timeout: Duration,
+    mut rx: mpsc::UnboundedReceiver<Ask>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let mut keys = batch[0].keys.len();
+        // A read asks about at most two keys, so this stays within the limit.
+        while keys + 2 <= MAX_BARRIER_KEYS {
+            match rx.try_recv() {
+                Ok(ask) => {
+                    keys += ask.keys.len();
+                    batch.push(ask);
+                }
+                Err(_) => break,
+            }
+        }
+        let ops: Vec<TxnOp> = batch
+            .iter()
+            .flat_map(|a| a.keys.iter())
+            .map(|k| TxnOp::get(k.clone(), Some(GetOptions::new().with_keys_only())))
+            .collect();
+        let txn = Txn::new().and_then(ops);
+        let deadline = Instant::now() + timeout;
+        let answer = members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await;
+        match answer {
+            Ok(resp) => {
+                let mut revisions = resp.op_responses().into_iter().map(|r| match r {
+                    TxnOpResponse::Get(g) => g.kvs().first().map_or(0, |kv| kv.mod_revision()),
+                    _ => -1,
+                });
+                for ask in batch {
+                    let mine: Vec<i64> = revisions.by_ref().take(ask.keys.len()).collect();
+                    let _ = ask.reply.send(Ok(mine));
+                }
+            }
+            Err(f) => {
+                let why = format!("{f:?}");
+                for ask in batch {
+                    let _ = ask.reply.send(Err(Failure::Unknown(why.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Lists the prefix at one revision, page by page.
+async fn list(
+    members: &Members,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<(HashMap<Vec<u8>, Entry>, i64), Failure> {
+    let end = {
+        let mut e = prefix.as_bytes().to_vec();
+        // The prefix ends with '/', so the range end is the prefix with its last byte + 1.
+        if let Some(last) = e.last_mut() {
+            *last += 1;
+        }
+        e
+    };
+    let mut entries = HashMap::new();
+    let mut start = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let from = start.clone();
+        let deadline = Instant::now() + timeout;
+        let mut resp = members
+            .attempt(deadline, |mut kv| async move { kv.get(from, Some(options)).await })
+            .await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        let more = resp.more();
+        let mut last = None;
+        for kv in resp.take_kvs() {
+            let rev = kv.mod_revision();
+            let (key, value) = kv.into_key_value();
+            last = Some(key.clone());
+            entries.insert(key, (value, rev));
+        }
+        match (more, last) {
+            (true, Some(mut key)) => {
+                key.push(0);
+                start = key;
+            }
+            _ => return Ok((entries, revision)),
+        }
+    }
+}
+
+/// The feed: list, watch from the revision after, and again whenever the watch ends.
+async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout: Duration) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(c) = cache.upgrade() else { return };
+        c.stop_serving();
+        let prefix = c.prefix.clone();
+        let listed = list(&members, &prefix, timeout).await;
+        let (entries, revision) = match listed {
+            Ok(l) => l,
+            Err(f) => {
+                tracing::warn!(error = ?f, "read cache: cannot list the store; retrying");
+                drop(c);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let entries: HashMap<Vec<u8>, Entry> =
+            entries.into_iter().filter(|(k, _)| c.wanted(k)).collect();
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let (url, watch) = members.watch(&prefix, options).await;
+        let mut stream = match watch {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(member = %url, error = %e, "read cache: cannot watch; retrying");
+                members.cool(&url);
+                drop(c);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        c.fill(entries, revision);
+        backoff = Duration::from_millis(100);
+        drop(c);
+        let why = follow(&cache, &mut stream).await;
+        tracing::info!(member = %url, %why, "read cache: watch ended; listing again");
+        members.cool(&url);
+    }
+}
+
+/// Applies the watch's responses until it ends; why it ended.
+async fn follow(cache: &std::sync::Weak<Cache>, stream: &mut etcd_client::WatchStream) -> String {
+    loop {
+        let message = match tokio::time::timeout(QUIET, stream.message()).await {
+            Ok(m) => m,
+            Err(_) => {
+                // Quiet, or stuck on a paused member: a live member answers a progress request.
+                if let Err(e) = stream.request_progress().await {
+                    return format!("progress request failed: {e}");
+                }
+                match tokio::time::timeout(PROGRESS_DEADLINE, stream.message()).await {
+                    Ok(m) => m,
+                    Err(_) => return "no answer to a progress request".into(),
+                }
+            }
+        };
+        let resp = match message {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return "the stream ended".into(),
+            Err(e) => return e.to_string(),
+        };
+        if resp.canceled() || resp.compact_revision() > 0 {
+            return format!(
+                "cancelled ({}; compacted at {})",
+                resp.cancel_reason(),
+                resp.compact_revision()
+            );
+        }
+        let Some(c) = cache.upgrade() else { return "the store is gone".into() };
+        // A progress notification (no events, not the creation answer) says every event up
+        // to its revision was sent.
+        let progress = if resp.events().is_empty() && !resp.created() {
+            resp.header().map_or(0, |h| h.revision())
+        } else {
+            0
+        };
+        c.apply(resp.events(), progress);
+    }
+}
