@@ -19,6 +19,9 @@ use tonic::{Code, transport::Channel};
 const ADMIN: &str = "spiffe://test.example/admin";
 const PREFIX: &str = "/sg-cache/";
 
+/// The tests of this file run one at a time: they count the process's cache hits.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Two replicas on `cluster`: one store prefix, one keyring.
 async fn replicas(cluster: &EtcdCluster) -> (TestGateway, TestGateway) {
     let a = cluster.gateway(PREFIX, 5000).await;
@@ -63,6 +66,7 @@ async fn ping_pong(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_come_from_memory_and_see_writes_made_straight_into_etcd() {
+    let _serial = SERIAL.lock().await;
     let cluster = EtcdCluster::start().await;
     let (gw_a, gw_b) = replicas(&cluster).await;
     let (mut a, mut b) = (gw_a.client(ADMIN).await, gw_b.client(ADMIN).await);
@@ -93,6 +97,7 @@ async fn reads_come_from_memory_and_see_writes_made_straight_into_etcd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_pausing_or_compacting_under_the_watch_never_gives_a_stale_read() {
+    let _serial = SERIAL.lock().await;
     let mut cluster = EtcdCluster::start().await;
     let (gw_a, gw_b) = replicas(&cluster).await;
     let (mut a, mut b) = (gw_a.client(ADMIN).await, gw_b.client(ADMIN).await);
@@ -122,6 +127,7 @@ async fn killing_pausing_or_compacting_under_the_watch_never_gives_a_stale_read(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_and_readers_never_read_older_than_acknowledged() {
+    let _serial = SERIAL.lock().await;
     use std::sync::{Arc, Mutex};
     let cluster = EtcdCluster::start().await;
     let (gw_a, gw_b) = replicas(&cluster).await;
@@ -164,4 +170,24 @@ async fn concurrent_writers_and_readers_never_read_older_than_acknowledged() {
         reads += t.await.unwrap();
     }
     assert!(reads > 100, "only {reads} reads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_cache_off_every_read_goes_to_etcd() {
+    let _serial = SERIAL.lock().await;
+    let cluster = EtcdCluster::start().await;
+    let gw = TestGateway::start_with(|c| {
+        cluster.configure(c, PREFIX, 5000);
+        if let secretgate::config::StoreConfig::Etcd(e) = &mut c.store {
+            e.cache = false;
+        }
+    })
+    .await;
+    let mut a = gw.client(ADMIN).await;
+    let hits = EtcdStore::cache_hits();
+    for n in 0..20 {
+        let version = put(&mut a, "/off", &format!("v{n}")).await;
+        assert_eq!(get(&mut a, "/off").await, Ok((version, format!("v{n}").into_bytes())));
+    }
+    assert_eq!(EtcdStore::cache_hits(), hits, "a read came from memory with store.cache = false");
 }

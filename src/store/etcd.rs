@@ -62,8 +62,8 @@ pub struct EtcdStore {
     timeout: Duration,
     max_versions: u32,
     hints: Arc<Hints>,
-    /// The read cache, unless `store.cache = false`.
-    cache: Option<Arc<Cache>>,
+    /// The replica's watch feed and read cache (holding nothing with `store.cache = false`).
+    cache: Arc<Cache>,
 }
 
 impl fmt::Debug for EtcdStore {
@@ -83,10 +83,8 @@ impl EtcdStore {
     pub fn connect(config: &EtcdConfig, max_versions: u32) -> Result<Self, StoreError> {
         let members = Arc::new(Members::new(config)?);
         let (prefix, timeout) = (config.prefix.clone(), config.timeout());
-        let cache = config.cache.then(|| {
-            let max = (config.cache_max_mib.get() << 20) as usize;
-            Cache::start(Arc::clone(&members), prefix.clone(), max, timeout)
-        });
+        let max = (config.cache_max_mib.get() << 20) as usize;
+        let cache = Cache::start(Arc::clone(&members), prefix.clone(), config.cache, max, timeout);
         Ok(Self { members, prefix, timeout, max_versions, hints: Arc::default(), cache })
     }
 
@@ -144,7 +142,10 @@ impl EtcdStore {
         path: &SecretPath,
         version: Option<u64>,
     ) -> Option<Result<StoredValue, StoreError>> {
-        let cache = self.cache.as_ref().filter(|c| c.serving())?;
+        let cache = &self.cache;
+        if !cache.serving() {
+            return None;
+        }
         let meta_key = self.meta_key(path.as_str()).into_bytes();
         let mut keys = vec![meta_key.clone()];
         let cached = cache.entry(&meta_key).and_then(|(v, _)| decode_meta(path.as_str(), &v).ok());

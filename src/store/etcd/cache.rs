@@ -15,6 +15,9 @@
 //! per-key revisions, not "the watch reached etcd's revision", matters: etcd's revision is
 //! cluster-wide, and a write outside the prefix moves it without any event here.
 //!
+//! The feed runs with `store.cache = false` too, holding nothing: it is the replica's one
+//! watch, which the Watch API and the tier's control state are to share.
+//!
 //! One barrier is in flight at a time; every read that arrives meanwhile joins the next one
 //! (up to [`MAX_BARRIER_KEYS`] keys per transaction, etcd's default `--max-txn-ops`). Past
 //! `store.cache_max_mib` the cache empties itself and reads go to etcd until a restart.
@@ -76,6 +79,8 @@ pub(super) struct Cache {
     barrier: mpsc::UnboundedSender<Ask>,
     max_bytes: usize,
     prefix: String,
+    /// `store.cache`: without it the feed runs (the replica's one watch) but holds nothing.
+    caching: bool,
 }
 
 impl Cache {
@@ -83,6 +88,7 @@ impl Cache {
     pub(super) fn start(
         members: Arc<Members>,
         prefix: String,
+        caching: bool,
         max_bytes: usize,
         timeout: Duration,
     ) -> Arc<Self> {
@@ -93,6 +99,7 @@ impl Cache {
             barrier: tx,
             max_bytes,
             prefix,
+            caching,
         });
         tokio::spawn(barrier_loop(Arc::clone(&members), timeout, rx));
         tokio::spawn(feed_loop(Arc::downgrade(&cache), members, timeout));
@@ -158,7 +165,9 @@ impl Cache {
     /// Replaces everything with a fresh list at `revision`.
     fn fill(&self, entries: HashMap<Vec<u8>, Entry>, revision: i64) {
         let mut state = self.write();
-        if state.over_budget {
+        if state.over_budget || !self.caching {
+            drop(state);
+            self.applied.send_modify(|a| *a = (*a).max(revision));
             return;
         }
         let bytes = entries.iter().map(|(k, (v, _))| k.len() + v.len() + ENTRY_OVERHEAD).sum();
@@ -176,7 +185,7 @@ impl Cache {
         for e in events {
             let Some(kv) = e.kv() else { continue };
             top = top.max(kv.mod_revision());
-            if state.over_budget || !self.wanted(kv.key()) {
+            if state.over_budget || !self.caching || !self.wanted(kv.key()) {
                 continue;
             }
             let old = match e.event_type() {

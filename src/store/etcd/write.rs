@@ -89,7 +89,14 @@ impl EtcdStore {
         deadline: Instant,
     ) -> Result<PutStep, (Failure, bool)> {
         let empty = || SecretMeta { current_version: 0, versions: Vec::new() };
-        let (meta, mod_revision) = match self.hints.get(path) {
+        // The freshest guess: the read cache's copy (kept by the watch, so it also knows other
+        // replicas' writes), else this replica's last view.
+        let key = self.meta_key(path.as_str());
+        let cached = self
+            .cache
+            .entry(key.as_bytes())
+            .and_then(|(v, rev)| serde_json::from_slice::<SecretMeta>(&v).ok().map(|m| (m, rev)));
+        let (meta, mod_revision) = match cached.or_else(|| self.hints.get(path)) {
             Some((meta, rev)) if meta.current_version == expected => (meta, rev),
             // Without a hint, a first version expects that the secret never existed.
             None if expected == 0 => (empty(), 0),
