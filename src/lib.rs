@@ -25,6 +25,7 @@ mod cli;
 mod clock;
 mod crypto;
 mod fs;
+mod health;
 mod identity;
 mod limits;
 mod log;
@@ -45,6 +46,7 @@ pub use api::{
 };
 pub use cli::{Cli, run as run_cli};
 pub use config::{Config, ValidConfig};
+pub use health::{LIVENESS, READINESS};
 pub use identity::{PeerIdentity, Principal};
 pub use path::{MAX_PATH_BYTES, MAX_SEGMENTS, PathError, PathPrefix, SecretPath, Target};
 pub use server::{Gateway, Reloaded, StartError};

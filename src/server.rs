@@ -9,6 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Server;
+use tonic_health::ServingStatus;
 
 use crate::{
     api::{AdminService, SecretsService, Vault},
@@ -139,6 +140,7 @@ impl Gateway {
         );
 
         let max_message = config.limits.max_request_bytes() as usize;
+        let store_for_health = Arc::clone(&store);
         let vault = Vault::new(store, keys.clone());
         let limiter = RateLimiter::new(authz.clone(), audit.clone());
         let secrets = SecretsServer::new(SecretsService::new(
@@ -163,10 +165,16 @@ impl Gateway {
         let health = health.max_decoding_message_size(SMALL_REQUEST_BYTES);
         health_reporter.set_serving::<SecretsServer<SecretsService>>().await;
         health_reporter.set_serving::<AdminServer<AdminService>>().await;
-        let mut watchers = vec![];
-        if let Some(health) = audit.watch() {
-            watchers.push(tokio::spawn(report_audit_health(health, health_reporter.clone())));
-        }
+        // Live at once; ready once the first check of the store has passed.
+        health_reporter.set_service_status(crate::health::LIVENESS, ServingStatus::Serving).await;
+        health_reporter
+            .set_service_status(crate::health::READINESS, ServingStatus::NotServing)
+            .await;
+        let mut watchers = vec![tokio::spawn(crate::health::report(
+            audit.watch(),
+            Arc::clone(&store_for_health),
+            health_reporter.clone(),
+        ))];
         // Reflection v1 and v1alpha, as grpc-go serves them: older tools (grpcurl before
         // 1.9, grpcui, Python's grpcio-reflection) speak only v1alpha.
         let reflection = || {
@@ -350,29 +358,4 @@ async fn open_audit(
         }
     });
     Ok((audit, Some(task)))
-}
-
-/// Mirrors the audit log's state into the gRPC health service: NOT_SERVING while records
-/// cannot be written (the reason goes to the log and to `Admin/AuditStatus`).
-async fn report_audit_health(
-    mut health: crate::audit::writer::AuditHealth,
-    reporter: tonic_health::server::HealthReporter,
-) {
-    use tonic_health::ServingStatus;
-    loop {
-        let failure = health.borrow_and_update().clone();
-        let status = match &failure {
-            None => ServingStatus::Serving,
-            Some(reason) => {
-                tracing::error!(%reason, "audit log failing: health NOT_SERVING, requests refused");
-                ServingStatus::NotServing
-            }
-        };
-        for service in ["", "secretgate.v1.Secrets", "secretgate.v1.Admin"] {
-            reporter.set_service_status(service, status).await;
-        }
-        if health.changed().await.is_err() {
-            return;
-        }
-    }
 }

@@ -255,3 +255,22 @@ pub(super) async fn whoami(args: &ClientArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `secretgate health [--ready]`: the liveness or readiness health state; an error unless
+/// SERVING.
+pub(super) async fn health(args: &ClientArgs, ready: bool) -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let service = if ready { crate::health::READINESS } else { crate::health::LIVENESS };
+    let mut client = HealthClient::new(channel(args).await?);
+    let request = HealthCheckRequest { service: service.into() };
+    let status = client.check(request).await.map_err(rpc_error)?.into_inner().status();
+    let name = status.as_str_name();
+    match args.output {
+        Output::Human => println!("{service}: {name}"),
+        Output::Json => print_json(&json!({ "service": service, "status": name })),
+    }
+    if status != tonic_health::pb::health_check_response::ServingStatus::Serving {
+        bail!("{service} is {name}");
+    }
+    Ok(())
+}

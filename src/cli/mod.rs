@@ -100,6 +100,15 @@ enum Command {
         #[command(flatten)]
         conn: ClientArgs,
     },
+    /// Probe a gateway for exec probes: exit 0 if it is live (or, with --ready, ready to
+    /// serve: audit log writable, store reachable), 1 if not.
+    Health {
+        /// Check readiness instead of liveness.
+        #[arg(long)]
+        ready: bool,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
     /// Check, test and explain authorization policies (offline, from the policy directory).
     Policy {
         /// The policy directory.
@@ -210,6 +219,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Versions { path, conn } => client::versions(&conn, path).await,
         Command::Keys { keyring, command } => keys::run(&keyring, command).await,
         Command::Whoami { conn } => client::whoami(&conn).await,
+        Command::Health { ready, conn } => client::health(&conn, ready).await,
         Command::Policy { dir, command } => policy::run(&dir, command).await,
         Command::Audit { command } => audit::run(command).await,
     }

@@ -475,6 +475,18 @@ impl Store for EtcdStore {
         .await
     }
 
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.retry("ready", false, |deadline| async move {
+            let key = self.prefix.as_str();
+            let options = GetOptions::new().with_count_only();
+            self.members
+                .attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await })
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn audit_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let base = format!("{}audit/", self.prefix);
         self.retry("audit_checkpoints", false, |deadline| {

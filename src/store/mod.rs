@@ -189,6 +189,12 @@ pub trait Store: Send + Sync + 'static {
     /// The latest checkpoint of every audit log the store has seen, as (log id, line), in
     /// log id order: what the gateway checks a log it finds (or does not find) against.
     async fn audit_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Whether the store can serve now (etcd: a linearizable read answers, so a quorum is
+    /// reachable): for the readiness probe.
+    async fn ready(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 impl UnixMillis {
