@@ -14,7 +14,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CARGO_BIN ?= $(if $(CARGO_HOME),$(CARGO_HOME),$(HOME)/.cargo)/bin
 
-.PHONY: run test deps build fmt lint file-sizes install-link etcd-cluster etcd-pki run-etcd bench
+.PHONY: run test deps build fmt lint file-sizes install-link etcd-cluster etcd-pki run-etcd bench deploy-check
 
 # No Rust file over this many lines (tests and benches included, no exemptions): a longer
 # file is a module that wants to be split (STYLE.md).
@@ -34,6 +34,7 @@ test: deps file-sizes
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test
 	$(CARGO) run -q --bin secretgate -- policy test --dir policies
+	$(MAKE) -s deploy-check
 
 build:
 	$(CARGO) build --bin secretgate
@@ -48,10 +49,12 @@ install-link: build
 	  echo "note: $(CARGO_BIN) not found; use $(CURDIR)/target/debug/secretgate"; \
 	fi
 
-# protoc builds the gRPC API; etcd and etcdctl run the replicated-store tests.
+# protoc builds the gRPC API; etcd and etcdctl run the replicated-store tests;
+# systemd-analyze checks the systemd unit.
 deps:
 	@missing=""; \
 	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
 	if [ -n "$$missing" ]; then \
@@ -60,6 +63,20 @@ deps:
 	  $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
 	fi
+
+# The systemd unit, checked by systemd itself: `verify` must have nothing to say (it exits 0
+# on unknown keys, so any output fails), with ExecStart pointed at the binary just built.
+deploy-check: build
+	@tmp=$$(mktemp -d); \
+	sed "s#/usr/local/bin/secretgate#$(CURDIR)/target/debug/secretgate#" \
+	  deploy/systemd/secretgate.service > $$tmp/secretgate.service; \
+	out=$$(systemd-analyze verify $$tmp/secretgate.service 2>&1); \
+	score=$$(systemd-analyze security --offline=true $$tmp/secretgate.service 2>&1 | tail -1); \
+	rm -rf $$tmp; \
+	if [ -n "$$out" ]; then \
+	  echo "$$out"; echo "deploy/systemd/secretgate.service: systemd-analyze verify complained"; exit 1; \
+	fi; \
+	echo "deploy/systemd/secretgate.service: systemd-analyze verify OK; $$score"
 
 file-sizes:
 	@long=$$(find src tests benches testkit -name '*.rs' -exec awk -v max=$(MAX_FILE_LINES) \
