@@ -202,7 +202,14 @@ impl Gateway {
             });
         let (tx, rx) = oneshot::channel::<()>();
         let request_memory = MemoryBudget::new(config.limits.max_request_memory() as usize);
-        let router = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(age) = config.limits.max_connection_age() {
+            // Past the age, GOAWAY: requests in flight finish, new ones go to a new connection.
+            // (No `max_connection_age_grace`: with it, tonic 0.14 skips the GOAWAY and only
+            // cuts the connection after age + grace.)
+            builder = builder.max_connection_age(age);
+        }
+        let router = builder
             .timeout(config.limits.request_timeout())
             .max_concurrent_streams(
                 u32::try_from(config.limits.max_streams_per_connection.get()).ok(),

@@ -279,3 +279,21 @@ fn the_example_policy_directory_with_its_rate_limits_loads() {
     write(dir.path(), "rate_limits.toml", LIMITS);
     secretgate::authz::Policy::load(dir.path()).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_sent_away_at_their_maximum_age() {
+    let gw = TestGateway::start_with(|c| {
+        c.limits.max_connection_age_secs = Ranged::of::<1>();
+    })
+    .await;
+    let admin = gw.ca.client(ADMIN);
+    let opened = Instant::now();
+    let mut conn = h2::connect(gw.addr(), &gw.ca.cert_pem, &admin, b"").await.unwrap();
+    let response = h2::unary(&mut conn, "/secretgate.v1.Secrets/WhoAmI", &[]);
+    assert_eq!(h2::status(response, Duration::from_secs(5)).await.map(|s| s.0), Some(0));
+    // The server says GOAWAY after the age; the connection then ends, and the client
+    // reconnects (to any replica behind a balancer).
+    let ended = tokio::time::timeout(Duration::from_secs(10), &mut conn.conn).await;
+    assert!(ended.is_ok(), "the connection outlived its maximum age by 9 s");
+    assert!(opened.elapsed() >= Duration::from_millis(900), "closed before its age");
+}

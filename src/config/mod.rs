@@ -192,6 +192,10 @@ pub struct Limits {
     /// Seconds a connection may stay open with no request or stream in progress before the
     /// gateway closes it; 0 never. Default 300.
     pub idle_connection_timeout_secs: Ranged<0, 86_400>,
+    /// Seconds after which a connection is asked to go away (HTTP/2 GOAWAY: clients finish
+    /// their requests and reconnect, to any replica), so load spreads again after a replica
+    /// restarts; 0 never. Default 0.
+    pub max_connection_age_secs: Ranged<0, 604_800>,
 }
 
 /// A configuration that cannot be used, naming the field or variable at fault.
@@ -302,6 +306,7 @@ impl Default for Limits {
             request_timeout_secs: Ranged::of::<30>(),
             max_request_memory_mib: Ranged::of::<256>(),
             idle_connection_timeout_secs: Ranged::of::<300>(),
+            max_connection_age_secs: Ranged::of::<0>(),
         }
     }
 }
@@ -494,6 +499,11 @@ impl Limits {
     /// The budget for the bytes of requests in flight.
     pub fn max_request_memory(&self) -> u64 {
         self.max_request_memory_mib.get() << 20
+    }
+
+    /// The maximum connection age, `None` for none.
+    pub fn max_connection_age(&self) -> Option<Duration> {
+        Some(self.max_connection_age_secs.secs()).filter(|d| !d.is_zero())
     }
 
     /// The idle-connection timeout, `None` for never.
