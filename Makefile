@@ -20,6 +20,12 @@ CARGO_BIN ?= $(if $(CARGO_HOME),$(CARGO_HOME),$(HOME)/.cargo)/bin
 # file is a module that wants to be split (STYLE.md).
 MAX_FILE_LINES := 600
 
+# Python tools for the checks (a venv in the checkout, made by `deps`): the Kubernetes
+# manifests are validated against the schemas of this Kubernetes version.
+VENV := .venv
+KUBERNETES_VALIDATE := 1.37.0
+KUBERNETES_VERSION := 1.35.0
+
 # The local etcd cluster: state (PKI, data, logs) in .secretgate-dev/etcd/; delete it to
 # start over. Client ports 12379, 22379, 32379; peer ports one above each.
 ETCD_DIR := .secretgate-dev/etcd
@@ -57,16 +63,21 @@ deps:
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
+	command -v python3 >/dev/null 2>&1 || missing="$$missing python3"; \
+	python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	  $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
 	fi
+	@[ -x $(VENV)/bin/kubernetes-validate ] || { \
+	  echo "installing kubernetes-validate $(KUBERNETES_VALIDATE) into $(VENV)"; \
+	  python3 -m venv $(VENV) && $(VENV)/bin/pip install -q kubernetes-validate==$(KUBERNETES_VALIDATE); }
 
-# The systemd unit, checked by systemd itself: `verify` must have nothing to say (it exits 0
+# The deployment files, checked by the real tools. The systemd unit by systemd itself: `verify` must have nothing to say (it exits 0
 # on unknown keys, so any output fails), with ExecStart pointed at the binary just built.
-deploy-check: build
+deploy-check: deps build
 	@tmp=$$(mktemp -d); \
 	sed "s#/usr/local/bin/secretgate#$(CURDIR)/target/debug/secretgate#" \
 	  deploy/systemd/secretgate.service > $$tmp/secretgate.service; \
@@ -77,6 +88,8 @@ deploy-check: build
 	  echo "$$out"; echo "deploy/systemd/secretgate.service: systemd-analyze verify complained"; exit 1; \
 	fi; \
 	echo "deploy/systemd/secretgate.service: systemd-analyze verify OK; $$score"
+	@$(VENV)/bin/kubernetes-validate -k $(KUBERNETES_VERSION) --strict --quiet deploy/kubernetes/*.yaml
+	@echo "deploy/kubernetes: every manifest valid for Kubernetes $(KUBERNETES_VERSION) (strict)"
 
 file-sizes:
 	@long=$$(find src tests benches testkit -name '*.rs' -exec awk -v max=$(MAX_FILE_LINES) \
