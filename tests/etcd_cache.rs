@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{CompactionOptions, GetOptions};
 use secretgate::{
-    proto::v1::{GetRequest, PutRequest, secrets_client::SecretsClient},
+    proto::v1::{GetRequest, PutRequest, StoreStatusRequest, secrets_client::SecretsClient},
     testing::EtcdStore,
 };
 use secretgate_testkit::{
@@ -79,6 +79,15 @@ async fn reads_come_from_memory_and_see_writes_made_straight_into_etcd() {
         assert!(Instant::now() < deadline, "reads never came from the cache");
         ping_pong(&mut a, &mut b, 10, "more").await;
     }
+
+    let status = gw_b.admin(ADMIN).await.store_status(StoreStatusRequest {}).await;
+    let status = status.unwrap().into_inner();
+    assert_eq!((status.backend.as_str(), status.cache.as_str()), ("etcd", "serving"));
+    assert!(status.cache_entries >= 10 && status.cache_hits > 0, "{status:?}");
+    assert!(status.cache_bytes > 0 && status.cache_bytes <= status.cache_max_bytes);
+    let denied = gw_b.admin("spiffe://test.example/reader").await;
+    let denied = denied.clone().store_status(StoreStatusRequest {}).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
 
     // Roll /p's metadata back to version 1 straight in etcd: the next read sees version 1,
     // not the cached version 2.
@@ -190,4 +199,43 @@ async fn with_the_cache_off_every_read_goes_to_etcd() {
         assert_eq!(get(&mut a, "/off").await, Ok((version, format!("v{n}").into_bytes())));
     }
     assert_eq!(EtcdStore::cache_hits(), hits, "a read came from memory with store.cache = false");
+    let status = gw.admin(ADMIN).await.store_status(StoreStatusRequest {}).await;
+    assert_eq!(status.unwrap().into_inner().cache, "off");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_budget_the_cache_empties_itself_and_reads_go_to_etcd() {
+    let _serial = SERIAL.lock().await;
+    let cluster = EtcdCluster::start().await;
+    let gw = TestGateway::start_with(|c| {
+        cluster.configure(c, PREFIX, 5000);
+        if let secretgate::config::StoreConfig::Etcd(e) = &mut c.store {
+            e.cache_max_mib = secretgate::config::Ranged::of::<1>();
+        }
+    })
+    .await;
+    let mut a = gw.client(ADMIN).await;
+    let mut admin = gw.admin(ADMIN).await;
+    // 24 values of 60 kB: more than the 1 MiB budget once sealed and cached.
+    let big = "x".repeat(60_000);
+    for n in 0..24 {
+        put(&mut a, &format!("/big{n}"), &big).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = admin.store_status(StoreStatusRequest {}).await.unwrap().into_inner();
+        if s.cache == "over budget" {
+            assert_eq!((s.cache_entries, s.cache_bytes), (0, 0), "emptied: {s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never over budget: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Reads still answer, from etcd.
+    let hits = EtcdStore::cache_hits();
+    for n in 0..24 {
+        let (_, value) = get(&mut a, &format!("/big{n}")).await.unwrap();
+        assert_eq!(value.len(), 60_000);
+    }
+    assert_eq!(EtcdStore::cache_hits(), hits, "a read came from an emptied cache");
 }

@@ -96,6 +96,20 @@ impl AdminService {
     }
 }
 
+impl AdminService {
+    fn store_status(&self, permit: &Permit<act::Admin>) -> v1::StoreStatusResponse {
+        let s = self.vault.store_status(permit);
+        v1::StoreStatusResponse {
+            backend: s.backend.to_owned(),
+            cache: s.cache.to_owned(),
+            cache_entries: s.entries,
+            cache_bytes: s.bytes,
+            cache_max_bytes: s.max_bytes,
+            cache_hits: s.hits,
+        }
+    }
+}
+
 fn progress_message(to_rewrap: u64, p: &RewrapCounts, done: bool) -> v1::RewrapProgress {
     v1::RewrapProgress {
         to_rewrap,
@@ -153,6 +167,27 @@ impl Admin for AdminService {
         };
         // Answered even while the log fails: reporting why is the point of this RPC.
         call.finish_unwaited(result)
+    }
+
+    async fn store_status(
+        &self,
+        request: Request<v1::StoreStatusRequest>,
+    ) -> Result<Response<v1::StoreStatusResponse>, Status> {
+        let mut call = Call::admit(
+            &self.limiter,
+            Class::Admin,
+            "secretgate.v1.Admin/StoreStatus",
+            &request,
+            "/",
+            &self.audit,
+        )?;
+        let span = call.span();
+        async move {
+            let result = self.permit(&mut call).map(|permit| self.store_status(&permit));
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
     }
 
     type RewrapStream = ReceiverStream<Result<v1::RewrapProgress, Status>>;

@@ -309,6 +309,11 @@ impl Vault {
         self.store.audit_checkpoint(log_id).await.map_err(ApiError::from_store_fault)
     }
 
+    /// The store backend and its read cache.
+    pub fn store_status(&self, _permit: &Permit<act::Admin>) -> crate::store::StoreStatus {
+        self.store.status()
+    }
+
     /// Re-seals every stored record not under the primary key (see [`rotation::rewrap`]);
     /// `on_progress` may stop it early.
     pub async fn rewrap(

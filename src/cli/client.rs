@@ -274,3 +274,28 @@ pub(super) async fn health(args: &ClientArgs, ready: bool) -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// `secretgate store-status`: the store backend and its read cache.
+pub(super) async fn store_status(args: &ClientArgs) -> anyhow::Result<()> {
+    let mut admin = crate::proto::v1::admin_client::AdminClient::new(channel(args).await?);
+    let request = crate::proto::v1::StoreStatusRequest {};
+    let s = admin.store_status(request).await.map_err(rpc_error)?.into_inner();
+    match args.output {
+        Output::Human => {
+            println!("backend:     {}", s.backend);
+            println!("read cache:  {}", s.cache);
+            if s.backend == "etcd" && s.cache != "off" {
+                println!(
+                    "             {} keys, {} of {} bytes, {} reads answered from memory",
+                    s.cache_entries, s.cache_bytes, s.cache_max_bytes, s.cache_hits
+                );
+            }
+        }
+        Output::Json => print_json(&json!({
+            "backend": s.backend, "cache": s.cache, "cache_entries": s.cache_entries,
+            "cache_bytes": s.cache_bytes, "cache_max_bytes": s.cache_max_bytes,
+            "cache_hits": s.cache_hits,
+        })),
+    }
+    Ok(())
+}

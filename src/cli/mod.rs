@@ -100,6 +100,11 @@ enum Command {
         #[command(flatten)]
         conn: ClientArgs,
     },
+    /// Show the gateway's store backend and its read cache (needs `admin` on `/`).
+    StoreStatus {
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
     /// Probe a gateway for exec probes: exit 0 if it is live (or, with --ready, ready to
     /// serve: audit log writable, store reachable), 1 if not.
     Health {
@@ -220,6 +225,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Keys { keyring, command } => keys::run(&keyring, command).await,
         Command::Whoami { conn } => client::whoami(&conn).await,
         Command::Health { ready, conn } => client::health(&conn, ready).await,
+        Command::StoreStatus { conn } => client::store_status(&conn).await,
         Command::Policy { dir, command } => policy::run(&dir, command).await,
         Command::Audit { command } => audit::run(command).await,
     }

@@ -164,14 +164,14 @@ impl EtcdStore {
             }
         };
         let Some(meta) = values.first()?.as_deref() else {
-            cache::HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            cache.hit();
             return Some(Err(StoreError::NotFound));
         };
         let meta = decode_meta(path.as_str(), meta).ok()?;
         let info = match meta.readable(version) {
             Ok(info) => info,
             Err(e) => {
-                cache::HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                cache.hit();
                 return Some(Err(e));
             }
         };
@@ -181,7 +181,7 @@ impl EtcdStore {
             return None;
         }
         let value = values.get(1)?.clone()?;
-        cache::HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        cache.hit();
         Some(Ok(StoredValue {
             version: info.version,
             created: info.created,
@@ -473,6 +473,10 @@ impl Store for EtcdStore {
             }
         })
         .await
+    }
+
+    fn status(&self) -> super::StoreStatus {
+        self.cache.status()
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

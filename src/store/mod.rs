@@ -190,11 +190,33 @@ pub trait Store: Send + Sync + 'static {
     /// log id order: what the gateway checks a log it finds (or does not find) against.
     async fn audit_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
+    /// The backend and its read cache, for `Admin/StoreStatus`.
+    fn status(&self) -> StoreStatus {
+        StoreStatus { backend: "embedded", cache: "off", ..StoreStatus::default() }
+    }
+
     /// Whether the store can serve now (etcd: a linearizable read answers, so a quorum is
     /// reachable): for the readiness probe.
     async fn ready(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
+
+/// What `Admin/StoreStatus` reports (see its message in admin.proto).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// `embedded` or `etcd`.
+    pub backend: &'static str,
+    /// `serving`, `filling`, `over budget` or `off`.
+    pub cache: &'static str,
+    /// Keys held.
+    pub entries: u64,
+    /// Bytes counted against the budget.
+    pub bytes: u64,
+    /// The budget.
+    pub max_bytes: u64,
+    /// Reads answered from memory since the start.
+    pub hits: u64,
 }
 
 impl UnixMillis {

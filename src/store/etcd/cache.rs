@@ -81,6 +81,8 @@ pub(super) struct Cache {
     prefix: String,
     /// `store.cache`: without it the feed runs (the replica's one watch) but holds nothing.
     caching: bool,
+    /// Reads this cache answered.
+    hits: AtomicU64,
 }
 
 impl Cache {
@@ -100,6 +102,7 @@ impl Cache {
             max_bytes,
             prefix,
             caching,
+            hits: AtomicU64::new(0),
         });
         tokio::spawn(barrier_loop(Arc::clone(&members), timeout, rx));
         tokio::spawn(feed_loop(Arc::downgrade(&cache), members, timeout));
@@ -113,6 +116,31 @@ impl Cache {
 
     fn write(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a read answered from memory.
+    pub(super) fn hit(&self) {
+        self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The cache's state, for `Admin/StoreStatus`.
+    pub(super) fn status(&self) -> crate::store::StoreStatus {
+        let state = self.read();
+        let cache = match (self.caching, state.over_budget, state.serving) {
+            (false, ..) => "off",
+            (true, true, _) => "over budget",
+            (true, false, true) => "serving",
+            (true, false, false) => "filling",
+        };
+        crate::store::StoreStatus {
+            backend: "etcd",
+            cache,
+            entries: state.entries.len() as u64,
+            bytes: state.bytes as u64,
+            max_bytes: self.max_bytes as u64,
+            hits: self.hits.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// Whether reads may be tried from memory.
