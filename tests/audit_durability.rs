@@ -58,6 +58,9 @@ async fn fail_closed_when_the_disk_is_full_and_recovers_by_itself() {
 
     let filler = fill(disk.path());
     wait_for_health(&mut health, ServingStatus::NotServing).await;
+    // Not ready (send no traffic), but live (do not restart it).
+    wait_for_service(&mut health, secretgate::READINESS, ServingStatus::NotServing).await;
+    assert_eq!(service_status(&mut health, secretgate::LIVENESS).await, ServingStatus::Serving);
     load.wait_for("puts refused while the disk is full", |a| unavailable_count(a) >= 20).await;
     // Asked now, checked last, so that every other promise is checked whatever it says.
     let mut admin = gw.admin(ADMIN).await;
@@ -65,6 +68,7 @@ async fn fail_closed_when_the_disk_is_full_and_recovers_by_itself() {
 
     std::fs::remove_file(&filler).unwrap();
     wait_for_health(&mut health, ServingStatus::Serving).await;
+    wait_for_service(&mut health, secretgate::READINESS, ServingStatus::Serving).await;
     let before = ok_count(&load.answers());
     load.wait_for("puts acknowledged after the recovery", |a| ok_count(a) >= before + 20).await;
     let answers = load.stop().await;
@@ -114,18 +118,26 @@ async fn fail_closed_when_the_disk_is_full_and_recovers_by_itself() {
 }
 
 async fn health_of(h: &mut HealthClient<Channel>) -> ServingStatus {
-    let r = h.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    service_status(h, "").await
+}
+
+async fn service_status(h: &mut HealthClient<Channel>, service: &str) -> ServingStatus {
+    let r = h.check(HealthCheckRequest { service: service.into() }).await.unwrap();
     r.into_inner().status()
 }
 
 async fn wait_for_health(h: &mut HealthClient<Channel>, want: ServingStatus) {
+    wait_for_service(h, "", want).await;
+}
+
+async fn wait_for_service(h: &mut HealthClient<Channel>, service: &str, want: ServingStatus) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let now = health_of(h).await;
+        let now = service_status(h, service).await;
         if now == want {
             return;
         }
-        assert!(Instant::now() < deadline, "health is {now:?}, not {want:?}");
+        assert!(Instant::now() < deadline, "health of {service:?} is {now:?}, not {want:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
