@@ -35,6 +35,11 @@ impl AdminService {
         Self { vault, authz, audit, limiter, rewrap: Arc::new(Mutex::new(())) }
     }
 
+    /// The context of one Admin RPC (on `/`), once admitted past the rate limits.
+    fn call<T>(&self, method: &'static str, request: &Request<T>) -> Result<Call, Status> {
+        Call::admit(&self.limiter, Class::Admin, method, request, "/", &self.audit)
+    }
+
     fn permit(&self, call: &mut Call) -> Result<Permit<act::Admin>, ApiError> {
         call.authorize::<act::Admin>(&self.authz, WholeStore)
     }
@@ -128,14 +133,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::KeyStatusRequest>,
     ) -> Result<Response<v1::KeyStatusResponse>, Status> {
-        let mut call = Call::admit(
-            &self.limiter,
-            Class::Admin,
-            "secretgate.v1.Admin/KeyStatus",
-            &request,
-            "/",
-            &self.audit,
-        )?;
+        let mut call = self.call("secretgate.v1.Admin/KeyStatus", &request)?;
         let span = call.span();
         async move {
             let result = match self.permit(&mut call) {
@@ -152,14 +150,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::AuditStatusRequest>,
     ) -> Result<Response<v1::AuditStatusResponse>, Status> {
-        let mut call = Call::admit(
-            &self.limiter,
-            Class::Admin,
-            "secretgate.v1.Admin/AuditStatus",
-            &request,
-            "/",
-            &self.audit,
-        )?;
+        let mut call = self.call("secretgate.v1.Admin/AuditStatus", &request)?;
         let span = call.span();
         let result = match self.permit(&mut call) {
             Ok(permit) => self.audit_status(&permit).instrument(span).await,
@@ -173,14 +164,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::StoreStatusRequest>,
     ) -> Result<Response<v1::StoreStatusResponse>, Status> {
-        let mut call = Call::admit(
-            &self.limiter,
-            Class::Admin,
-            "secretgate.v1.Admin/StoreStatus",
-            &request,
-            "/",
-            &self.audit,
-        )?;
+        let mut call = self.call("secretgate.v1.Admin/StoreStatus", &request)?;
         let span = call.span();
         async move {
             let result = self.permit(&mut call).map(|permit| self.store_status(&permit));
@@ -196,14 +180,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RewrapRequest>,
     ) -> Result<Response<Self::RewrapStream>, Status> {
-        let mut call = Call::admit(
-            &self.limiter,
-            Class::Admin,
-            "secretgate.v1.Admin/Rewrap",
-            &request,
-            "/",
-            &self.audit,
-        )?;
+        let mut call = self.call("secretgate.v1.Admin/Rewrap", &request)?;
         let permit = match self.permit(&mut call) {
             Ok(p) => p,
             Err(e) => return call.finish(Err(e)).await,

@@ -81,12 +81,7 @@ impl Call {
         Ok(Self::new(method, req, path, audit))
     }
 
-    pub(crate) fn new<T>(
-        method: &'static str,
-        req: &Request<T>,
-        path: &str,
-        audit: &AuditLog,
-    ) -> Self {
+    fn new<T>(method: &'static str, req: &Request<T>, path: &str, audit: &AuditLog) -> Self {
         // Paths are attacker-controlled text: keep a bounded excerpt for the logs.
         let path = path.chars().take(600).collect();
         let request_id = request_id();

@@ -148,8 +148,10 @@ impl EtcdStore {
         }
         let meta_key = self.meta_key(path.as_str()).into_bytes();
         let mut keys = vec![meta_key.clone()];
-        let cached = cache.entry(&meta_key).and_then(|(v, _)| decode_meta(path.as_str(), &v).ok());
-        if let Some(info) = cached.as_ref().and_then(|m| m.readable(version).ok()) {
+        let cached = cache
+            .entry(&meta_key)
+            .and_then(|(v, rev)| decode_meta(path.as_str(), &v).ok().map(|m| (m, rev)));
+        if let Some(info) = cached.as_ref().and_then(|(m, _)| m.readable(version).ok()) {
             keys.push(self.data_key(path, info.version).into_bytes());
         }
         let revisions = cache.barrier(keys.clone()).await.ok()?;
@@ -167,7 +169,11 @@ impl EtcdStore {
             cache.hit();
             return Some(Err(StoreError::NotFound));
         };
-        let meta = decode_meta(path.as_str(), meta).ok()?;
+        // Decoded once: the snapshot's metadata is the one planned with when its revision is.
+        let meta = match cached {
+            Some((m, rev)) if rev == revisions[0] => m,
+            _ => decode_meta(path.as_str(), meta).ok()?,
+        };
         let info = match meta.readable(version) {
             Ok(info) => info,
             Err(e) => {

@@ -55,12 +55,12 @@ impl Caller {
 
     /// One request: a Get, or a Put of 100 bytes, of key `key`.
     async fn call(&mut self, put: bool, key: usize) -> Result<(), String> {
-        let value = vec![b'w'; 100];
+        let value = || vec![b'w'; 100];
         match self {
             Self::Gateway(c) => {
                 let path = format!("/bench/k{key}");
                 let result = if put {
-                    let req = PutRequest { path, value, expected_version: None };
+                    let req = PutRequest { path, value: value(), expected_version: None };
                     c.put(req).await.map(drop)
                 } else {
                     c.get(GetRequest { path, version: None }).await.map(drop)
@@ -70,7 +70,7 @@ impl Caller {
             Self::Etcd(kv, prefix) => {
                 let key = format!("{prefix}k{key}");
                 let result = if put {
-                    kv.put(key, value, None).await.map(drop)
+                    kv.put(key, value(), None).await.map(drop)
                 } else {
                     kv.get(key, None).await.map(drop)
                 };
