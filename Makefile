@@ -56,11 +56,13 @@ install-link: build
 	fi
 
 # protoc builds the gRPC API; etcd and etcdctl run the replicated-store tests;
-# systemd-analyze checks the systemd unit.
+# systemd-analyze checks the systemd unit; promtool (Debian's prometheus package) checks
+# the metrics exposition.
 deps:
 	@missing=""; \
 	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
 	command -v python3 >/dev/null 2>&1 || missing="$$missing python3"; \
@@ -69,7 +71,7 @@ deps:
 	  echo "installing:$$missing"; \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	  $$sudo apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@[ -x $(VENV)/bin/kubernetes-validate ] || { \
 	  echo "installing kubernetes-validate $(KUBERNETES_VALIDATE) into $(VENV)"; \

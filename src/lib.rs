@@ -17,6 +17,7 @@
 pub mod audit;
 pub mod authz;
 pub mod config;
+pub mod metrics;
 pub mod proto;
 pub mod tls;
 

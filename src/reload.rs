@@ -115,10 +115,13 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                     Ok(v) => {
                         tracing::info!(what = this.what, path = %this.path.display(), version = %describe(&v), "reloaded")
                     }
-                    Err(e) => tracing::error!(
-                        what = this.what, path = %this.path.display(), error = %e,
-                        "reload refused; the last good version stays in force"
-                    ),
+                    Err(e) => {
+                        crate::metrics::reload_failed(this.what);
+                        tracing::error!(
+                            what = this.what, path = %this.path.display(), error = %e,
+                            "reload refused; the last good version stays in force"
+                        )
+                    }
                 }
             }
         })

@@ -18,12 +18,13 @@ use crate::{
     config::{StoreConfig, ValidConfig},
     crypto::{Keyring, KeyringError, KeyringHandle},
     limits::{MemoryBudget, RateLimiter, RequestLayer},
+    metrics::{MetricsServer, scrape::Sources},
     proto::{
         FILE_DESCRIPTOR_SET,
         v1::{admin_server::AdminServer, secrets_server::SecretsServer},
     },
     reload::Reloadable,
-    store::{EmbeddedStore, EtcdStore, Store, StoreError},
+    store::{EmbeddedStore, EtcdStore, Metered, Store, StoreError},
     tls::{self, ClientTrust, HandshakeLimits, ServerCert, TlsError, TlsIncoming},
 };
 
@@ -94,6 +95,7 @@ pub struct Gateway {
     checkpoint_task: Option<JoinHandle<()>>,
     reloads: Reloads,
     limiter: RateLimiter,
+    metrics: Option<MetricsServer>,
 }
 
 impl Gateway {
@@ -111,7 +113,7 @@ impl Gateway {
             rules = authz.handle().current().rule_count(),
             "policy loaded"
         );
-        let store = open_store(config).await?;
+        let store: Arc<dyn Store> = Arc::new(Metered(open_store(config).await?));
         let (audit, checkpoint_task) = open_audit(config, &store).await?;
         let listener = TcpListener::bind(config.listen)
             .await
@@ -238,8 +240,29 @@ impl Gateway {
         ));
         watchers.push(trust.watch(config.tls.reload_interval(), load_trust, ClientTrust::describe));
         watchers.push(tls::warn_when_crls_are_due(Arc::clone(&trust)));
+        let metrics = match config.metrics.addr() {
+            None => None,
+            Some(at) => {
+                let sources = Sources {
+                    audit: audit.clone(),
+                    store: store_for_health,
+                    keys: keys.clone(),
+                    policy: Arc::clone(authz.handle()),
+                    server_cert: Arc::clone(&server_cert),
+                    trust: Arc::clone(&trust),
+                };
+                let tls = match config.metrics.tls {
+                    true => Some(tls::metrics_server_config(Arc::clone(&server_cert))?),
+                    false => None,
+                };
+                let bind = |source| StartError::Bind { addr: at, source };
+                let listener = TcpListener::bind(at).await.map_err(bind)?;
+                Some(crate::metrics::serve(listener, sources, tls).map_err(bind)?)
+            }
+        };
         let reloads = Reloads { keys, policy: Arc::clone(authz.handle()), server_cert, trust };
         Ok(Self {
+            metrics,
             addr,
             shutdown: Some(tx),
             task,
@@ -268,9 +291,15 @@ impl Gateway {
         self.addr
     }
 
+    /// The address of the metrics endpoint, when it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
     /// Stops accepting, lets open requests finish (up to a grace period), writes the final
     /// audit checkpoint (kept in the store too) and releases the store.
     pub async fn shutdown(mut self) {
+        drop(self.metrics.take());
         for w in self.watchers.drain(..) {
             w.abort();
         }

@@ -24,6 +24,8 @@ impl DevGateway {
             .args(["dev", "--listen", &addr])
             // A checkpoint after every record, for `audit checkpoint`.
             .env("SECRETGATE_AUDIT_CHECKPOINT_EVERY", "1")
+            // Not the default port: these gateways run in parallel.
+            .env("SECRETGATE_METRICS_LISTEN", "")
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

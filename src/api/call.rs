@@ -74,6 +74,8 @@ impl Call {
         if let Some(conn) = req.extensions().get::<ConnInfo>() {
             let principal = conn.identity.principal.as_str();
             if let Err(throttled) = limiter.admit(principal, class) {
+                crate::metrics::rate_limited(class.as_str());
+                crate::metrics::rpc(method, Code::ResourceExhausted, std::time::Duration::ZERO);
                 let principal = principal.to_owned();
                 return Err(Status::from(&ApiError::RateLimited { principal, throttled }));
             }
@@ -129,12 +131,14 @@ impl Call {
         self.action = Some(A::ACTION);
         match authz.authorize::<A>(&id.principal, on) {
             Ok(permit) => {
+                crate::metrics::decision(A::ACTION.as_str(), "allow");
                 let decision = Decision::Allow { rule_line: permit.rule_line() };
                 self.decision =
                     Some(Decided::Policy(decision, Some(permit.policy_version().to_owned())));
                 Ok(permit)
             }
             Err(denied) => {
+                crate::metrics::decision(A::ACTION.as_str(), "deny");
                 let decision = Decision::Deny { rule_line: denied.rule_line };
                 self.decision = Some(Decided::Policy(decision, None));
                 Err(denied.into())
@@ -144,6 +148,7 @@ impl Call {
 
     /// Notes that the request's results are filtered path by path for `action` (List).
     pub(crate) fn filtered(&mut self, action: Action) {
+        crate::metrics::decision(action.as_str(), "filtered");
         self.action = Some(action);
         self.decision = Some(Decided::Filtered);
     }
@@ -236,10 +241,15 @@ impl Call {
     }
 
     fn respond<T>(&self, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
+        let elapsed = self.started.elapsed();
         match result {
-            Ok(body) => Ok(self.answer(body)),
+            Ok(body) => {
+                crate::metrics::rpc(self.method, Code::Ok, elapsed);
+                Ok(self.answer(body))
+            }
             Err(err) => {
                 let mut status = Status::from(&err);
+                crate::metrics::rpc(self.method, status.code(), elapsed);
                 if let Some(id) = self.request_id_value() {
                     status.metadata_mut().insert(REQUEST_ID_HEADER, id);
                 }

@@ -46,6 +46,8 @@ pub struct Config {
     pub limits: Limits,
     /// The gateway's own log.
     pub log: LogConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
 }
 
 /// A configuration that passed every check: made only by [`Config::load`],
@@ -247,6 +249,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -401,6 +404,7 @@ impl Config {
             StoreConfig::Embedded { .. } => {}
             StoreConfig::Etcd(etcd) => etcd.validate(self.limits.request_timeout())?,
         }
+        self.metrics.validate()?;
         if self.crypto.keyring.as_os_str().is_empty() {
             return invalid("crypto.keyring", "is required (the keyring file path)");
         }
@@ -535,11 +539,13 @@ impl From<TlsVersion> for String {
 
 mod env;
 mod log;
+mod metrics;
 mod net;
 mod ranged;
 mod store;
 
 pub use log::{LogConfig, LogFormat};
+pub use metrics::MetricsConfig;
 pub use net::IpNet;
 pub use ranged::Ranged;
 

@@ -482,7 +482,7 @@ impl Store for EtcdStore {
     }
 
     fn status(&self) -> super::StoreStatus {
-        self.cache.status()
+        super::StoreStatus { members: self.members.health(), ..self.cache.status() }
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

@@ -17,6 +17,7 @@
 
 mod embedded;
 mod etcd;
+mod metered;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +28,7 @@ use crate::path::{PathPrefix, SecretPath};
 
 pub use embedded::EmbeddedStore;
 pub use etcd::EtcdStore;
+pub use metered::Metered;
 
 /// Default number of versions kept per secret.
 pub const DEFAULT_MAX_VERSIONS: u32 = 10;
@@ -217,6 +219,8 @@ pub struct StoreStatus {
     pub max_bytes: u64,
     /// Reads answered from memory since the start.
     pub hits: u64,
+    /// etcd: each member's URL, and whether the gateway's last try on it answered.
+    pub members: Vec<(String, bool)>,
 }
 
 impl UnixMillis {

@@ -34,7 +34,9 @@ use super::{
     proxy::{self, Proxied},
     refusals::{Refusals, SUMMARY_EVERY},
 };
-use crate::{audit::AuditLog, config::IpNet, identity::PeerIdentity, limits::Activity};
+use crate::{
+    audit::AuditLog, config::IpNet, identity::PeerIdentity, limits::Activity, metrics::Refusal,
+};
 
 /// The stream of authenticated connections tonic serves. Dropping it stops accepting.
 pub struct TlsIncoming {
@@ -141,18 +143,18 @@ async fn accept_loop(
                         Ok(Ok(Proxied::Client(client))) => {
                             peer_addr = client;
                             for peer in to.pending.moved(id, client) {
-                                to.refusals.refused(peer, DROPPED);
+                                to.refusals.refused(peer, Refusal::Dropped, DROPPED);
                             }
                         }
                         Ok(Ok(Proxied::Local)) => {}
                         Ok(Err(reason)) => {
                             to.pending.done(id);
-                            return to.refusals.refused(peer_addr, &reason);
+                            return to.refusals.refused(peer_addr, Refusal::Proxy, &reason);
                         }
                         Err(_) => {
                             to.pending.done(id);
                             let why = format!("no PROXY protocol header within {:?}", limits.first_byte);
-                            return to.refusals.refused(peer_addr, &why);
+                            return to.refusals.refused(peer_addr, Refusal::Timeout, &why);
                         }
                     }
                 }
@@ -163,7 +165,7 @@ async fn accept_loop(
                     Ok((stream, identity, chain)) => {
                         let Ok(slot) = Arc::clone(&to.slots).try_acquire_owned() else {
                             let why = "too many open connections (limits.max_connections)";
-                            to.refusals.refused(peer_addr, why);
+                            to.refusals.refused(peer_addr, Refusal::ConnectionLimit, why);
                             return;
                         };
                         tracing::debug!(peer = %peer_addr, principal = %identity.principal, "client connected");
@@ -176,13 +178,13 @@ async fn accept_loop(
                         // A closed channel means the server is shutting down: drop it.
                         let _ = to.tx.send(conn).await;
                     }
-                    Err(reason) => to.refusals.refused(peer_addr, &reason),
+                    Err((why, reason)) => to.refusals.refused(peer_addr, why, &reason),
                 }
             })
             .abort_handle()
         });
         for peer in dropped {
-            to.refusals.refused(peer, DROPPED);
+            to.refusals.refused(peer, Refusal::Dropped, DROPPED);
         }
     }
 }
@@ -192,27 +194,35 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     limits: &HandshakeLimits,
-) -> Result<(TlsStream<TcpStream>, PeerIdentity, Vec<CertificateDer<'static>>), String> {
+) -> Result<(TlsStream<TcpStream>, PeerIdentity, Vec<CertificateDer<'static>>), (Refusal, String)> {
+    let tls = |e: String| (Refusal::Tls, e);
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
     // A client that says nothing is dropped early: its ClientHello is its first packet.
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.first_byte, tcp.peek(&mut first)).await {
-        Err(_) => return Err(format!("no ClientHello within {:?}", limits.first_byte)),
-        Ok(Ok(0)) => return Err("closed before its ClientHello".into()),
-        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => {
+            return Err((
+                Refusal::Timeout,
+                format!("no ClientHello within {:?}", limits.first_byte),
+            ));
+        }
+        Ok(Ok(0)) => return Err((Refusal::Closed, "closed before its ClientHello".into())),
+        Ok(Err(e)) => return Err((Refusal::Closed, e.to_string())),
         Ok(Ok(_)) => {}
     }
     let left = limits.timeout.saturating_sub(started.elapsed());
     let stream = tokio::time::timeout(left, acceptor.accept(tcp))
         .await
-        .map_err(|_| format!("handshake not completed within {:?}", limits.timeout))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| {
+            (Refusal::Timeout, format!("handshake not completed within {:?}", limits.timeout))
+        })?
+        .map_err(|e| tls(e.to_string()))?;
     let chain = stream.get_ref().1.peer_certificates().unwrap_or_default().to_vec();
-    let leaf = chain.first().ok_or_else(|| format!("{peer}: no client certificate"))?;
+    let leaf = chain.first().ok_or_else(|| tls(format!("{peer}: no client certificate")))?;
     // The verifier already accepted this identity; deriving it again here cannot fail
     // unless the verifier was bypassed, and then refusing is right.
-    let identity = PeerIdentity::from_der(leaf).map_err(|e| e.to_string())?;
+    let identity = PeerIdentity::from_der(leaf).map_err(|e| tls(e.to_string()))?;
     Ok((stream, identity, chain))
 }
 

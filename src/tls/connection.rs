@@ -49,6 +49,8 @@ pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
     info: ConnInfo,
     _slot: OwnedSemaphorePermit,
+    /// Counted in the metrics while open.
+    _open: crate::metrics::OpenConnection,
     idle: Option<IdleClose>,
 }
 
@@ -66,7 +68,8 @@ impl TlsConnection {
             sleep: Box::pin(tokio::time::sleep(timeout)),
             activity: Arc::clone(&info.activity),
         });
-        Self { stream, info, _slot: slot, idle }
+        let open = crate::metrics::OpenConnection::new(info.identity.expires);
+        Self { stream, info, _slot: slot, _open: open, idle }
     }
 }
 

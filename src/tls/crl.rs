@@ -39,6 +39,8 @@ pub struct ClientCrl {
     version: String,
     crls: usize,
     next_update: Option<String>,
+    /// The same, for metrics.
+    next_update_at: Option<SystemTime>,
     /// The CRL due first: when a warning is due (a quarter of its validity left), and what
     /// to say.
     due: Option<(SystemTime, String)>,
@@ -127,6 +129,7 @@ impl ClientCrl {
             version: hex::encode(&Sha256::digest(&pem)[..6]),
             crls: issuers.len(),
             next_update: next_update.map(|t| t.to_string()),
+            next_update_at: next_update.map(system_time),
             due,
         })
     }
@@ -136,6 +139,11 @@ impl ClientCrl {
     /// refuse every certificate of its CA.
     pub fn due(&self, now: SystemTime) -> Option<&str> {
         self.due.as_ref().filter(|(at, _)| now >= *at).map(|(_, say)| say.as_str())
+    }
+
+    /// The earliest next update of the CRLs, if any gives one.
+    pub fn next_update(&self) -> Option<SystemTime> {
+        self.next_update_at
     }
 
     /// The verifier for handshakes: the client CA bundle with these CRLs.

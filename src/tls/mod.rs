@@ -127,6 +127,7 @@ impl ClientCas {
 pub struct ServerCert {
     key: Arc<CertifiedKey>,
     described: String,
+    expires: Option<std::time::SystemTime>,
 }
 
 impl std::fmt::Debug for ServerCert {
@@ -141,6 +142,9 @@ impl ServerCert {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let chain = read_certs(cert, "server certificate")?;
         let private = read_key(key, "server private key")?;
+        let expires = x509_parser::parse_x509_certificate(&chain[0])
+            .ok()
+            .map(|(_, c)| crate::identity::system_time(c.validity().not_after));
         let described = x509_parser::parse_x509_certificate(&chain[0]).map_or_else(
             |_| "a certificate x509-parser cannot read".to_owned(),
             |(_, c)| {
@@ -158,7 +162,12 @@ impl ServerCert {
                 format!("cannot be used with the server certificate {}: {e}", cert.display()),
             )
         })?;
-        Ok(Self { key: Arc::new(certified), described })
+        Ok(Self { key: Arc::new(certified), described, expires })
+    }
+
+    /// When the leaf expires (`None` if x509-parser cannot read it).
+    pub fn expires(&self) -> Option<std::time::SystemTime> {
+        self.expires
     }
 
     /// For the log: the leaf's serial number and expiry.
@@ -212,6 +221,18 @@ fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(ReloadingCert(cert)));
     config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A rustls configuration presenting `cert` (the one in force at each handshake) without
+/// asking for a client certificate, for HTTP/1.1: the metrics listener's (`metrics.tls`).
+pub fn metrics_server_config(cert: ServerCertHandle) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(ReloadingCert(cert)));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

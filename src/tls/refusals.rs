@@ -13,6 +13,7 @@ use std::{
 use crate::{
     audit::{AuditLog, Kind, Record},
     limits::{Rate, TokenBucket},
+    metrics::Refusal,
 };
 
 /// Refused handshakes recorded one by one per second, on average.
@@ -72,7 +73,8 @@ impl Refusals {
     }
 
     /// Records (or counts) a handshake from `peer` refused for `reason`.
-    pub(super) fn refused(&self, peer: SocketAddr, reason: &str) {
+    pub(super) fn refused(&self, peer: SocketAddr, why: Refusal, reason: &str) {
+        crate::metrics::handshake_refused(why);
         if !self.counted().take(Instant::now(), peer, reason) {
             return;
         }

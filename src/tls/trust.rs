@@ -102,6 +102,11 @@ impl ClientTrust {
         self.crl.as_ref()?.due(now)
     }
 
+    /// The earliest next update of the CRLs in force (none without CRLs).
+    pub fn crl_next_update(&self) -> Option<SystemTime> {
+        self.crl.as_ref()?.next_update()
+    }
+
     /// For the log: the bundle's digest and size, and the CRLs'.
     pub fn describe(&self) -> String {
         let crl = self.crl.as_ref().map_or_else(|| "no CRL".to_owned(), ClientCrl::describe);

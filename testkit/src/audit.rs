@@ -234,8 +234,14 @@ impl ServedGateway {
             "listen = \"{}\"\n\n[tls]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\n\
              client_ca = \"ca.pem\"\n\n[store]\n{}\n[crypto]\nkeyring = \"keyring.toml\"\n\n\
              [authz]\npolicies = \"policies\"\n\n[audit]\npath = \"audit/audit.log\"\n\
-             signing_key = \"audit.key\"\n{}\n{}",
-            self.addr, self.store, self.audit, self.extra
+             signing_key = \"audit.key\"\n{}\n{}{}",
+            self.addr,
+            self.store,
+            self.audit,
+            self.extra,
+            // Off unless the test's own sections set it: gateways in parallel tests would
+            // all want the default port.
+            if self.extra.contains("[metrics]") { "" } else { "\n[metrics]\nlisten = \"\"\n" },
         );
         let config_path = super::write(self.dir.path(), "secretgate.toml", &config);
         let stderr = std::fs::OpenOptions::new()

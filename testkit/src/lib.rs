@@ -156,6 +156,8 @@ impl TestGateway {
         write(dir.path(), "server-key.pem", &server.key);
         write(dir.path(), "ca.pem", &ca.cert_pem);
         let mut config = Config { listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
+        // Off unless a test turns it on: gateways in parallel tests would all want its port.
+        config.metrics.listen = String::new();
         config.tls.cert = dir.path().join("server.pem");
         config.tls.key = dir.path().join("server-key.pem");
         config.tls.client_ca = dir.path().join("ca.pem");
@@ -202,6 +204,11 @@ impl TestGateway {
 
     pub fn addr(&self) -> SocketAddr {
         self.gateway.as_ref().expect("gateway is running").local_addr()
+    }
+
+    /// The metrics endpoint's address, when `metrics.listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.gateway.as_ref().expect("gateway is running").metrics_addr()
     }
 
     /// Stops the gateway and starts a new one on the same config, store and port.
@@ -339,6 +346,45 @@ fn client_tls(ca_pem: &str, identity: Option<&Pem>, tls12: bool) -> rustls::Clie
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     config
+}
+
+/// `GET path` over HTTP/1.1 at `addr` (over TLS trusting `ca_pem` when given, with no
+/// client certificate): the whole response, status line, headers and body.
+pub async fn http_get(addr: SocketAddr, path: &str, ca_pem: Option<&str>) -> String {
+    http_get_with(addr, path, ca_pem, "").await
+}
+
+/// [`http_get`] with further header lines (each ending in `\r\n`).
+pub async fn http_get_with(
+    addr: SocketAddr,
+    path: &str,
+    ca_pem: Option<&str>,
+    headers: &str,
+) -> String {
+    use tokio::io::AsyncWriteExt;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}\r\n");
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut response = Vec::new();
+    let exchange = async {
+        match ca_pem {
+            None => {
+                let mut tcp = tcp;
+                tcp.write_all(request.as_bytes()).await.unwrap();
+                tcp.read_to_end(&mut response).await.unwrap();
+            }
+            Some(ca) => {
+                let mut config = client_tls(ca, None, false);
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let mut tls = tls_over(tcp, config).await.unwrap();
+                tls.write_all(request.as_bytes()).await.unwrap();
+                // A server may end TLS without close_notify after `Connection: close`.
+                let _ = tls.read_to_end(&mut response).await;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange).await.expect("no answer within 10 s");
+    String::from_utf8(response).unwrap()
 }
 
 /// A TLS handshake over `tcp` as a client with `config`.

@@ -152,6 +152,7 @@ impl State {
                 Ok(first)
             }
             Err(e) => {
+                crate::metrics::audit_failed();
                 let reason = e.to_string();
                 match &mut self.outage {
                     Some(o) => o.refused += records.len() as u64,

@@ -37,7 +37,8 @@ impl State {
         }
         let syncing = Instant::now();
         let result = self.file.write_all(&buf).and_then(|()| self.file.sync_data());
-        self.sync_time = (self.sync_time * 7 + syncing.elapsed()) / 8;
+        let took = syncing.elapsed();
+        self.sync_time = (self.sync_time * 7 + took) / 8;
         if let Err(e) = result {
             // Cut back anything partly written, so the file ends with a whole durable line.
             let _ = self.file.set_len(self.len);
@@ -48,6 +49,7 @@ impl State {
         let written = records.len() as u64 + u64::from(cp_line.is_some());
         self.shared.records.fetch_add(written, Ordering::Relaxed);
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::audit_written(written, took);
         self.since_checkpoint += records.len() as u64;
         self.head = head;
         if let Some(line) = cp_line {

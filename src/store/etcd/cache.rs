@@ -140,6 +140,7 @@ impl Cache {
             bytes: state.bytes as u64,
             max_bytes: self.max_bytes as u64,
             hits: self.hits.load(std::sync::atomic::Ordering::Relaxed),
+            members: Vec::new(),
         }
     }
 

@@ -12,7 +12,7 @@ use std::{
     path::Path,
     sync::{
         Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -46,6 +46,8 @@ struct Member {
     kv: OnceCell<KvClient>,
     /// Not picked before this instant unless every member is cooling down.
     cool_until: Mutex<Option<Instant>>,
+    /// Whether its last try answered (for metrics); true until one fails.
+    answered: AtomicBool,
 }
 
 /// Why one try failed, and what that means for retrying.
@@ -103,6 +105,7 @@ impl Members {
                 url: url.clone(),
                 kv: OnceCell::new(),
                 cool_until: Mutex::new(None),
+                answered: AtomicBool::new(true),
             })
             .collect();
         Ok(Self { members, options, next: AtomicUsize::new(0), share })
@@ -127,6 +130,7 @@ impl Members {
         })
         .await
         .unwrap_or_else(|_| Err(Failure::Unknown(format!("no answer within {:?}", self.share))));
+        member.answered.store(result.is_ok(), Ordering::Relaxed);
         result.map_err(|f| {
             let mut cool = member.cool_until.lock().unwrap_or_else(|e| e.into_inner());
             *cool = Some(Instant::now() + 3 * self.share);
@@ -160,11 +164,17 @@ impl Members {
         (member.url.clone(), result)
     }
 
+    /// Each member's URL, and whether its last try answered.
+    pub(super) fn health(&self) -> Vec<(String, bool)> {
+        self.members.iter().map(|m| (m.url.clone(), m.answered.load(Ordering::Relaxed))).collect()
+    }
+
     /// Lets member `url` sit out the next picks (its watch failed or stalled).
     pub(super) fn cool(&self, url: &str) {
         if let Some(m) = self.members.iter().find(|m| m.url == url) {
             *m.cool_until.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(Instant::now() + 3 * self.share);
+            m.answered.store(false, Ordering::Relaxed);
         }
     }
 
