@@ -14,7 +14,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CARGO_BIN ?= $(if $(CARGO_HOME),$(CARGO_HOME),$(HOME)/.cargo)/bin
 
-.PHONY: run test deps build fmt lint file-sizes install-link etcd-cluster etcd-pki run-etcd bench deploy-check
+.PHONY: run test deps build fmt lint file-sizes install-link etcd-cluster etcd-pki run-etcd bench deploy-check python-client python-test
 
 # No Rust file over this many lines (tests and benches included, no exemptions): a longer
 # file is a module that wants to be split (STYLE.md).
@@ -25,6 +25,9 @@ MAX_FILE_LINES := 600
 VENV := .venv
 KUBERNETES_VALIDATE := 1.37.0
 KUBERNETES_VERSION := 1.35.0
+# The Python client's tools and test runner (grpcio-tools, grpcio-reflection, pytest), pinned.
+PYTHON_REQS := clients/python/requirements-dev.txt
+PYTHON_STUBS := clients/python/secretgate/v1
 
 # The local etcd cluster: state (PKI, data, logs) in .secretgate-dev/etcd/; delete it to
 # start over. Client ports 12379, 22379, 32379; peer ports one above each.
@@ -41,6 +44,7 @@ test: deps file-sizes
 	$(CARGO) test
 	$(CARGO) run -q --bin secretgate -- policy test --dir policies
 	$(MAKE) -s deploy-check
+	$(MAKE) -s python-test
 
 build:
 	$(CARGO) build --bin secretgate
@@ -73,9 +77,11 @@ deps:
 	  $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
-	@[ -x $(VENV)/bin/kubernetes-validate ] || { \
-	  echo "installing kubernetes-validate $(KUBERNETES_VALIDATE) into $(VENV)"; \
-	  python3 -m venv $(VENV) && $(VENV)/bin/pip install -q kubernetes-validate==$(KUBERNETES_VALIDATE); }
+	@[ -x $(VENV)/bin/kubernetes-validate ] && cmp -s $(PYTHON_REQS) $(VENV)/.python-client-reqs || { \
+	  echo "installing kubernetes-validate $(KUBERNETES_VALIDATE) and $(PYTHON_REQS) into $(VENV)"; \
+	  python3 -m venv $(VENV) && \
+	  $(VENV)/bin/pip install -q kubernetes-validate==$(KUBERNETES_VALIDATE) -r $(PYTHON_REQS) && \
+	  cp $(PYTHON_REQS) $(VENV)/.python-client-reqs; }
 
 # The deployment files, checked by the real tools. The systemd unit by systemd itself: `verify` must have nothing to say (it exits 0
 # on unknown keys, so any output fails), with ExecStart pointed at the binary just built.
@@ -92,6 +98,17 @@ deploy-check: deps build
 	echo "deploy/systemd/secretgate.service: systemd-analyze verify OK; $$score"
 	@$(VENV)/bin/kubernetes-validate -k $(KUBERNETES_VERSION) --strict --quiet deploy/kubernetes/*.yaml
 	@echo "deploy/kubernetes: every manifest valid for Kubernetes $(KUBERNETES_VERSION) (strict)"
+
+# The Python client's gRPC stubs, generated from proto/ by grpcio-tools (never committed, so
+# they cannot drift from the API).
+python-client: deps
+	@$(VENV)/bin/python -m grpc_tools.protoc -I proto --python_out=clients/python \
+	  --grpc_python_out=clients/python proto/secretgate/v1/secrets.proto proto/secretgate/v1/admin.proto
+
+# The Python client against a real `secretgate dev` gateway (and grpcio-reflection's client).
+python-test: python-client build
+	SECRETGATE_BIN=$(CURDIR)/target/debug/secretgate PYTHONPATH=$(CURDIR)/clients/python \
+	  $(VENV)/bin/python -m pytest -q -p no:cacheprovider clients/python
 
 file-sizes:
 	@long=$$(find src tests benches testkit -name '*.rs' -exec awk -v max=$(MAX_FILE_LINES) \

@@ -1,0 +1,1 @@
+"""Stubs generated from proto/secretgate/v1 by grpcio-tools (`make python-client`)."""
