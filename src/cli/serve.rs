@@ -47,8 +47,11 @@ pub(super) async fn dev(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Resul
     if let Some(listen) = listen {
         config.listen = listen;
     }
+    let metrics =
+        config.metrics.addr().map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics"));
     eprintln!(
-        "secretgate dev: DEVELOPMENT MODE (throw-away PKI in {}, store {}, audit log {})\n\
+        "secretgate dev: DEVELOPMENT MODE (throw-away PKI in {}, store {}, audit log {}, \
+         metrics {metrics})\n\
          try:  secretgate put /demo/hello world && secretgate get /demo/hello",
         pki.dir.display(),
         config.store.describe(),
