@@ -70,6 +70,14 @@ pub enum ApiError {
         /// The version asked for.
         version: u64,
     },
+    /// The version was destroyed: its value is gone for good.
+    #[error("version {version} of secret {path} was destroyed")]
+    VersionDestroyed {
+        /// The secret.
+        path: SecretPath,
+        /// The version asked for.
+        version: u64,
+    },
     /// Compare-and-set failed.
     #[error(
         "version conflict on {path}: expected version {expected}, current version is {current}"
@@ -149,6 +157,9 @@ impl ApiError {
             StoreError::VersionDeleted(version) => {
                 Self::VersionDeleted { path: path.clone(), version }
             }
+            StoreError::VersionDestroyed(version) => {
+                Self::VersionDestroyed { path: path.clone(), version }
+            }
             StoreError::Conflict { expected, current } => {
                 Self::Conflict { path: path.clone(), expected, current }
             }
@@ -188,9 +199,10 @@ impl ApiError {
             | Self::ValueTooLarge { .. }
             | Self::InvalidPageSize(_)
             | Self::InvalidPageToken => Code::InvalidArgument,
-            Self::NotFound(_) | Self::VersionNotFound { .. } | Self::VersionDeleted { .. } => {
-                Code::NotFound
-            }
+            Self::NotFound(_)
+            | Self::VersionNotFound { .. }
+            | Self::VersionDeleted { .. }
+            | Self::VersionDestroyed { .. } => Code::NotFound,
             Self::Denied(_) => Code::PermissionDenied,
             Self::RateLimited { .. } => Code::ResourceExhausted,
             Self::CertificateNotAccepted(_) => Code::Unauthenticated,

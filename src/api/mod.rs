@@ -127,6 +127,33 @@ impl SecretsService {
         Ok(v1::DeleteResponse { version: info.version, deleted_time: info.deleted.map(timestamp) })
     }
 
+    async fn undelete_secret(
+        &self,
+        call: &mut Call,
+        req: v1::UndeleteRequest,
+    ) -> Result<v1::UndeleteResponse, ApiError> {
+        let path = SecretPath::parse(&req.path)?;
+        let permit = call.authorize::<act::Delete>(&self.authz, path)?;
+        let intent = call.intent().await?;
+        let info = self.vault.undelete(&permit, intent, req.version).await?;
+        call.version(info.version);
+        Ok(v1::UndeleteResponse { version: info.version })
+    }
+
+    async fn destroy_secret(
+        &self,
+        call: &mut Call,
+        req: v1::DestroyRequest,
+    ) -> Result<v1::DestroyResponse, ApiError> {
+        let path = SecretPath::parse(&req.path)?;
+        let permit = call.authorize::<act::Destroy>(&self.authz, path)?;
+        let intent = call.intent().await?;
+        let info = self.vault.destroy(&permit, intent, req.version).await?;
+        call.version(info.version);
+        let destroyed_time = info.destroyed.map(timestamp);
+        Ok(v1::DestroyResponse { version: info.version, destroyed_time })
+    }
+
     async fn list_secrets(
         &self,
         call: &mut Call,
@@ -213,6 +240,7 @@ impl SecretsService {
                     version: v.version,
                     created_time: Some(timestamp(v.created)),
                     deleted_time: v.deleted.map(timestamp),
+                    destroyed_time: v.destroyed.map(timestamp),
                 })
                 .collect(),
         })
@@ -265,6 +293,36 @@ impl Secrets for SecretsService {
         let span = call.span();
         async move {
             let result = self.get_secret(&mut call, request.into_inner()).await;
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn undelete(
+        &self,
+        request: Request<v1::UndeleteRequest>,
+    ) -> Result<Response<v1::UndeleteResponse>, Status> {
+        let path = &request.get_ref().path;
+        let mut call = self.call("secretgate.v1.Secrets/Undelete", Class::Write, &request, path)?;
+        let span = call.span();
+        async move {
+            let result = self.undelete_secret(&mut call, request.into_inner()).await;
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn destroy(
+        &self,
+        request: Request<v1::DestroyRequest>,
+    ) -> Result<Response<v1::DestroyResponse>, Status> {
+        let path = &request.get_ref().path;
+        let mut call = self.call("secretgate.v1.Secrets/Destroy", Class::Write, &request, path)?;
+        let span = call.span();
+        async move {
+            let result = self.destroy_secret(&mut call, request.into_inner()).await;
             call.finish(result).await
         }
         .instrument(span)

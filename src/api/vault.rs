@@ -234,6 +234,28 @@ impl Vault {
         self.store.delete(path).await.map_err(|e| ApiError::from_store(e, path))
     }
 
+    /// Restores soft-deleted `version` of the permit's secret.
+    pub async fn undelete(
+        &self,
+        permit: &Permit<act::Delete>,
+        _intent: Intent,
+        version: u64,
+    ) -> Result<VersionMeta, ApiError> {
+        let path = permit.path();
+        self.store.undelete(path, version).await.map_err(|e| ApiError::from_store(e, path))
+    }
+
+    /// Removes `version` of the permit's secret for good.
+    pub async fn destroy(
+        &self,
+        permit: &Permit<act::Destroy>,
+        _intent: Intent,
+        version: u64,
+    ) -> Result<VersionMeta, ApiError> {
+        let path = permit.path();
+        self.store.destroy(path, version).await.map_err(|e| ApiError::from_store(e, path))
+    }
+
     /// Live paths at or below `prefix`, after `after`. Names only, no values: the caller
     /// filters them through the policy before they leave the gateway.
     pub async fn list_names(

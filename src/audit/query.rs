@@ -122,7 +122,7 @@ pub fn parse_kind(text: &str) -> Result<Kind, QueryError> {
 pub fn parse_action(text: &str) -> Result<Action, QueryError> {
     Action::parse(&text.to_ascii_lowercase()).ok_or_else(|| {
         QueryError::BadFilter(format!(
-            "unknown action {text:?}; use read, write, delete, list or admin"
+            "unknown action {text:?}; use read, write, delete, destroy, list or admin"
         ))
     })
 }

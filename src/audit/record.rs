@@ -122,7 +122,7 @@ pub struct Record {
     /// Secret path or List prefix, as sent (bounded to 600 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// `read`, `write`, `delete`, `list` or `admin`.
+    /// `read`, `write`, `delete`, `destroy`, `list` or `admin`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<Action>,
     /// `allow` or `deny`, once authorization decided.

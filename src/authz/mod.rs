@@ -34,8 +34,10 @@ pub enum Action {
     Read,
     /// Put.
     Write,
-    /// Delete.
+    /// Delete, Undelete.
     Delete,
+    /// Destroy: remove a version's value for good (its own action: it cannot be undone).
+    Destroy,
     /// List.
     List,
     /// Operator actions (key status, rewrap) on `/`.
@@ -44,14 +46,16 @@ pub enum Action {
 
 impl Action {
     /// Every action, in policy order.
-    pub const ALL: [Self; 5] = [Self::Read, Self::Write, Self::Delete, Self::List, Self::Admin];
+    pub const ALL: [Self; 6] =
+        [Self::Read, Self::Write, Self::Delete, Self::Destroy, Self::List, Self::Admin];
 
-    /// Parses `read`, `write`, `delete`, `list` or `admin`.
+    /// Parses `read`, `write`, `delete`, `destroy`, `list` or `admin`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "read" => Self::Read,
             "write" => Self::Write,
             "delete" => Self::Delete,
+            "destroy" => Self::Destroy,
             "list" => Self::List,
             "admin" => Self::Admin,
             _ => return None,
@@ -64,6 +68,7 @@ impl Action {
             Self::Read => "read",
             Self::Write => "write",
             Self::Delete => "delete",
+            Self::Destroy => "destroy",
             Self::List => "list",
             Self::Admin => "admin",
         }

@@ -22,9 +22,12 @@ pub mod act {
     /// `write` on one secret (Put).
     #[derive(Debug)]
     pub struct Write;
-    /// `delete` on one secret (Delete).
+    /// `delete` on one secret (Delete, Undelete).
     #[derive(Debug)]
     pub struct Delete;
+    /// `destroy` on one secret (Destroy).
+    #[derive(Debug)]
+    pub struct Destroy;
     /// `admin` on the whole store (key status, audit status, rewrap).
     #[derive(Debug)]
     pub struct Admin;
@@ -32,6 +35,7 @@ pub mod act {
     impl Sealed for Read {}
     impl Sealed for Write {}
     impl Sealed for Delete {}
+    impl Sealed for Destroy {}
     impl Sealed for Admin {}
 
     impl Act for Read {
@@ -44,6 +48,10 @@ pub mod act {
     }
     impl Act for Delete {
         const ACTION: Action = Action::Delete;
+        type On = SecretPath;
+    }
+    impl Act for Destroy {
+        const ACTION: Action = Action::Destroy;
         type On = SecretPath;
     }
     impl Act for Admin {

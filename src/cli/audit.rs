@@ -144,7 +144,7 @@ pub(super) struct FilterArgs {
     /// Path prefix, segment-wise: /a matches /a and /a/b, not /ab.
     #[arg(long)]
     path: Option<String>,
-    /// read, write, delete, list or admin.
+    /// read, write, delete, destroy, list or admin.
     #[arg(long)]
     action: Option<String>,
     /// allow or deny.

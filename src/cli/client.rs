@@ -179,6 +179,31 @@ pub(super) async fn rm(args: &ClientArgs, path: String) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub(super) async fn undelete(args: &ClientArgs, path: String, version: u64) -> anyhow::Result<()> {
+    let mut client = connect(args).await?;
+    let request = v1::UndeleteRequest { path: path.clone(), version };
+    let resp = client.undelete(request).await.map_err(rpc_error)?.into_inner();
+    match args.output {
+        Output::Human => println!("undeleted {path} version {}", resp.version),
+        Output::Json => print_json(&json!({ "path": path, "version": resp.version })),
+    }
+    Ok(())
+}
+
+pub(super) async fn destroy(args: &ClientArgs, path: String, version: u64) -> anyhow::Result<()> {
+    let mut client = connect(args).await?;
+    let request = v1::DestroyRequest { path: path.clone(), version };
+    let resp = client.destroy(request).await.map_err(rpc_error)?.into_inner();
+    match args.output {
+        Output::Human => println!("destroyed {path} version {}", resp.version),
+        Output::Json => print_json(&json!({
+            "path": path, "version": resp.version,
+            "destroyed_time": rfc3339(resp.destroyed_time.as_ref()),
+        })),
+    }
+    Ok(())
+}
+
 pub(super) async fn versions(args: &ClientArgs, path: String) -> anyhow::Result<()> {
     let mut client = connect(args).await?;
     let resp = client
@@ -188,10 +213,14 @@ pub(super) async fn versions(args: &ClientArgs, path: String) -> anyhow::Result<
         .into_inner();
     match args.output {
         Output::Human => {
-            println!("{:<8} {:<30} DELETED", "VERSION", "CREATED");
+            println!("{:<8} {:<30} {:<30} DESTROYED", "VERSION", "CREATED", "DELETED");
+            let time =
+                |t: Option<&prost_types::Timestamp>| t.map_or("-".into(), |t| rfc3339(Some(t)));
             for v in &resp.versions {
-                let deleted = v.deleted_time.as_ref().map_or("-".into(), |t| rfc3339(Some(t)));
-                println!("{:<8} {:<30} {deleted}", v.version, rfc3339(v.created_time.as_ref()));
+                let (deleted, destroyed) =
+                    (time(v.deleted_time.as_ref()), time(v.destroyed_time.as_ref()));
+                let created = rfc3339(v.created_time.as_ref());
+                println!("{:<8} {created:<30} {deleted:<30} {destroyed}", v.version);
             }
         }
         Output::Json => {
@@ -203,6 +232,7 @@ pub(super) async fn versions(args: &ClientArgs, path: String) -> anyhow::Result<
                         "version": v.version,
                         "created_time": rfc3339(v.created_time.as_ref()),
                         "deleted_time": v.deleted_time.as_ref().map(|t| rfc3339(Some(t))),
+                        "destroyed_time": v.destroyed_time.as_ref().map(|t| rfc3339(Some(t))),
                     })
                 })
                 .collect();

@@ -88,6 +88,24 @@ enum Command {
         #[command(flatten)]
         conn: ClientArgs,
     },
+    /// Restore a soft-deleted version of a secret (needs `delete`).
+    Undelete {
+        /// Secret path.
+        path: String,
+        /// The version to restore.
+        version: u64,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+    /// Remove a version's value for good; it cannot be undone (needs `destroy`).
+    Destroy {
+        /// Secret path.
+        path: String,
+        /// The version to destroy.
+        version: u64,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
     /// Show the kept versions of a secret.
     Versions {
         /// Secret path.
@@ -222,6 +240,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Ls { prefix, conn } => client::ls(&conn, prefix).await,
         Command::Rm { path, conn } => client::rm(&conn, path).await,
         Command::Versions { path, conn } => client::versions(&conn, path).await,
+        Command::Undelete { path, version, conn } => client::undelete(&conn, path, version).await,
+        Command::Destroy { path, version, conn } => client::destroy(&conn, path, version).await,
         Command::Keys { keyring, command } => keys::run(&keyring, command).await,
         Command::Whoami { conn } => client::whoami(&conn).await,
         Command::Health { ready, conn } => client::health(&conn, ready).await,

@@ -23,7 +23,7 @@ pub(super) enum PolicyCommand {
         subject: String,
         /// Secret path, or / for whole-store actions.
         path: String,
-        /// read, write, delete, list or admin.
+        /// read, write, delete, destroy, list or admin.
         action: String,
     },
 }
@@ -64,7 +64,7 @@ pub(super) async fn run(dir: &Path, command: PolicyCommand) -> anyhow::Result<()
         }
         PolicyCommand::Explain { subject, path, action } => {
             let Some(act) = Action::parse(&action) else {
-                bail!("unknown action {action:?}; use read, write, delete, list or admin");
+                bail!("unknown action {action:?}; use read, write, delete, destroy, list or admin");
             };
             let target = Target::parse(&path)?;
             let d = policy.decide(&subject, &target, act);

@@ -73,6 +73,41 @@ impl EmbeddedStore {
     }
 }
 
+impl EmbeddedStore {
+    /// Undeletes (`destroy` false) or destroys one kept version in one write transaction; a
+    /// destroyed version's value is removed in the same transaction. redb frees the pages
+    /// that held it; their bytes stay in the file until redb reuses them (SECURITY.md).
+    async fn lifecycle(
+        &self,
+        path: &SecretPath,
+        version: u64,
+        destroy: bool,
+    ) -> Result<VersionMeta, StoreError> {
+        let key = path.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let info = {
+                let mut meta_table = txn.open_table(META).map_err(backend)?;
+                let mut meta = read_meta(&meta_table, &key)?.ok_or(StoreError::NotFound)?;
+                let (info, changed) =
+                    if destroy { meta.destroy(version)? } else { meta.undelete(version)? };
+                if !changed {
+                    return Ok(info);
+                }
+                if destroy {
+                    let mut values = txn.open_table(VALUES).map_err(backend)?;
+                    values.remove((key.as_str(), version)).map_err(backend)?;
+                }
+                write_meta(&mut meta_table, &key, &meta)?;
+                info
+            };
+            txn.commit().map_err(backend)?;
+            Ok(info)
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn current_version(&self, path: &SecretPath) -> Result<u64, StoreError> {
@@ -103,11 +138,7 @@ impl Store for EmbeddedStore {
                 if meta.current_version != expected {
                     return Err(StoreError::Conflict { expected, current: meta.current_version });
                 }
-                let info = VersionMeta {
-                    version: expected + 1,
-                    created: UnixMillis::now(),
-                    deleted: None,
-                };
+                let info = VersionMeta::new(expected + 1, UnixMillis::now());
                 for pruned in meta.push_version(info.clone(), keep) {
                     values.remove((key.as_str(), pruned.version)).map_err(backend)?;
                 }
@@ -171,6 +202,14 @@ impl Store for EmbeddedStore {
             Ok(info)
         })
         .await
+    }
+
+    async fn undelete(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError> {
+        self.lifecycle(path, version, false).await
+    }
+
+    async fn destroy(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError> {
+        self.lifecycle(path, version, true).await
     }
 
     async fn list(

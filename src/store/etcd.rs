@@ -364,7 +364,7 @@ impl Store for EtcdStore {
         value: &[u8],
     ) -> Result<VersionMeta, StoreError> {
         let deadline = Instant::now() + self.timeout;
-        let info = VersionMeta { version: expected + 1, created: UnixMillis::now(), deleted: None };
+        let info = VersionMeta::new(expected + 1, UnixMillis::now());
         let mut trouble = Trouble::default();
         loop {
             match self.put_once(path, expected, value, &info, trouble.maybe_applied, deadline).await
@@ -405,6 +405,16 @@ impl Store for EtcdStore {
     async fn delete(&self, path: &SecretPath) -> Result<VersionMeta, StoreError> {
         // A retried delete is idempotent: it finds the version already deleted and returns it.
         self.retry("delete", true, |deadline| self.delete_once(path, deadline)).await
+    }
+
+    async fn undelete(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError> {
+        self.retry("undelete", true, |deadline| self.lifecycle_once(path, version, false, deadline))
+            .await
+    }
+
+    async fn destroy(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError> {
+        self.retry("destroy", true, |deadline| self.lifecycle_once(path, version, true, deadline))
+            .await
     }
 
     async fn list(

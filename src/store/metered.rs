@@ -17,6 +17,7 @@ fn error_label(e: &StoreError) -> Option<&'static str> {
         StoreError::NotFound
         | StoreError::VersionNotFound(_)
         | StoreError::VersionDeleted(_)
+        | StoreError::VersionDestroyed(_)
         | StoreError::Conflict { .. } => None,
         StoreError::Unavailable(_) => Some("unavailable"),
         StoreError::NoQuorum(_) => Some("no_quorum"),
@@ -61,6 +62,14 @@ impl Store for Metered {
 
     async fn delete(&self, path: &SecretPath) -> Result<VersionMeta, StoreError> {
         timed("delete", self.0.delete(path)).await
+    }
+
+    async fn undelete(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError> {
+        timed("undelete", self.0.undelete(path, version)).await
+    }
+
+    async fn destroy(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError> {
+        timed("destroy", self.0.destroy(path, version)).await
     }
 
     async fn list(

@@ -49,6 +49,10 @@ pub struct VersionMeta {
     pub created: UnixMillis,
     /// When the version was soft-deleted, if it was.
     pub deleted: Option<UnixMillis>,
+    /// When the version's value was destroyed (removed for good), if it was. Absent in
+    /// metadata written before destroy existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed: Option<UnixMillis>,
 }
 
 /// A secret's metadata: its current version and the kept versions, newest first.
@@ -95,6 +99,9 @@ pub enum StoreError {
     /// The version asked for was soft-deleted.
     #[error("version {0} was deleted")]
     VersionDeleted(u64),
+    /// The version asked for was destroyed: its value is gone for good.
+    #[error("version {0} was destroyed")]
+    VersionDestroyed(u64),
     /// Compare-and-set failed: the current version is not the expected one.
     #[error("version conflict: expected {expected}, current is {current}")]
     Conflict {
@@ -147,6 +154,15 @@ pub trait Store: Send + Sync + 'static {
     /// Soft-deletes the current version and returns it. Deleting a secret whose current
     /// version is already deleted returns that version unchanged.
     async fn delete(&self, path: &SecretPath) -> Result<VersionMeta, StoreError>;
+
+    /// Restores soft-deleted kept `version` and returns it (unchanged if it was not
+    /// deleted). `VersionNotFound` if it is not kept, `VersionDestroyed` if destroyed.
+    async fn undelete(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError>;
+
+    /// Removes kept `version`'s stored value for good, in the same atomic write that marks it
+    /// destroyed in the metadata, and returns it (unchanged if already destroyed).
+    /// `VersionNotFound` if it is not kept.
+    async fn destroy(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError>;
 
     /// Up to `limit` live secrets at or below `prefix`, in byte order, strictly after
     /// `after` when given.
@@ -234,9 +250,7 @@ impl UnixMillis {
 impl SecretMeta {
     /// Whether the current version is live (written and not deleted).
     pub fn is_live(&self) -> bool {
-        self.versions
-            .first()
-            .is_some_and(|v| v.version == self.current_version && v.deleted.is_none())
+        self.versions.first().is_some_and(|v| v.version == self.current_version && v.readable())
     }
 
     /// Records a new version at the front and returns the versions pruned beyond `keep`.
@@ -255,11 +269,53 @@ impl SecretMeta {
             None => StoreError::NotFound,
             Some(v) => StoreError::VersionNotFound(v),
         })?;
-        match (info.deleted, version) {
-            (Some(_), None) => Err(StoreError::NotFound),
-            (Some(_), Some(v)) => Err(StoreError::VersionDeleted(v)),
-            (None, _) => Ok(info),
+        match (info.destroyed, info.deleted, version) {
+            (None, None, _) => Ok(info),
+            (_, _, None) => Err(StoreError::NotFound),
+            (Some(_), _, Some(v)) => Err(StoreError::VersionDestroyed(v)),
+            (None, Some(_), Some(v)) => Err(StoreError::VersionDeleted(v)),
         }
+    }
+
+    /// Undeletes kept `version` (clears its `deleted`): its info after, and whether that
+    /// changed anything. A destroyed version cannot come back.
+    pub(crate) fn undelete(&mut self, version: u64) -> Result<(VersionMeta, bool), StoreError> {
+        let info = self.kept_mut(version)?;
+        if info.destroyed.is_some() {
+            return Err(StoreError::VersionDestroyed(version));
+        }
+        let changed = info.deleted.take().is_some();
+        Ok((info.clone(), changed))
+    }
+
+    /// Marks kept `version` destroyed now (its value must go in the same write): its info
+    /// after, and whether that changed anything (destroying twice changes nothing).
+    pub(crate) fn destroy(&mut self, version: u64) -> Result<(VersionMeta, bool), StoreError> {
+        let info = self.kept_mut(version)?;
+        if info.destroyed.is_some() {
+            return Ok((info.clone(), false));
+        }
+        info.destroyed = Some(UnixMillis::now());
+        Ok((info.clone(), true))
+    }
+
+    fn kept_mut(&mut self, version: u64) -> Result<&mut VersionMeta, StoreError> {
+        self.versions
+            .iter_mut()
+            .find(|v| v.version == version)
+            .ok_or(StoreError::VersionNotFound(version))
+    }
+}
+
+impl VersionMeta {
+    /// A version as written: its value is readable (neither deleted nor destroyed).
+    pub fn new(version: u64, created: UnixMillis) -> Self {
+        Self { version, created, deleted: None, destroyed: None }
+    }
+
+    /// Whether its value may be read: neither deleted nor destroyed.
+    pub fn readable(&self) -> bool {
+        self.deleted.is_none() && self.destroyed.is_none()
     }
 }
 
@@ -268,7 +324,7 @@ mod tests {
     use super::*;
 
     fn info(version: u64) -> VersionMeta {
-        VersionMeta { version, created: UnixMillis(version), deleted: None }
+        VersionMeta::new(version, UnixMillis(version))
     }
 
     #[test]
@@ -291,6 +347,23 @@ mod tests {
         assert!(matches!(meta.readable(Some(2)), Err(StoreError::VersionDeleted(2))));
         assert!(matches!(meta.readable(Some(7)), Err(StoreError::VersionNotFound(7))));
         assert_eq!(meta.readable(Some(1)).unwrap().version, 1);
+        assert!(!meta.is_live());
+    }
+
+    #[test]
+    fn undelete_and_destroy_change_a_version_once_and_destroyed_stays_destroyed() {
+        let mut meta = SecretMeta { current_version: 0, versions: vec![] };
+        meta.push_version(info(1), 10);
+        meta.versions[0].deleted = Some(UnixMillis(9));
+        assert!(meta.undelete(1).unwrap().1);
+        assert!(!meta.undelete(1).unwrap().1, "already live");
+        assert!(meta.is_live());
+        assert!(meta.destroy(1).unwrap().1);
+        assert!(!meta.destroy(1).unwrap().1, "destroying twice changes nothing");
+        assert!(matches!(meta.undelete(1), Err(StoreError::VersionDestroyed(1))));
+        assert!(matches!(meta.readable(Some(1)), Err(StoreError::VersionDestroyed(1))));
+        assert!(matches!(meta.readable(None), Err(StoreError::NotFound)));
+        assert!(matches!(meta.destroy(5), Err(StoreError::VersionNotFound(5))));
         assert!(!meta.is_live());
     }
 }

@@ -32,6 +32,7 @@ const CASES: &[Case] = cases![
     scan_walks_every_kept_version_in_order,
     replace_is_compare_and_set_on_the_value,
     audit_checkpoints_are_kept_per_log_and_invisible_to_secrets,
+    undelete_restores_and_destroy_removes_for_good,
 ];
 
 /// Runs every case, each on a fresh store from `make`.
@@ -271,4 +272,42 @@ async fn audit_checkpoints_are_kept_per_log_and_invisible_to_secrets(s: Arc<dyn 
     assert_eq!(all, want);
     assert!(s.list(&PathPrefix::Root, None, 100).await.unwrap().is_empty());
     assert!(s.scan(None, 100).await.unwrap().is_empty());
+}
+
+async fn undelete_restores_and_destroy_removes_for_good(s: Arc<dyn Store>) {
+    let path = p("/life");
+    s.put(&path, 0, b"v1").await.unwrap();
+    s.put(&path, 1, b"v2").await.unwrap();
+    s.delete(&path).await.unwrap();
+    assert!(matches!(s.get(&path, None).await, Err(StoreError::NotFound)));
+    // Undelete brings the current version back, and the secret is live again.
+    let back = s.undelete(&path, 2).await.unwrap();
+    assert_eq!((back.version, back.deleted, back.destroyed), (2, None, None));
+    assert_eq!(s.get(&path, None).await.unwrap().value.as_slice(), b"v2");
+    assert_eq!(
+        s.undelete(&path, 2).await.unwrap(),
+        back,
+        "undeleting a live version changes nothing"
+    );
+    assert_eq!(s.list(&PathPrefix::Root, None, 10).await.unwrap(), std::slice::from_ref(&path));
+    // Destroy: the metadata says when; the value is gone from reads, scans and undelete.
+    let gone = s.destroy(&path, 1).await.unwrap();
+    assert!(gone.destroyed.is_some());
+    assert!(matches!(s.get(&path, Some(1)).await, Err(StoreError::VersionDestroyed(1))));
+    assert!(matches!(s.undelete(&path, 1).await, Err(StoreError::VersionDestroyed(1))));
+    assert_eq!(s.destroy(&path, 1).await.unwrap(), gone, "destroying twice changes nothing");
+    let scanned: Vec<u64> = s.scan(None, 10).await.unwrap().iter().map(|v| v.version).collect();
+    assert_eq!(scanned, [2], "a destroyed version's value is not stored");
+    let meta = s.versions(&path).await.unwrap();
+    assert_eq!(meta.versions.iter().find(|v| v.version == 1).unwrap().destroyed, gone.destroyed);
+    // Destroying the current version leaves the secret not found, its counter kept.
+    s.destroy(&path, 2).await.unwrap();
+    assert!(matches!(s.get(&path, None).await, Err(StoreError::NotFound)));
+    assert!(s.list(&PathPrefix::Root, None, 10).await.unwrap().is_empty());
+    assert!(matches!(s.put(&path, 0, b"x").await, Err(StoreError::Conflict { current: 2, .. })));
+    // Versions that are not kept, and secrets that never were.
+    assert!(matches!(s.undelete(&path, 9).await, Err(StoreError::VersionNotFound(9))));
+    assert!(matches!(s.destroy(&path, 9).await, Err(StoreError::VersionNotFound(9))));
+    assert!(matches!(s.undelete(&p("/never"), 1).await, Err(StoreError::NotFound)));
+    assert!(matches!(s.destroy(&p("/never"), 1).await, Err(StoreError::NotFound)));
 }

@@ -308,7 +308,7 @@ impl Policy {
                     let action = match *act {
                         "*" => None,
                         a => Some(Action::parse(a).ok_or_else(|| {
-                            err(line, format!("unknown action {a:?}; use read, write, delete, list, admin or *"))
+                            err(line, format!("unknown action {a:?}; use read, write, delete, destroy, list, admin or *"))
                         })?),
                     };
                     let effect = match *eft {

@@ -178,6 +178,41 @@ impl EtcdStore {
         Ok(decide(meta, info, stored(&resp), value, retried))
     }
 
+    /// One try of an undelete (`destroy` false) or a destroy of kept `version`: the metadata
+    /// changed by compare-and-set, and for a destroy the version's value deleted in the same
+    /// transaction. Doing it again changes nothing, also how a retry sees its earlier try.
+    pub(super) async fn lifecycle_once(
+        &self,
+        path: &SecretPath,
+        version: u64,
+        destroy: bool,
+        deadline: Instant,
+    ) -> Result<VersionMeta, Failure> {
+        let key = self.meta_key(path.as_str());
+        let (meta, mod_revision, _) = self.meta(path, deadline).await?;
+        let mut meta = meta.ok_or(Failure::Done(StoreError::NotFound))?;
+        let changed = if destroy { meta.destroy(version) } else { meta.undelete(version) };
+        let (info, changed) = changed.map_err(Failure::Done)?;
+        if !changed {
+            return Ok(info);
+        }
+        let mut ops = vec![TxnOp::put(key.as_str(), encode_meta(&meta)?, None)];
+        if destroy {
+            ops.push(TxnOp::delete(self.data_key(path, version), None));
+        }
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)])
+            .and_then(ops);
+        let resp =
+            self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await?;
+        if resp.succeeded() {
+            self.hints.remember(path, meta, resp.header().map_or(0, |h| h.revision()));
+            Ok(info)
+        } else {
+            Err(Failure::Refused("metadata changed during the change of a version".into()))
+        }
+    }
+
     /// Soft-deletes the current version in one compare-and-set transaction, retrying when
     /// the metadata changed between the read and the write.
     pub(super) async fn delete_once(
