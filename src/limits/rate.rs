@@ -21,7 +21,7 @@ const MAX_RATE: f64 = 1_000_000.0;
 pub enum Class {
     /// Get, Versions, List, WhoAmI.
     Read,
-    /// Put, Delete.
+    /// Put, Delete, Undelete, Destroy.
     Write,
     /// The Admin service.
     Admin,
