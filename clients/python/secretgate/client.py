@@ -52,11 +52,13 @@ class Written:
 
 @dataclass(frozen=True)
 class Version:
-    """One kept version of a secret; ``deleted`` is set once it was soft-deleted."""
+    """One kept version of a secret; ``deleted`` is set once it was soft-deleted,
+    ``destroyed`` once its value was removed for good."""
 
     version: int
     created: Optional[datetime.datetime]
     deleted: Optional[datetime.datetime]
+    destroyed: Optional[datetime.datetime] = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,18 @@ class Client:
         r = self._call(self._secrets.Delete, secrets_pb2.DeleteRequest(path=path))
         return Written(r.version, _time(r.deleted_time))
 
+    def undelete(self, path: str, version: int) -> int:
+        """Restores soft-deleted ``version`` of ``path``. Needs ``delete``."""
+        req = secrets_pb2.UndeleteRequest(path=path, version=version)
+        return self._call(self._secrets.Undelete, req).version
+
+    def destroy(self, path: str, version: int) -> Written:
+        """Removes ``version`` of ``path`` for good (it cannot be undeleted). Needs
+        ``destroy``."""
+        req = secrets_pb2.DestroyRequest(path=path, version=version)
+        r = self._call(self._secrets.Destroy, req)
+        return Written(r.version, _time(r.destroyed_time))
+
     def list(self, prefix: str = "/", page_size: int = 0) -> Iterator[str]:
         """Every live secret at or below ``prefix`` the caller may list or read, page by
         page as it goes (``page_size`` 0: the gateway's default)."""
@@ -194,6 +208,7 @@ class Client:
                 v.version,
                 _time(v.created_time),
                 _time(v.deleted_time) if v.HasField("deleted_time") else None,
+                _time(v.destroyed_time) if v.HasField("destroyed_time") else None,
             )
             for v in r.versions
         ]

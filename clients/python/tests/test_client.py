@@ -48,6 +48,23 @@ def test_put_get_versions_list_delete(gateway):
         assert path not in list(c.list(path.rsplit("/", 1)[0]))
 
 
+def test_undelete_and_destroy(gateway):
+    path = fresh()
+    with client(gateway) as c:
+        c.put(path, b"one")
+        c.put(path, b"two")
+        c.delete(path)
+        assert c.undelete(path, 2) == 2
+        assert c.get(path).value == b"two"
+        gone = c.destroy(path, 1)
+        assert gone.version == 1 and gone.time is not None
+        with pytest.raises(secretgate.NotFound, match="destroyed"):
+            c.get(path, version=1)
+        assert c.versions(path).versions[1].destroyed == gone.time
+    with client(gateway, "app") as app, pytest.raises(secretgate.PermissionDenied):
+        app.destroy(path, 2)
+
+
 def test_a_compare_and_set_conflict_is_failed_precondition(gateway):
     path = fresh()
     with client(gateway) as c:
