@@ -77,8 +77,8 @@ pub enum Reloaded {
     ClientTrust,
 }
 
-/// The reloadable values in force, for [`Gateway::reload_error`].
-struct Reloads {
+/// The reloadable values in force, for [`Gateway::reload_error`] and `Admin/ReloadStatus`.
+pub(crate) struct Reloads {
     keys: KeyringHandle,
     policy: crate::authz::PolicyHandle,
     server_cert: tls::ServerCertHandle,
@@ -93,9 +93,30 @@ pub struct Gateway {
     watchers: Vec<JoinHandle<()>>,
     audit: AuditLog,
     checkpoint_task: Option<JoinHandle<()>>,
-    reloads: Reloads,
+    reloads: Arc<Reloads>,
     limiter: RateLimiter,
     metrics: Option<MetricsServer>,
+}
+
+impl Reloads {
+    /// Each value: what it is, the version in force, and why its newest files were refused.
+    pub(crate) fn status(&self) -> Vec<(&'static str, String, Option<String>)> {
+        let keys = self.keys.current();
+        vec![
+            (
+                "keyring",
+                format!("{} (primary {})", keys.version(), keys.primary().id),
+                self.keys.last_error(),
+            ),
+            ("policy", self.policy.current().version().to_owned(), self.policy.last_error()),
+            (
+                "server certificate",
+                self.server_cert.current().describe(),
+                self.server_cert.last_error(),
+            ),
+            ("client trust", self.trust.current().describe(), self.trust.last_error()),
+        ]
+    }
 }
 
 impl Gateway {
@@ -156,8 +177,15 @@ impl Gateway {
         .max_encoding_message_size(max_message);
         // The other services take only small requests: a large one is refused before it is
         // decoded (and, for Admin, before its caller is authorized).
+        let reloads = Arc::new(Reloads {
+            keys: keys.clone(),
+            policy: Arc::clone(authz.handle()),
+            server_cert: Arc::clone(&server_cert),
+            trust: Arc::clone(&trust),
+        });
         let admin = AdminServer::new(AdminService::new(
             vault,
+            Arc::clone(&reloads),
             authz.clone(),
             audit.clone(),
             limiter.clone(),
@@ -260,7 +288,6 @@ impl Gateway {
                 Some(crate::metrics::serve(listener, sources, tls).map_err(bind)?)
             }
         };
-        let reloads = Reloads { keys, policy: Arc::clone(authz.handle()), server_cert, trust };
         Ok(Self {
             metrics,
             addr,

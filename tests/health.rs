@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use secretgate::{LIVENESS, READINESS, Reloaded};
+use secretgate::{LIVENESS, READINESS, Reloaded, proto::v1::ReloadStatusRequest};
 use secretgate_testkit::{TestGateway, etcd::EtcdCluster, write};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -82,4 +82,24 @@ async fn a_refused_reload_keeps_the_gateway_ready() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(status(&gw, READINESS).await, ServingStatus::Serving);
     assert_eq!(probe(&gw, true).0, 0);
+
+    // The degraded state shows in the admin status (and `secretgate reload-status`, which
+    // exits 1 while a reload is refused), the version in force beside it.
+    let mut admin = gw.admin(ADMIN).await;
+    let values = admin.reload_status(ReloadStatusRequest {}).await.unwrap().into_inner().values;
+    let policy = values.iter().find(|v| v.what == "policy").unwrap();
+    assert!(policy.refused.contains("policy.csv:1"), "{values:?}");
+    assert!(!policy.version.is_empty());
+    let keyring = values.iter().find(|v| v.what == "keyring").unwrap();
+    assert!(keyring.refused.is_empty() && keyring.version.contains("primary"), "{values:?}");
+    assert_eq!(values.len(), 4, "{values:?}");
+    let mut args = vec!["reload-status".to_owned()];
+    args.extend(gw.cli_args(ADMIN));
+    let out = Command::new(BIN).args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("REFUSED newer files:") && text.contains("policy.csv:1"), "{text}");
+    let mut reader = gw.admin("spiffe://test.example/reader").await;
+    let denied = reader.reload_status(ReloadStatusRequest {}).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
 }

@@ -22,6 +22,7 @@ const PROGRESS_EVERY: u64 = 64;
 #[derive(Clone)]
 pub struct AdminService {
     vault: Vault,
+    reloads: Arc<crate::server::Reloads>,
     authz: Authorizer,
     audit: AuditLog,
     limiter: RateLimiter,
@@ -29,10 +30,16 @@ pub struct AdminService {
 }
 
 impl AdminService {
-    /// An admin service over `vault`, deciding with `authz`, recording to `audit`,
-    /// admitting requests past `limiter`.
-    pub fn new(vault: Vault, authz: Authorizer, audit: AuditLog, limiter: RateLimiter) -> Self {
-        Self { vault, authz, audit, limiter, rewrap: Arc::new(Mutex::new(())) }
+    /// An admin service over `vault` and the reloadable values `reloads`, deciding with
+    /// `authz`, recording to `audit`, admitting requests past `limiter`.
+    pub(crate) fn new(
+        vault: Vault,
+        reloads: Arc<crate::server::Reloads>,
+        authz: Authorizer,
+        audit: AuditLog,
+        limiter: RateLimiter,
+    ) -> Self {
+        Self { vault, reloads, authz, audit, limiter, rewrap: Arc::new(Mutex::new(())) }
     }
 
     /// The context of one Admin RPC (on `/`), once admitted past the rate limits.
@@ -168,6 +175,28 @@ impl Admin for AdminService {
         let span = call.span();
         async move {
             let result = self.permit(&mut call).map(|permit| self.store_status(&permit));
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn reload_status(
+        &self,
+        request: Request<v1::ReloadStatusRequest>,
+    ) -> Result<Response<v1::ReloadStatusResponse>, Status> {
+        let mut call = self.call("secretgate.v1.Admin/ReloadStatus", &request)?;
+        let span = call.span();
+        async move {
+            let result = self.permit(&mut call).map(|_permit| {
+                let values = self.reloads.status().into_iter();
+                let values = values.map(|(what, version, refused)| v1::ReloadedValue {
+                    what: what.to_owned(),
+                    version,
+                    refused: refused.unwrap_or_default(),
+                });
+                v1::ReloadStatusResponse { values: values.collect() }
+            });
             call.finish(result).await
         }
         .instrument(span)

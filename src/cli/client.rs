@@ -329,3 +329,37 @@ pub(super) async fn store_status(args: &ClientArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+pub(super) async fn reload_status(args: &ClientArgs) -> anyhow::Result<()> {
+    let mut admin = crate::proto::v1::admin_client::AdminClient::new(channel(args).await?);
+    let request = crate::proto::v1::ReloadStatusRequest {};
+    let s = admin.reload_status(request).await.map_err(rpc_error)?.into_inner();
+    let refused = s.values.iter().filter(|v| !v.refused.is_empty()).count();
+    match args.output {
+        Output::Human => {
+            for v in &s.values {
+                // Error texts quote file contents: escaped before they reach a terminal.
+                println!("{:<20} {}", v.what, crate::text::escaped(&v.version));
+                if !v.refused.is_empty() {
+                    println!(
+                        "{:<20} REFUSED newer files: {}",
+                        "",
+                        crate::text::escaped(&v.refused)
+                    );
+                }
+            }
+        }
+        Output::Json => {
+            let values: Vec<_> = s
+                .values
+                .iter()
+                .map(|v| json!({ "what": v.what, "version": v.version, "refused": v.refused }))
+                .collect();
+            print_json(&json!({ "values": values }));
+        }
+    }
+    if refused > 0 {
+        anyhow::bail!("{refused} reload(s) refused; the last good versions stay in force");
+    }
+    Ok(())
+}

@@ -123,6 +123,12 @@ enum Command {
         #[command(flatten)]
         conn: ClientArgs,
     },
+    /// Show the version in force of the keyring, policy, server certificate and client
+    /// trust, and why newer files were refused, if they were (needs `admin` on `/`).
+    ReloadStatus {
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
     /// Probe a gateway for exec probes: exit 0 if it is live (or, with --ready, ready to
     /// serve: audit log writable, store reachable), 1 if not.
     Health {
@@ -246,6 +252,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Whoami { conn } => client::whoami(&conn).await,
         Command::Health { ready, conn } => client::health(&conn, ready).await,
         Command::StoreStatus { conn } => client::store_status(&conn).await,
+        Command::ReloadStatus { conn } => client::reload_status(&conn).await,
         Command::Policy { dir, command } => policy::run(&dir, command).await,
         Command::Audit { command } => audit::run(command).await,
     }
