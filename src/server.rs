@@ -79,10 +79,10 @@ pub enum Reloaded {
 
 /// The reloadable values in force, for [`Gateway::reload_error`] and `Admin/ReloadStatus`.
 pub(crate) struct Reloads {
-    keys: KeyringHandle,
-    policy: crate::authz::PolicyHandle,
-    server_cert: tls::ServerCertHandle,
-    trust: tls::TrustHandle,
+    pub(crate) keys: KeyringHandle,
+    pub(crate) policy: crate::authz::PolicyHandle,
+    pub(crate) server_cert: tls::ServerCertHandle,
+    pub(crate) trust: tls::TrustHandle,
 }
 
 /// A running gateway.
@@ -274,10 +274,7 @@ impl Gateway {
                 let sources = Sources {
                     audit: audit.clone(),
                     store: store_for_health,
-                    keys: keys.clone(),
-                    policy: Arc::clone(authz.handle()),
-                    server_cert: Arc::clone(&server_cert),
-                    trust: Arc::clone(&trust),
+                    reloads: Arc::clone(&reloads),
                 };
                 let tls = match config.metrics.tls {
                     true => Some(tls::metrics_server_config(Arc::clone(&server_cert))?),

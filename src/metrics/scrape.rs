@@ -8,10 +8,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{
-    audit::AuditLog, authz::PolicyHandle, crypto::KeyringHandle, store::Store,
-    tls::ServerCertHandle, tls::TrustHandle,
-};
+use crate::{audit::AuditLog, server::Reloads, store::Store};
 
 /// What a scrape reads from a running gateway.
 #[derive(Clone)]
@@ -20,14 +17,8 @@ pub struct Sources {
     pub audit: AuditLog,
     /// The store (cache state, etcd members).
     pub store: Arc<dyn Store>,
-    /// The keyring in force.
-    pub keys: KeyringHandle,
-    /// The policy in force.
-    pub policy: PolicyHandle,
-    /// The server certificate in force.
-    pub server_cert: ServerCertHandle,
-    /// The client trust in force (its CRLs).
-    pub trust: TrustHandle,
+    /// The keyring, policy, server certificate and client trust in force.
+    pub(crate) reloads: Arc<Reloads>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -120,7 +111,8 @@ impl Sources {
             members,
         );
 
-        let keys = self.keys.current();
+        let reloads = &self.reloads;
+        let keys = reloads.keys.current();
         r.register(
             "keyring_info",
             "The keyring in force",
@@ -129,7 +121,7 @@ impl Sources {
                 ("primary", keys.primary().id.to_string()),
             ]),
         );
-        let policy = self.policy.current();
+        let policy = reloads.policy.current();
         r.register(
             "policy_info",
             "The policy in force",
@@ -141,15 +133,9 @@ impl Sources {
             gauge(policy.rule_count() as i64),
         );
         let degraded: Family<Labels, Gauge> = Family::default();
-        for (what, error) in [
-            ("keyring", self.keys.last_error()),
-            ("policy", self.policy.last_error()),
-            ("server_certificate", self.server_cert.last_error()),
-            ("client_trust", self.trust.last_error()),
-        ] {
-            degraded
-                .get_or_create(&vec![("what", what.to_owned())])
-                .set(i64::from(error.is_some()));
+        for (what, _, refused) in reloads.status() {
+            let label = vec![("what", what.replace(' ', "_"))];
+            degraded.get_or_create(&label).set(i64::from(refused.is_some()));
         }
         r.register(
             "reload_refused",
@@ -157,7 +143,7 @@ impl Sources {
             degraded,
         );
 
-        if let Some(expires) = self.server_cert.current().expires() {
+        if let Some(expires) = reloads.server_cert.current().expires() {
             r.register_with_unit(
                 "server_cert_expiry_timestamp",
                 "When the server certificate in force expires (Unix time)",
@@ -165,7 +151,7 @@ impl Sources {
                 gauge(unix(expires)),
             );
         }
-        if let Some(next) = self.trust.current().crl_next_update() {
+        if let Some(next) = reloads.trust.current().crl_next_update() {
             r.register_with_unit(
                 "client_crl_next_update_timestamp",
                 "The earliest next update of the client CRLs in force (Unix time): past it, their CA's clients are refused",

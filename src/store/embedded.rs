@@ -15,7 +15,9 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use zeroize::Zeroizing;
 
-use super::{SecretMeta, Store, StoreError, StoredValue, StoredVersion, UnixMillis, VersionMeta};
+use super::{
+    Change, SecretMeta, Store, StoreError, StoredValue, StoredVersion, UnixMillis, VersionMeta,
+};
 use crate::path::{PathPrefix, SecretPath};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -74,27 +76,21 @@ impl EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Undeletes (`destroy` false) or destroys one kept version in one write transaction; a
-    /// destroyed version's value is removed in the same transaction. redb frees the pages
-    /// that held it; their bytes stay in the file until redb reuses them (SECURITY.md).
-    async fn lifecycle(
-        &self,
-        path: &SecretPath,
-        version: u64,
-        destroy: bool,
-    ) -> Result<VersionMeta, StoreError> {
+    /// Applies `change` to the secret's metadata in one write transaction, removing the value
+    /// it names (a destroy) in the same transaction. redb frees the pages that held it; their
+    /// bytes stay in the file until redb reuses them (SECURITY.md).
+    async fn change(&self, path: &SecretPath, change: Change) -> Result<VersionMeta, StoreError> {
         let key = path.as_str().to_owned();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
             let info = {
                 let mut meta_table = txn.open_table(META).map_err(backend)?;
                 let mut meta = read_meta(&meta_table, &key)?.ok_or(StoreError::NotFound)?;
-                let (info, changed) =
-                    if destroy { meta.destroy(version)? } else { meta.undelete(version)? };
+                let (info, changed) = meta.apply(change)?;
                 if !changed {
                     return Ok(info);
                 }
-                if destroy {
+                if let Some(version) = change.removes() {
                     let mut values = txn.open_table(VALUES).map_err(backend)?;
                     values.remove((key.as_str(), version)).map_err(backend)?;
                 }
@@ -180,36 +176,15 @@ impl Store for EmbeddedStore {
     }
 
     async fn delete(&self, path: &SecretPath) -> Result<VersionMeta, StoreError> {
-        let key = path.as_str().to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            let info = {
-                let mut meta_table = txn.open_table(META).map_err(backend)?;
-                let mut meta = read_meta(&meta_table, &key)?.ok_or(StoreError::NotFound)?;
-                let current = meta.current_version;
-                let Some(info) = meta.versions.iter_mut().find(|v| v.version == current) else {
-                    return Err(StoreError::NotFound);
-                };
-                if info.deleted.is_some() {
-                    return Ok(info.clone());
-                }
-                info.deleted = Some(UnixMillis::now());
-                let info = info.clone();
-                write_meta(&mut meta_table, &key, &meta)?;
-                info
-            };
-            txn.commit().map_err(backend)?;
-            Ok(info)
-        })
-        .await
+        self.change(path, Change::Delete).await
     }
 
     async fn undelete(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError> {
-        self.lifecycle(path, version, false).await
+        self.change(path, Change::Undelete(version)).await
     }
 
     async fn destroy(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError> {
-        self.lifecycle(path, version, true).await
+        self.change(path, Change::Destroy(version)).await
     }
 
     async fn list(

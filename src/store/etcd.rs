@@ -45,7 +45,9 @@ use self::{
     members::{Failure, Members, Trouble},
     write::{Hints, PutStep},
 };
-use super::{SecretMeta, Store, StoreError, StoredValue, StoredVersion, UnixMillis, VersionMeta};
+use super::{
+    Change, SecretMeta, Store, StoreError, StoredValue, StoredVersion, UnixMillis, VersionMeta,
+};
 use crate::{
     config::EtcdConfig,
     path::{PathPrefix, SecretPath},
@@ -404,17 +406,18 @@ impl Store for EtcdStore {
 
     async fn delete(&self, path: &SecretPath) -> Result<VersionMeta, StoreError> {
         // A retried delete is idempotent: it finds the version already deleted and returns it.
-        self.retry("delete", true, |deadline| self.delete_once(path, deadline)).await
+        self.retry("delete", true, |deadline| self.change_once(path, Change::Delete, deadline))
+            .await
     }
 
     async fn undelete(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError> {
-        self.retry("undelete", true, |deadline| self.lifecycle_once(path, version, false, deadline))
-            .await
+        let change = Change::Undelete(version);
+        self.retry("undelete", true, |deadline| self.change_once(path, change, deadline)).await
     }
 
     async fn destroy(&self, path: &SecretPath, version: u64) -> Result<VersionMeta, StoreError> {
-        self.retry("destroy", true, |deadline| self.lifecycle_once(path, version, true, deadline))
-            .await
+        let change = Change::Destroy(version);
+        self.retry("destroy", true, |deadline| self.change_once(path, change, deadline)).await
     }
 
     async fn list(

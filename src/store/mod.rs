@@ -277,33 +277,69 @@ impl SecretMeta {
         }
     }
 
-    /// Undeletes kept `version` (clears its `deleted`): its info after, and whether that
-    /// changed anything. A destroyed version cannot come back.
-    pub(crate) fn undelete(&mut self, version: u64) -> Result<(VersionMeta, bool), StoreError> {
-        let info = self.kept_mut(version)?;
-        if info.destroyed.is_some() {
-            return Err(StoreError::VersionDestroyed(version));
-        }
-        let changed = info.deleted.take().is_some();
+    /// Applies `change`: the changed version's info after it, and whether anything changed
+    /// (doing a change again changes nothing, which is also how a retried write recognizes
+    /// its own earlier try). The backend writes the metadata back only when it changed, and
+    /// removes the value [`Change::removes`] names in the same atomic write.
+    pub(crate) fn apply(&mut self, change: Change) -> Result<(VersionMeta, bool), StoreError> {
+        let version = match change {
+            Change::Delete => self.current_version,
+            Change::Undelete(v) | Change::Destroy(v) => v,
+        };
+        let Some(info) = self.versions.iter_mut().find(|v| v.version == version) else {
+            return Err(match change {
+                Change::Delete => StoreError::NotFound,
+                _ => StoreError::VersionNotFound(version),
+            });
+        };
+        let changed = match change {
+            Change::Delete => stamp(&mut info.deleted),
+            Change::Undelete(_) if info.destroyed.is_some() => {
+                return Err(StoreError::VersionDestroyed(version));
+            }
+            Change::Undelete(_) => info.deleted.take().is_some(),
+            Change::Destroy(_) => stamp(&mut info.destroyed),
+        };
         Ok((info.clone(), changed))
     }
+}
 
-    /// Marks kept `version` destroyed now (its value must go in the same write): its info
-    /// after, and whether that changed anything (destroying twice changes nothing).
-    pub(crate) fn destroy(&mut self, version: u64) -> Result<(VersionMeta, bool), StoreError> {
-        let info = self.kept_mut(version)?;
-        if info.destroyed.is_some() {
-            return Ok((info.clone(), false));
+/// Sets `slot` to now unless it is set already; true if it did.
+fn stamp(slot: &mut Option<UnixMillis>) -> bool {
+    if slot.is_some() {
+        return false;
+    }
+    *slot = Some(UnixMillis::now());
+    true
+}
+
+/// A change to one version's state in a secret's metadata (see [`SecretMeta::apply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// Soft-delete the current version.
+    Delete,
+    /// Restore soft-deleted kept version N.
+    Undelete(u64),
+    /// Remove kept version N's value for good.
+    Destroy(u64),
+}
+
+impl Change {
+    /// The version whose stored value goes in the same write, if any.
+    pub(crate) fn removes(self) -> Option<u64> {
+        match self {
+            Self::Destroy(v) => Some(v),
+            Self::Delete | Self::Undelete(_) => None,
         }
-        info.destroyed = Some(UnixMillis::now());
-        Ok((info.clone(), true))
     }
 
-    fn kept_mut(&mut self, version: u64) -> Result<&mut VersionMeta, StoreError> {
-        self.versions
-            .iter_mut()
-            .find(|v| v.version == version)
-            .ok_or(StoreError::VersionNotFound(version))
+    /// For messages and metrics: `delete`, `undelete` or `destroy`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Delete => "delete",
+            Self::Undelete(_) => "undelete",
+            Self::Destroy(_) => "destroy",
+        }
     }
 }
 
@@ -355,15 +391,18 @@ mod tests {
         let mut meta = SecretMeta { current_version: 0, versions: vec![] };
         meta.push_version(info(1), 10);
         meta.versions[0].deleted = Some(UnixMillis(9));
-        assert!(meta.undelete(1).unwrap().1);
-        assert!(!meta.undelete(1).unwrap().1, "already live");
+        assert!(meta.apply(Change::Undelete(1)).unwrap().1);
+        assert!(!meta.apply(Change::Undelete(1)).unwrap().1, "already live");
         assert!(meta.is_live());
-        assert!(meta.destroy(1).unwrap().1);
-        assert!(!meta.destroy(1).unwrap().1, "destroying twice changes nothing");
-        assert!(matches!(meta.undelete(1), Err(StoreError::VersionDestroyed(1))));
+        assert!(meta.apply(Change::Destroy(1)).unwrap().1);
+        assert!(!meta.apply(Change::Destroy(1)).unwrap().1, "destroying twice changes nothing");
+        assert!(matches!(meta.apply(Change::Undelete(1)), Err(StoreError::VersionDestroyed(1))));
         assert!(matches!(meta.readable(Some(1)), Err(StoreError::VersionDestroyed(1))));
         assert!(matches!(meta.readable(None), Err(StoreError::NotFound)));
-        assert!(matches!(meta.destroy(5), Err(StoreError::VersionNotFound(5))));
+        assert!(matches!(meta.apply(Change::Destroy(5)), Err(StoreError::VersionNotFound(5))));
+        let (deleted, changed) = meta.apply(Change::Delete).unwrap();
+        assert!(changed && deleted.deleted.is_some());
+        assert!(!meta.apply(Change::Delete).unwrap().1, "deleting twice changes nothing");
         assert!(!meta.is_live());
     }
 }

@@ -142,19 +142,15 @@ impl ServerCert {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let chain = read_certs(cert, "server certificate")?;
         let private = read_key(key, "server private key")?;
-        let expires = x509_parser::parse_x509_certificate(&chain[0])
-            .ok()
-            .map(|(_, c)| crate::identity::system_time(c.validity().not_after));
-        let described = x509_parser::parse_x509_certificate(&chain[0]).map_or_else(
-            |_| "a certificate x509-parser cannot read".to_owned(),
-            |(_, c)| {
-                format!(
-                    "serial {}, valid until {}",
-                    c.raw_serial_as_string(),
-                    c.validity().not_after
-                )
-            },
-        );
+        let (described, expires) = match x509_parser::parse_x509_certificate(&chain[0]) {
+            Ok((_, c)) => {
+                let not_after = c.validity().not_after;
+                let described =
+                    format!("serial {}, valid until {not_after}", c.raw_serial_as_string());
+                (described, Some(crate::identity::system_time(not_after)))
+            }
+            Err(_) => ("a certificate x509-parser cannot read".to_owned(), None),
+        };
         let certified = CertifiedKey::from_der(chain, private, &provider()).map_err(|e| {
             pem_error(
                 key,

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::{EtcdStore, corrupt, decode_first, encode_meta, members::Failure};
 use crate::{
     path::SecretPath,
-    store::{SecretMeta, StoreError, UnixMillis, VersionMeta},
+    store::{Change, SecretMeta, StoreError, VersionMeta},
 };
 
 /// Secrets whose last seen metadata is kept; past it the hints start over (a missing hint
@@ -178,26 +178,25 @@ impl EtcdStore {
         Ok(decide(meta, info, stored(&resp), value, retried))
     }
 
-    /// One try of an undelete (`destroy` false) or a destroy of kept `version`: the metadata
-    /// changed by compare-and-set, and for a destroy the version's value deleted in the same
-    /// transaction. Doing it again changes nothing, also how a retry sees its earlier try.
-    pub(super) async fn lifecycle_once(
+    /// One try of `change` (a delete, undelete or destroy): the metadata changed by
+    /// compare-and-set, with the value it names (a destroy) deleted in the same transaction.
+    /// Doing it again changes nothing, also how a retry sees its own earlier try; a compare
+    /// that fails because the metadata moved in between is retried.
+    pub(super) async fn change_once(
         &self,
         path: &SecretPath,
-        version: u64,
-        destroy: bool,
+        change: Change,
         deadline: Instant,
     ) -> Result<VersionMeta, Failure> {
         let key = self.meta_key(path.as_str());
         let (meta, mod_revision, _) = self.meta(path, deadline).await?;
         let mut meta = meta.ok_or(Failure::Done(StoreError::NotFound))?;
-        let changed = if destroy { meta.destroy(version) } else { meta.undelete(version) };
-        let (info, changed) = changed.map_err(Failure::Done)?;
+        let (info, changed) = meta.apply(change).map_err(Failure::Done)?;
         if !changed {
             return Ok(info);
         }
         let mut ops = vec![TxnOp::put(key.as_str(), encode_meta(&meta)?, None)];
-        if destroy {
+        if let Some(version) = change.removes() {
             ops.push(TxnOp::delete(self.data_key(path, version), None));
         }
         let txn = Txn::new()
@@ -209,40 +208,7 @@ impl EtcdStore {
             self.hints.remember(path, meta, resp.header().map_or(0, |h| h.revision()));
             Ok(info)
         } else {
-            Err(Failure::Refused("metadata changed during the change of a version".into()))
-        }
-    }
-
-    /// Soft-deletes the current version in one compare-and-set transaction, retrying when
-    /// the metadata changed between the read and the write.
-    pub(super) async fn delete_once(
-        &self,
-        path: &SecretPath,
-        deadline: Instant,
-    ) -> Result<VersionMeta, Failure> {
-        let key = self.meta_key(path.as_str());
-        let (meta, mod_revision, _) = self.meta(path, deadline).await?;
-        let mut meta = meta.ok_or(Failure::Done(StoreError::NotFound))?;
-        let current = meta.current_version;
-        let Some(info) = meta.versions.iter_mut().find(|v| v.version == current) else {
-            return Err(Failure::Done(StoreError::NotFound));
-        };
-        if info.deleted.is_some() {
-            // Deleting again changes nothing: also how a retry sees its own earlier try.
-            return Ok(info.clone());
-        }
-        info.deleted = Some(UnixMillis::now());
-        let info = info.clone();
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)])
-            .and_then([TxnOp::put(key.as_str(), encode_meta(&meta)?, None)]);
-        let resp =
-            self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await?;
-        if resp.succeeded() {
-            self.hints.remember(path, meta, resp.header().map_or(0, |h| h.revision()));
-            Ok(info)
-        } else {
-            Err(Failure::Refused("metadata changed during delete".into()))
+            Err(Failure::Refused(format!("metadata changed during {}", change.name())))
         }
     }
 }
