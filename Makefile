@@ -59,12 +59,14 @@ install-link: build
 	  echo "note: $(CARGO_BIN) not found; use $(CURDIR)/target/debug/secretgate"; \
 	fi
 
-# protoc builds the gRPC API; etcd and etcdctl run the replicated-store tests;
+# protoc builds the gRPC API (with the well-known types from libprotobuf-dev, which apt
+# leaves out with --no-install-recommends); etcd and etcdctl run the replicated-store tests;
 # systemd-analyze checks the systemd unit; promtool (Debian's prometheus package) checks
 # the metrics exposition.
 deps:
 	@missing=""; \
 	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
+	[ -f /usr/include/google/protobuf/descriptor.proto ] || missing="$$missing libprotobuf-dev"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \

@@ -5,7 +5,7 @@ use std::{future::Future, sync::Arc, time::Instant};
 
 use async_trait::async_trait;
 
-use super::{SecretMeta, Store, StoreError, StoreStatus, StoredValue, StoredVersion, VersionMeta};
+use super::{Changes, SecretMeta, Store, StoreError, StoreStatus, StoredValue, StoredVersion, VersionMeta};
 use crate::path::{PathPrefix, SecretPath};
 
 /// See the module docs.
@@ -101,6 +101,10 @@ impl Store for Metered {
         new: &[u8],
     ) -> Result<bool, StoreError> {
         timed("replace", self.0.replace(path, version, old, new)).await
+    }
+
+    fn changes(&self) -> Arc<Changes> {
+        self.0.changes()
     }
 
     async fn put_audit_checkpoint(&self, log_id: &str, line: &[u8]) -> Result<(), StoreError> {

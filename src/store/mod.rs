@@ -15,23 +15,30 @@
 //!
 //! The store never sees a caller, a policy or a key. What it holds as a value is opaque bytes.
 
+mod changes;
 mod embedded;
 mod etcd;
 mod metered;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
 use crate::path::{PathPrefix, SecretPath};
 
+pub use changes::{ChangeEvent, ChangeKind, Changes, Since};
 pub use embedded::EmbeddedStore;
 pub use etcd::EtcdStore;
 pub use metered::Metered;
 
 /// Default number of versions kept per secret.
 pub const DEFAULT_MAX_VERSIONS: u32 = 10;
+/// Default number of recent changes a store keeps for watchers (`watch.history_events`).
+pub const DEFAULT_HISTORY: u64 = 10_000;
 
 /// A point in time with millisecond precision, as stored.
 #[derive(
@@ -196,6 +203,10 @@ pub trait Store: Send + Sync + 'static {
         old: &[u8],
         new: &[u8],
     ) -> Result<bool, StoreError>;
+
+    /// The store's change feed (see [`Changes`]): every change to a secret's metadata, in
+    /// revision order, for `Secrets.Watch`.
+    fn changes(&self) -> Arc<Changes>;
 
     /// Stores `line` as the latest signed checkpoint of the audit log `log_id` (gateway
     /// metadata, outside the secret namespace: no path can name it).
