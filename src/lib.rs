@@ -51,4 +51,7 @@ pub use health::{LIVENESS, READINESS};
 pub use identity::{PeerIdentity, Principal};
 pub use path::{MAX_PATH_BYTES, MAX_SEGMENTS, PathError, PathPrefix, SecretPath, Target};
 pub use server::{Gateway, Reloaded, StartError};
-pub use store::{SecretMeta, StoreError, StoredValue, UnixMillis, VersionMeta};
+pub use store::{
+    ChangeEvent, ChangeKind, Changes, SecretMeta, Since, StoreError, StoredValue, UnixMillis,
+    VersionMeta,
+};

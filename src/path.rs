@@ -18,6 +18,21 @@ pub const MAX_SEGMENTS: usize = 32;
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SecretPath(String);
 
+/// Serialized as its text; deserialized by parsing, so a stored path that is not canonical
+/// is refused, never used.
+impl serde::Serialize for SecretPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SecretPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A `List` prefix: either the root (`/`) or a secret path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PathPrefix {

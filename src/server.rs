@@ -12,7 +12,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::{
-    api::{AdminService, SecretsService, Vault},
+    api::{AdminService, SecretsService, Vault, Watchers},
     audit::{AuditError, AuditLog, SigningKey, signing::SigningError},
     authz::{Authorizer, Policy, PolicyError},
     config::{StoreConfig, ValidConfig},
@@ -96,6 +96,7 @@ pub struct Gateway {
     reloads: Arc<Reloads>,
     limiter: RateLimiter,
     metrics: Option<MetricsServer>,
+    watch_streams: Watchers,
 }
 
 impl Reloads {
@@ -166,12 +167,14 @@ impl Gateway {
         let store_for_health = Arc::clone(&store);
         let vault = Vault::new(store, keys.clone());
         let limiter = RateLimiter::new(authz.clone(), audit.clone());
+        let watch_streams = Watchers::new(&config.watch);
         let secrets = SecretsServer::new(SecretsService::new(
             vault.clone(),
             authz.clone(),
             audit.clone(),
             limiter.clone(),
             config.limits.max_value_bytes.get(),
+            watch_streams.clone(),
         ))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -295,6 +298,7 @@ impl Gateway {
             checkpoint_task,
             reloads,
             limiter,
+            watch_streams,
         })
     }
 
@@ -327,6 +331,9 @@ impl Gateway {
         for w in self.watchers.drain(..) {
             w.abort();
         }
+        // Watch streams end now with a revision to resume from, instead of holding the grace
+        // period open.
+        self.watch_streams.shut_down();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -378,9 +385,12 @@ fn load_keyring(config: &ValidConfig) -> Result<KeyringHandle, StartError> {
 pub async fn open_store(config: &ValidConfig) -> Result<Arc<dyn Store>, StartError> {
     // At most 1000 (the field's range).
     let keep = config.limits.max_versions.get() as u32;
+    let history = config.watch.history_events.get();
     Ok(match &config.store {
-        StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::connect(etcd, keep)?),
-        StoreConfig::Embedded { path } => Arc::new(EmbeddedStore::open(path, keep)?),
+        StoreConfig::Etcd(etcd) => Arc::new(EtcdStore::connect_with_history(etcd, keep, history)?),
+        StoreConfig::Embedded { path } => {
+            Arc::new(EmbeddedStore::open_with_history(path, keep, history)?)
+        }
     })
 }
 

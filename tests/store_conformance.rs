@@ -71,3 +71,29 @@ fn a_store_file_in_use_is_refused_with_a_clear_error() {
     let err = EmbeddedStore::open(&path, 10).unwrap_err().to_string();
     assert!(err.contains("store.redb"), "{err}");
 }
+
+/// The embedded store keeps its newest changes in the file: a watcher can resume across a
+/// restart, and one that resumes from before what is kept is told so.
+#[tokio::test]
+async fn embedded_changes_survive_reopen_and_only_the_newest_are_kept() {
+    use secretgate::Since;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let secret = secretgate::SecretPath::parse("/c").unwrap();
+    {
+        let s = EmbeddedStore::open_with_history(&path, 10, 4).unwrap();
+        for v in 0..6 {
+            s.put(&secret, v, b"x").await.unwrap();
+        }
+        assert_eq!(s.changes().head(), 6);
+    }
+    let s = EmbeddedStore::open_with_history(&path, 10, 4).unwrap();
+    let changes = s.changes();
+    assert_eq!((changes.start(), changes.head()), (2, 6), "the newest 4 of 6 are kept");
+    let Since::Events(events, upto) = changes.since(2, 100) else { panic!("gone") };
+    let versions: Vec<u64> = events.iter().map(|e| e.version).collect();
+    assert_eq!((versions, upto), (vec![3, 4, 5, 6], 6));
+    assert!(matches!(changes.since(1, 100), Since::Gone(2)), "revision 2 is forgotten");
+    s.put(&secret, 6, b"x").await.unwrap();
+    assert_eq!(s.changes().head(), 7, "revisions go on from the file's");
+}

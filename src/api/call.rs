@@ -176,6 +176,17 @@ impl Call {
         Ok(intent)
     }
 
+    /// Records, durably, that a long-lived stream (Watch) was authorized and opens; its
+    /// outcome follows when it ends.
+    pub(crate) async fn opened(&mut self) -> Result<(), ApiError> {
+        let record = self.record(Phase::Open, None);
+        self.audit.append(record).await.map_err(|e| {
+            tracing::error!(request_id = %self.request_id, error = %e, "stream refused: its opening cannot be recorded");
+            ApiError::AuditUnavailable
+        })?;
+        Ok(())
+    }
+
     /// Notes what a long-running request did (Rewrap's counts), for its outcome record.
     pub(crate) fn summary(&mut self, summary: String) {
         self.summary = Some(summary);

@@ -109,6 +109,63 @@ pub enum ApiError {
     /// The caller closed the stream before the rewrap finished; running it again resumes.
     #[error("rewrap cancelled by the caller; run it again to resume")]
     RewrapCancelled,
+    /// Watch: the changes after `from` are gone from the history the gateway can replay.
+    #[error(
+        "resync required: changes after revision {from} are no longer available (this \
+         gateway's history starts after revision {start}); list, then watch from revision 0"
+    )]
+    ResyncRequired {
+        /// The revision the client asked to resume from.
+        from: u64,
+        /// The oldest revision that can still be resumed from.
+        start: u64,
+    },
+    /// Watch: the caller reads so slowly that it fell too far behind.
+    #[error(
+        "watch stream too slow: more than {limit} changes behind; resume from revision {resume}"
+    )]
+    WatcherTooSlow {
+        /// `watch.max_lag_events`.
+        limit: usize,
+        /// Where the caller got to.
+        resume: u64,
+    },
+    /// Watch: the caller has as many watch streams open on this replica as it may.
+    #[error(
+        "{principal} has {limit} watch streams open on this gateway replica, its limit \
+         (watch.max_per_principal); close one first"
+    )]
+    TooManyWatchers {
+        /// The caller.
+        principal: String,
+        /// `watch.max_per_principal`.
+        limit: usize,
+    },
+    /// Watch: the policy in force lets the caller read nothing under the prefix.
+    #[error("permission denied: {principal} may not read anything at or below {prefix}")]
+    NothingToWatch {
+        /// The caller.
+        principal: String,
+        /// The prefix watched.
+        prefix: String,
+    },
+    /// Watch: the gateway is shutting down.
+    #[error("the gateway is shutting down; watch again (any replica) from revision {resume}")]
+    ShuttingDown {
+        /// Where the caller got to.
+        resume: u64,
+    },
+    /// A long-lived stream (Watch) found the connection's certificate no longer trusted.
+    #[error("{why}; resume from revision {resume} with a trusted certificate")]
+    WatchUntrusted {
+        /// Why the certificate is no longer accepted.
+        why: crate::tls::Untrusted,
+        /// Where the caller got to.
+        resume: u64,
+    },
+    /// The client closed a stream (Watch) before it ended.
+    #[error("the client closed the stream")]
+    StreamClosed,
     /// The store cannot answer now.
     #[error("secret store unavailable")]
     Unavailable,
@@ -203,10 +260,13 @@ impl ApiError {
             | Self::VersionNotFound { .. }
             | Self::VersionDeleted { .. }
             | Self::VersionDestroyed { .. } => Code::NotFound,
-            Self::Denied(_) => Code::PermissionDenied,
-            Self::RateLimited { .. } => Code::ResourceExhausted,
-            Self::CertificateNotAccepted(_) => Code::Unauthenticated,
-            Self::RewrapCancelled => Code::Cancelled,
+            Self::Denied(_) | Self::NothingToWatch { .. } => Code::PermissionDenied,
+            Self::RateLimited { .. }
+            | Self::WatcherTooSlow { .. }
+            | Self::TooManyWatchers { .. } => Code::ResourceExhausted,
+            Self::CertificateNotAccepted(_) | Self::WatchUntrusted { .. } => Code::Unauthenticated,
+            Self::ResyncRequired { .. } => Code::OutOfRange,
+            Self::RewrapCancelled | Self::StreamClosed => Code::Cancelled,
             Self::Conflict { .. } | Self::RewrapRunning => Code::FailedPrecondition,
             Self::Undecryptable { .. } => Code::DataLoss,
             Self::Contended(_) => Code::Aborted,
@@ -214,7 +274,8 @@ impl ApiError {
             | Self::NoQuorum
             | Self::OutcomeUnknown
             | Self::AuditUnavailable
-            | Self::AuditAfterWrite => Code::Unavailable,
+            | Self::AuditAfterWrite
+            | Self::ShuttingDown { .. } => Code::Unavailable,
             Self::Internal | Self::NoIdentity => Code::Internal,
         }
     }
@@ -229,10 +290,20 @@ impl From<&ApiError> for Status {
                 let details = ErrorDetails::with_retry_info(Some(throttled.retry_after));
                 Status::with_error_details(err.code(), err.to_string(), details)
             }
+            ApiError::WatcherTooSlow { resume, .. }
+            | ApiError::ShuttingDown { resume }
+            | ApiError::WatchUntrusted { resume, .. } => {
+                let mut status = Status::new(err.code(), err.to_string());
+                status.metadata_mut().insert(RESUME_REVISION_HEADER, (*resume).into());
+                status
+            }
             _ => Status::new(err.code(), err.to_string()),
         }
     }
 }
+
+/// The trailer of a Watch stream's ending that says which revision to resume from.
+pub const RESUME_REVISION_HEADER: &str = "x-resume-revision";
 
 #[cfg(test)]
 mod tests {

@@ -12,6 +12,7 @@ mod call;
 mod error;
 mod rotation;
 mod vault;
+mod watch;
 
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -22,6 +23,7 @@ pub use call::{REQUEST_ID_HEADER, code_name};
 pub use error::ApiError;
 pub use rotation::{KeyUsage, RewrapCounts};
 pub use vault::{KeyStatus, Opened, Vault};
+pub use watch::{WatchStream, Watchers};
 
 use self::call::Call;
 use crate::{
@@ -49,19 +51,22 @@ pub struct SecretsService {
     audit: AuditLog,
     limiter: RateLimiter,
     max_value_bytes: u64,
+    watchers: Watchers,
 }
 
 impl SecretsService {
     /// A service over `vault`, deciding with `authz`, recording to `audit`, admitting
-    /// requests past `limiter`, refusing values larger than `max_value_bytes`.
+    /// requests past `limiter`, refusing values larger than `max_value_bytes`, keeping its
+    /// Watch streams within `watchers`.
     pub fn new(
         vault: Vault,
         authz: Authorizer,
         audit: AuditLog,
         limiter: RateLimiter,
         max_value_bytes: u64,
+        watchers: Watchers,
     ) -> Self {
-        Self { vault, authz, audit, limiter, max_value_bytes }
+        Self { vault, authz, audit, limiter, max_value_bytes, watchers }
     }
 
     /// The context of one RPC, once admitted past the rate limits: `path` is the path or
@@ -381,6 +386,36 @@ impl Secrets for SecretsService {
         async move {
             let result = self.secret_versions(&mut call, request.into_inner()).await;
             call.finish(result).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let prefix = &request.get_ref().prefix;
+        let mut call = self.call("secretgate.v1.Secrets/Watch", Class::Read, &request, prefix)?;
+        let span = call.span();
+        async move {
+            let req = request.into_inner();
+            let changes = self.vault.changes();
+            let opened =
+                watch::Watcher::open(&mut call, &self.watchers, &self.authz, changes, &req);
+            let open = match opened {
+                Ok(open) => open,
+                Err(e) => return call.finish(Err(e)).await,
+            };
+            if let Err(e) = call.opened().await {
+                return call.finish(Err(e)).await;
+            }
+            // The answer (headers) goes now; the outcome is recorded when the stream ends.
+            let answer = call.stream_started(());
+            let stream = open.start(call).into_stream();
+            Ok(answer.map(|()| stream))
         }
         .instrument(span)
         .await

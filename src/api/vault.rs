@@ -331,7 +331,13 @@ impl Vault {
         self.store.audit_checkpoint(log_id).await.map_err(ApiError::from_store_fault)
     }
 
-    /// The store backend and its read cache.
+    /// The store's change feed, for Watch. It holds paths and versions, never a value, so
+    /// it needs no permit: each event is authorized as it is sent.
+    pub fn changes(&self) -> Arc<crate::store::Changes> {
+        self.store.changes()
+    }
+
+    /// The store's backend and cache state (see [`crate::store::StoreStatus`]).
     pub fn store_status(&self, _permit: &Permit<act::Admin>) -> crate::store::StoreStatus {
         self.store.status()
     }

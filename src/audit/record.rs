@@ -67,6 +67,7 @@ impl Kind {
 }
 
 /// For writes: `intent` is recorded (durably) before the store is touched, `outcome` after.
+/// For a Watch stream: `open` when it starts, `outcome` (with its counts) when it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -74,6 +75,8 @@ pub enum Phase {
     Intent,
     /// Done: the status says how it ended.
     Outcome,
+    /// A long-lived stream (Watch) was opened; its outcome record follows when it ends.
+    Open,
 }
 
 /// One line of the audit log. Field order is the order in the line. Fields that do not

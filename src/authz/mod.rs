@@ -145,6 +145,13 @@ impl Authorizer {
         policy.may_allow_under(principal.as_str(), prefix, &[Action::List, Action::Read])
     }
 
+    /// Whether the policy in force could let `principal` read anything at or below `prefix`:
+    /// what keeps a Watch stream open.
+    pub fn may_read_under(&self, principal: &Principal, prefix: &PathPrefix) -> bool {
+        let policy = self.policy.current();
+        policy.may_allow_under(principal.as_str(), prefix, &[Action::Read])
+    }
+
     /// The roles of `principal` and the policy version in force.
     pub fn roles(&self, principal: &Principal) -> (Vec<String>, String) {
         let policy = self.policy.current();

@@ -48,6 +48,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// `Secrets.Watch` streams.
+    pub watch: WatchConfig,
 }
 
 /// A configuration that passed every check: made only by [`Config::load`],
@@ -250,6 +252,7 @@ impl Default for Config {
             limits: Limits::default(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
+            watch: WatchConfig::default(),
         }
     }
 }
@@ -543,6 +546,7 @@ mod metrics;
 mod net;
 mod ranged;
 mod store;
+mod watch;
 
 pub use log::{LogConfig, LogFormat};
 pub use metrics::MetricsConfig;
@@ -550,6 +554,7 @@ pub use net::IpNet;
 pub use ranged::Ranged;
 
 pub use store::{EtcdConfig, StoreConfig, StorePassword};
+pub use watch::WatchConfig;
 #[cfg(test)]
 mod tests;
 

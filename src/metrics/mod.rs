@@ -57,6 +57,12 @@ pub struct Metrics {
     rate_limited: Family<ClassLabel, Counter>,
     reload_failures: Family<What, Counter>,
     client_cert_lifetime: Histogram,
+    watch_events: Family<Handled, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Handled {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -169,6 +175,7 @@ impl Metrics {
             handshakes_refused: Family::default(),
             rate_limited: Family::default(),
             reload_failures: Family::default(),
+            watch_events: Family::default(),
             // 1 hour to 2 years.
             client_cert_lifetime: Histogram::new(
                 [3600.0, 6.0 * 3600.0, 86400.0, 7.0 * 86400.0, 30.0 * 86400.0, 90.0 * 86400.0]
@@ -237,6 +244,11 @@ impl Metrics {
             Unit::Seconds,
             m.client_cert_lifetime.clone(),
         );
+        r.register(
+            "watch_events",
+            "Changes handled by Watch streams: sent, or skipped because the caller may not read them",
+            m.watch_events.clone(),
+        );
         Self { registry: r, ..m }
     }
 }
@@ -299,6 +311,30 @@ pub fn rate_limited(class: &'static str) {
 pub fn reload_failed(what: &'static str) {
     if let Some(m) = recording() {
         m.reload_failures.get_or_create(&What { what }).inc();
+    }
+}
+
+/// Watch streams open now (state, kept whether recording or not).
+static WATCH_STREAMS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// A Watch stream opened (`1`) or ended (`-1`).
+pub fn watchers_changed(delta: i64) {
+    WATCH_STREAMS.fetch_add(delta, Ordering::Relaxed);
+}
+
+/// Watch streams open now.
+fn watch_streams() -> i64 {
+    WATCH_STREAMS.load(Ordering::Relaxed)
+}
+
+/// A Watch stream sent `sent` changes and skipped `skipped` its caller may not read.
+pub fn watch_events(sent: u64, skipped: u64) {
+    if let Some(m) = recording() {
+        for (result, n) in [("sent", sent), ("skipped", skipped)] {
+            if n > 0 {
+                m.watch_events.get_or_create(&Handled { result }).inc_by(n);
+            }
+        }
     }
 }
 

@@ -159,6 +159,7 @@ impl Sources {
                 gauge(unix(next)),
             );
         }
+        r.register("watch_streams", "Secrets.Watch streams open", gauge(super::watch_streams()));
         let (open, soonest) = super::connections();
         r.register(
             "open_connections",

@@ -133,15 +133,27 @@ impl Changes {
         self.head.subscribe()
     }
 
-    /// Appends `events` (in revision order, all after the head) and moves the head to
-    /// `progress` or the newest event's revision, whichever is higher. Events at or below
-    /// the head are dropped: a feed that re-reads history after a break repeats some.
+    /// Appends `events` (in revision order) and moves the head to `progress` or the newest
+    /// event's revision, whichever is higher. Events not after the newest one held (or the
+    /// start) are dropped: a feed that re-reads history after a break repeats some.
     pub(crate) fn push(&self, events: Vec<ChangeEvent>, progress: u64) {
         let head = self.head();
         let mut top = progress;
         {
             let mut ring = self.write();
-            for e in events.into_iter().filter(|e| e.revision > head) {
+            for e in events {
+                let newest = ring.events.back().map_or(0, |e| e.revision);
+                let repeat = e.revision < newest
+                    || (e.revision == newest
+                        && ring
+                            .events
+                            .iter()
+                            .rev()
+                            .take_while(|x| x.revision == newest)
+                            .any(|x| x.path == e.path));
+                if e.revision <= ring.start || repeat {
+                    continue;
+                }
                 top = top.max(e.revision);
                 if ring.events.len() == ring.capacity
                     && let Some(old) = ring.events.pop_front()
@@ -215,8 +227,7 @@ pub fn derive(
     }
     for now in &after.versions {
         let was = before.and_then(|b| b.versions.iter().find(|v| v.version == now.version));
-        let (was_deleted, was_destroyed) =
-            was.map_or((None, None), |w| (w.deleted, w.destroyed));
+        let (was_deleted, was_destroyed) = was.map_or((None, None), |w| (w.deleted, w.destroyed));
         if let (None, Some(t)) = (was_destroyed, now.destroyed) {
             return event(now.version, ChangeKind::Destroyed, t);
         }
@@ -292,7 +303,10 @@ mod tests {
         let mut m = SecretMeta { current_version: 0, versions: vec![] };
         m.push_version(VersionMeta::new(1, UnixMillis(7)), 10);
         let written = derive(&p, None, &m, 3).unwrap();
-        assert_eq!((written.kind, written.version, written.time), (ChangeKind::Written, 1, m.versions[0].created));
+        assert_eq!(
+            (written.kind, written.version, written.time),
+            (ChangeKind::Written, 1, m.versions[0].created)
+        );
         let before = m.clone();
         m.versions[0].deleted = Some(UnixMillis(8));
         assert_eq!(derive(&p, Some(&before), &m, 4).unwrap().kind, ChangeKind::Deleted);

@@ -63,7 +63,8 @@ impl std::fmt::Debug for EmbeddedStore {
 
 impl EmbeddedStore {
     /// Opens (or creates, mode 0600, parent directory 0700) the store file at `path`, keeping
-    /// [`super::DEFAULT_HISTORY`] changes for watchers.
+    /// [`super::DEFAULT_HISTORY`] changes for watchers (the gateway configures it).
+    #[cfg(feature = "testing")]
     pub fn open(path: &Path, max_versions: u32) -> Result<Self, StoreError> {
         Self::open_with_history(path, max_versions, super::DEFAULT_HISTORY)
     }
@@ -440,12 +441,12 @@ fn log_change(
     let bytes = serde_json::to_vec(&event).map_err(|e| StoreError::Backend(e.to_string()))?;
     log.insert(event.revision, bytes.as_slice()).map_err(backend)?;
     let keep_from = event.revision.saturating_sub(history - 1);
-    while let Some((k, _)) = log.first().map_err(backend)? {
-        let k = k.value();
-        if k >= keep_from {
-            break;
-        }
-        log.remove(k).map_err(backend)?;
+    loop {
+        let oldest = log.first().map_err(backend)?.map(|(k, _)| k.value());
+        match oldest {
+            Some(k) if k < keep_from => log.remove(k).map_err(backend)?,
+            _ => break,
+        };
     }
     Ok(Some(event))
 }

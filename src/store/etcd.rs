@@ -82,11 +82,23 @@ impl EtcdStore {
     /// Prepares connections to the cluster named by `config` (TLS with its CA and client
     /// certificate, and its user if one is set). Connections open on first use, so an
     /// unreachable cluster shows up as `Unavailable` on the first operation, not here.
+    #[cfg(feature = "testing")]
     pub fn connect(config: &EtcdConfig, max_versions: u32) -> Result<Self, StoreError> {
+        Self::connect_with_history(config, max_versions, super::DEFAULT_HISTORY)
+    }
+
+    /// Like [`EtcdStore::connect`], the change feed keeping the newest `history` changes
+    /// and, at start, reading up to `history` revisions of etcd's history.
+    pub fn connect_with_history(
+        config: &EtcdConfig,
+        max_versions: u32,
+        history: u64,
+    ) -> Result<Self, StoreError> {
         let members = Arc::new(Members::new(config)?);
         let (prefix, timeout) = (config.prefix.clone(), config.timeout());
         let max = (config.cache_max_mib.get() << 20) as usize;
-        let cache = Cache::start(Arc::clone(&members), prefix.clone(), config.cache, max, timeout);
+        let cache =
+            Cache::start(Arc::clone(&members), prefix.clone(), config.cache, max, timeout, history);
         Ok(Self { members, prefix, timeout, max_versions, hints: Arc::default(), cache })
     }
 
@@ -492,6 +504,10 @@ impl Store for EtcdStore {
             }
         })
         .await
+    }
+
+    fn changes(&self) -> Arc<super::Changes> {
+        self.cache.changes()
     }
 
     fn status(&self) -> super::StoreStatus {

@@ -5,7 +5,9 @@ use std::{future::Future, sync::Arc, time::Instant};
 
 use async_trait::async_trait;
 
-use super::{Changes, SecretMeta, Store, StoreError, StoreStatus, StoredValue, StoredVersion, VersionMeta};
+use super::{
+    Changes, SecretMeta, Store, StoreError, StoreStatus, StoredValue, StoredVersion, VersionMeta,
+};
 use crate::path::{PathPrefix, SecretPath};
 
 /// See the module docs.

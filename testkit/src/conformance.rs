@@ -4,7 +4,10 @@
 
 use std::{collections::BTreeSet, future::Future, sync::Arc};
 
-use secretgate::{PathPrefix, SecretMeta, SecretPath, StoreError, VersionMeta, testing::Store};
+use secretgate::{
+    ChangeEvent, ChangeKind, PathPrefix, SecretMeta, SecretPath, Since, StoreError, VersionMeta,
+    testing::Store,
+};
 
 /// Versions a conformance store must be configured to keep.
 pub const MAX_VERSIONS: u32 = 3;
@@ -33,6 +36,7 @@ const CASES: &[Case] = cases![
     replace_is_compare_and_set_on_the_value,
     audit_checkpoints_are_kept_per_log_and_invisible_to_secrets,
     undelete_restores_and_destroy_removes_for_good,
+    changes_report_every_change_once_in_order,
 ];
 
 /// Runs every case, each on a fresh store from `make`.
@@ -310,4 +314,58 @@ async fn undelete_restores_and_destroy_removes_for_good(s: Arc<dyn Store>) {
     assert!(matches!(s.destroy(&path, 9).await, Err(StoreError::VersionNotFound(9))));
     assert!(matches!(s.undelete(&p("/never"), 1).await, Err(StoreError::NotFound)));
     assert!(matches!(s.destroy(&p("/never"), 1).await, Err(StoreError::NotFound)));
+}
+
+/// The events after `after`, once at least `n` are there (a backend's feed may follow its
+/// commits asynchronously: etcd's watch).
+async fn changes_after(s: &Arc<dyn Store>, after: u64, n: usize) -> Vec<ChangeEvent> {
+    let changes = s.changes();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match changes.since(after, 1000) {
+            Since::Events(e, _) if e.len() >= n => {
+                return e.iter().map(|e| ChangeEvent::clone(e)).collect();
+            }
+            Since::Gone(start) => panic!("the feed lost history: complete after {start}"),
+            Since::Events(..) => {}
+        }
+        assert!(std::time::Instant::now() < deadline, "fewer than {n} changes after {after}");
+        let mut head = changes.subscribe();
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), head.changed()).await;
+    }
+}
+
+async fn changes_report_every_change_once_in_order(s: Arc<dyn Store>) {
+    let before = s.changes().head();
+    let (a, b) = (p("/w/a"), p("/w/b"));
+    s.put(&a, 0, b"1").await.unwrap();
+    s.put(&a, 1, b"2").await.unwrap();
+    s.delete(&a).await.unwrap();
+    s.delete(&a).await.unwrap(); // changes nothing: no event
+    s.undelete(&a, 2).await.unwrap();
+    s.destroy(&a, 1).await.unwrap();
+    let old = s.get(&a, Some(2)).await.unwrap().value;
+    assert!(s.replace(&a, 2, &old, b"rewrapped").await.unwrap()); // same version: no event
+    s.put(&b, 0, b"3").await.unwrap();
+    let events = changes_after(&s, before, 6).await;
+    let seen: Vec<(&str, u64, ChangeKind)> =
+        events.iter().map(|e| (e.path.as_str(), e.version, e.kind)).collect();
+    assert_eq!(
+        seen,
+        [
+            ("/w/a", 1, ChangeKind::Written),
+            ("/w/a", 2, ChangeKind::Written),
+            ("/w/a", 2, ChangeKind::Deleted),
+            ("/w/a", 2, ChangeKind::Undeleted),
+            ("/w/a", 1, ChangeKind::Destroyed),
+            ("/w/b", 1, ChangeKind::Written),
+        ]
+    );
+    assert!(events.windows(2).all(|w| w[0].revision < w[1].revision), "{events:?}");
+    let meta = s.versions(&a).await.unwrap();
+    assert_eq!(events[0].time, meta.versions[1].created, "a write's time is its version's");
+    assert_eq!(Some(events[4].time), meta.versions[1].destroyed);
+    // Resuming after any event gives exactly the ones after it.
+    let rest = changes_after(&s, events[2].revision, 3).await;
+    assert_eq!(rest, events[3..]);
 }

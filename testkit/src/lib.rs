@@ -8,6 +8,7 @@ pub mod bench;
 pub mod conformance;
 pub mod etcd;
 pub mod h2;
+pub mod watch;
 
 use std::{
     net::SocketAddr,

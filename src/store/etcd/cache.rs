@@ -16,7 +16,14 @@
 //! cluster-wide, and a write outside the prefix moves it without any event here.
 //!
 //! The feed runs with `store.cache = false` too, holding nothing: it is the replica's one
-//! watch, which the Watch API and the tier's control state are to share.
+//! watch, which the Watch API and the tier's control state are to share. It also feeds the
+//! store's [`Changes`]: each metadata event (with its previous value, `prev_kv`) becomes a
+//! [`ChangeEvent`]. So that a watcher can resume across a gateway restart, the feed's first
+//! watch starts up to `history` revisions before the list it fills the cache from (events
+//! at or before the list go to the change feed only), and after a break it watches again
+//! from the revision after the last one it applied, so the change feed has no gap unless
+//! etcd compacted that history away (then the change feed restarts after the compaction,
+//! and watchers behind it are told to resync).
 //!
 //! One barrier is in flight at a time; every read that arrives meanwhile joins the next one
 //! (up to [`MAX_BARRIER_KEYS`] keys per transaction, etcd's default `--max-txn-ops`). Past
@@ -35,6 +42,10 @@ use tokio::{
 };
 
 use super::members::{Failure, Members};
+use crate::{
+    path::SecretPath,
+    store::{ChangeEvent, Changes, changes::derive},
+};
 
 /// Keys one barrier transaction checks at most.
 pub(super) const MAX_BARRIER_KEYS: usize = 128;
@@ -83,6 +94,10 @@ pub(super) struct Cache {
     caching: bool,
     /// Reads this cache answered.
     hits: AtomicU64,
+    /// The store's change feed, fed from the same watch.
+    changes: Arc<Changes>,
+    /// Revisions of history the first watch starts before the list.
+    history: i64,
 }
 
 impl Cache {
@@ -93,8 +108,10 @@ impl Cache {
         caching: bool,
         max_bytes: usize,
         timeout: Duration,
+        history: u64,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let capacity = usize::try_from(history).unwrap_or(usize::MAX);
         let cache = Arc::new(Self {
             state: RwLock::default(),
             applied: watch::channel(0).0,
@@ -103,6 +120,8 @@ impl Cache {
             prefix,
             caching,
             hits: AtomicU64::new(0),
+            changes: Arc::new(Changes::new(0, capacity)),
+            history: i64::try_from(history).unwrap_or(i64::MAX),
         });
         tokio::spawn(barrier_loop(Arc::clone(&members), timeout, rx));
         tokio::spawn(feed_loop(Arc::downgrade(&cache), members, timeout));
@@ -116,6 +135,11 @@ impl Cache {
 
     fn write(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The store's change feed.
+    pub(super) fn changes(&self) -> Arc<Changes> {
+        Arc::clone(&self.changes)
     }
 
     /// Counts a read answered from memory.
@@ -207,14 +231,23 @@ impl Cache {
         self.applied.send_modify(|a| *a = (*a).max(revision));
     }
 
-    /// Applies one watch response's events.
-    fn apply(&self, events: &[etcd_client::Event], progress: i64) {
+    /// Applies one watch response's events: to the cache those after `listed` (the list
+    /// already holds the rest), and every metadata change to the change feed.
+    fn apply(&self, events: &[etcd_client::Event], progress: i64, listed: i64) {
         let mut top = progress;
+        let mut changes = Vec::new();
         let mut state = self.write();
         for e in events {
             let Some(kv) = e.kv() else { continue };
             top = top.max(kv.mod_revision());
-            if state.over_budget || !self.caching || !self.wanted(kv.key()) {
+            if let Some(change) = self.change(e) {
+                changes.push(change);
+            }
+            if kv.mod_revision() <= listed
+                || state.over_budget
+                || !self.caching
+                || !self.wanted(kv.key())
+            {
                 continue;
             }
             let old = match e.event_type() {
@@ -233,6 +266,26 @@ impl Cache {
         self.check_budget(&mut state);
         drop(state);
         self.applied.send_modify(|a| *a = (*a).max(top));
+        self.changes.push(changes, u64::try_from(top).unwrap_or(0));
+    }
+
+    /// The change a metadata event made (`None` for other keys, deletions of metadata,
+    /// which the gateway never makes, and metadata that does not decode: logged).
+    fn change(&self, e: &etcd_client::Event) -> Option<ChangeEvent> {
+        let kv = e.kv().filter(|_| e.event_type() == EventType::Put)?;
+        let rest = kv.key().strip_prefix(self.prefix.as_bytes())?.strip_prefix(b"meta")?;
+        let decoded = std::str::from_utf8(rest).ok().and_then(|p| SecretPath::parse(p).ok());
+        let Some(path) = decoded else {
+            tracing::warn!(key = %String::from_utf8_lossy(kv.key()).escape_debug(), "change feed: a metadata key that names no secret path; skipped");
+            return None;
+        };
+        let meta = |bytes: &[u8]| super::decode_meta(path.as_str(), bytes).ok();
+        let Some(after) = meta(kv.value()) else {
+            tracing::warn!(%path, "change feed: metadata that does not decode; skipped");
+            return None;
+        };
+        let before = e.prev_kv().and_then(|p| meta(p.value()));
+        derive(&path, before.as_ref(), &after, u64::try_from(kv.mod_revision()).ok()?)
     }
 
     fn check_budget(&self, state: &mut State) {
@@ -349,9 +402,13 @@ async fn list(
     }
 }
 
-/// The feed: list, watch from the revision after, and again whenever the watch ends.
+/// The feed: list, watch (from up to `history` revisions before the list the first time,
+/// from the revision after the last one applied afterwards), and again whenever the watch
+/// ends.
 async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout: Duration) {
     let mut backoff = Duration::from_millis(100);
+    // The revision the next watch starts from, once the first list has set it.
+    let mut from: Option<i64> = None;
     loop {
         let Some(c) = cache.upgrade() else { return };
         c.stop_serving();
@@ -369,7 +426,15 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
         };
         let entries: HashMap<Vec<u8>, Entry> =
             entries.into_iter().filter(|(k, _)| c.wanted(k)).collect();
-        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let start = *from.get_or_insert_with(|| {
+            let start = (revision + 1 - c.history).max(1);
+            c.changes.reset(u64::try_from(start - 1).unwrap_or(0));
+            start
+        });
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(start.min(revision + 1));
         let (url, watch) = members.watch(&prefix, options).await;
         let mut stream = match watch {
             Ok(s) => s,
@@ -385,41 +450,59 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
         c.fill(entries, revision);
         backoff = Duration::from_millis(100);
         drop(c);
-        let why = follow(&cache, &mut stream).await;
+        let (why, compacted) = follow(&cache, &mut stream, revision).await;
         tracing::info!(member = %url, %why, "read cache: watch ended; listing again");
+        let Some(c) = cache.upgrade() else { return };
+        if compacted > 0 {
+            // The history after the last applied revision is gone: the change feed starts
+            // again after the compaction, and watchers behind it must resync.
+            tracing::warn!(
+                compacted,
+                "change feed: history compacted away; watchers behind it must resync"
+            );
+            c.changes.reset(u64::try_from(compacted - 1).unwrap_or(0));
+        }
+        from = Some((i64::try_from(c.changes.head()).unwrap_or(i64::MAX) + 1).max(compacted));
+        drop(c);
         members.cool(&url);
     }
 }
 
-/// Applies the watch's responses until it ends; why it ended.
-async fn follow(cache: &std::sync::Weak<Cache>, stream: &mut etcd_client::WatchStream) -> String {
+/// Applies the watch's responses until it ends; why it ended, and the compaction revision
+/// when it ended because its start was compacted away (else 0).
+async fn follow(
+    cache: &std::sync::Weak<Cache>,
+    stream: &mut etcd_client::WatchStream,
+    listed: i64,
+) -> (String, i64) {
     loop {
         let message = match tokio::time::timeout(QUIET, stream.message()).await {
             Ok(m) => m,
             Err(_) => {
                 // Quiet, or stuck on a paused member: a live member answers a progress request.
                 if let Err(e) = stream.request_progress().await {
-                    return format!("progress request failed: {e}");
+                    return (format!("progress request failed: {e}"), 0);
                 }
                 match tokio::time::timeout(PROGRESS_DEADLINE, stream.message()).await {
                     Ok(m) => m,
-                    Err(_) => return "no answer to a progress request".into(),
+                    Err(_) => return ("no answer to a progress request".into(), 0),
                 }
             }
         };
         let resp = match message {
             Ok(Some(resp)) => resp,
-            Ok(None) => return "the stream ended".into(),
-            Err(e) => return e.to_string(),
+            Ok(None) => return ("the stream ended".into(), 0),
+            Err(e) => return (e.to_string(), 0),
         };
         if resp.canceled() || resp.compact_revision() > 0 {
-            return format!(
+            let why = format!(
                 "cancelled ({}; compacted at {})",
                 resp.cancel_reason(),
                 resp.compact_revision()
             );
+            return (why, resp.compact_revision());
         }
-        let Some(c) = cache.upgrade() else { return "the store is gone".into() };
+        let Some(c) = cache.upgrade() else { return ("the store is gone".into(), 0) };
         // A progress notification (no events, not the creation answer) says every event up
         // to its revision was sent.
         let progress = if resp.events().is_empty() && !resp.created() {
@@ -427,6 +510,6 @@ async fn follow(cache: &std::sync::Weak<Cache>, stream: &mut etcd_client::WatchS
         } else {
             0
         };
-        c.apply(resp.events(), progress);
+        c.apply(resp.events(), progress, listed);
     }
 }
