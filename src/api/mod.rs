@@ -404,7 +404,7 @@ impl Secrets for SecretsService {
             let req = request.into_inner();
             let changes = self.vault.changes();
             let opened =
-                watch::Watcher::open(&mut call, &self.watchers, &self.authz, changes, &req);
+                watch::Watcher::open(&mut call, &self.watchers, &self.authz, changes, &req).await;
             let open = match opened {
                 Ok(open) => open,
                 Err(e) => return call.finish(Err(e)).await,

@@ -37,6 +37,8 @@ use crate::{
     store::{ChangeEvent, ChangeKind, Changes, Since},
 };
 
+/// How long opening a stream waits for a store's change feed that is still starting.
+const FEED_START: Duration = Duration::from_secs(10);
 /// Changes looked at per message at most.
 const BATCH: usize = 256;
 /// A message stops taking events past this many bytes (at the end of a revision), well
@@ -153,7 +155,7 @@ pub(super) struct Watcher {
 impl Watcher {
     /// Checks a Watch request and opens its stream: the prefix, a `read` grant under it,
     /// the caller's stream limit, and that `from_revision` can still be resumed from.
-    pub(super) fn open(
+    pub(super) async fn open(
         call: &mut Call,
         watchers: &Watchers,
         authz: &Authorizer,
@@ -169,6 +171,11 @@ impl Watcher {
                 principal: principal.to_string(),
                 prefix: prefix.as_str().to_owned(),
             });
+        }
+        // etcd's feed proves at its first answer that its history was not compacted away.
+        let deadline = tokio::time::Instant::now() + FEED_START;
+        if !changes.ready(deadline).await {
+            return Err(ApiError::Unavailable);
         }
         let cursor = match req.from_revision {
             0 => changes.head(),

@@ -89,6 +89,10 @@ struct Ring {
     /// Complete after this revision.
     start: u64,
     capacity: usize,
+    /// Whether the backend's feed has shown it follows from `start` (etcd: the start was not
+    /// compacted when its watch was made). Until then the feed answers nothing and no one
+    /// can resume.
+    ready: bool,
 }
 
 impl std::fmt::Debug for Changes {
@@ -105,8 +109,29 @@ impl std::fmt::Debug for Changes {
 impl Changes {
     /// An empty feed complete after revision `start`, keeping at most `capacity` events.
     pub fn new(start: u64, capacity: usize) -> Self {
-        let ring = Ring { events: VecDeque::new(), start, capacity: capacity.max(1) };
+        let ring = Ring { events: VecDeque::new(), start, capacity: capacity.max(1), ready: true };
         Self { ring: RwLock::new(ring), head: watch::channel(start).0 }
+    }
+
+    /// A feed whose backend has not yet proved where it starts: ready once it has
+    /// ([`Changes::mark_ready`]).
+    pub(crate) fn starting(capacity: usize) -> Self {
+        let feed = Self::new(0, capacity);
+        feed.write().ready = false;
+        feed
+    }
+
+    /// Waits (until `deadline`) for the feed to be ready; whether it is.
+    pub async fn ready(&self, deadline: tokio::time::Instant) -> bool {
+        let mut head = self.subscribe();
+        loop {
+            if self.read().ready {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, head.changed()).await.is_err() {
+                return false;
+            }
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Ring> {
@@ -168,6 +193,15 @@ impl Changes {
         }
     }
 
+    /// The backend's feed now follows from `start` (see [`Changes::starting`]).
+    pub(crate) fn mark_ready(&self) {
+        let was = std::mem::replace(&mut self.write().ready, true);
+        if !was {
+            // Wakes whoever waits in [`Changes::ready`].
+            self.head.send_modify(|_| {});
+        }
+    }
+
     /// History was lost (a compaction, or a store that lost its change log): the ring is
     /// emptied and complete after `start` only. Watchers behind it get [`Since::Gone`].
     pub(crate) fn reset(&self, start: u64) {
@@ -184,6 +218,9 @@ impl Changes {
     pub fn since(&self, after: u64, limit: usize) -> Since {
         let head = self.head();
         let ring = self.read();
+        if !ring.ready {
+            return Since::Events(Vec::new(), after);
+        }
         if after < ring.start {
             return Since::Gone(ring.start);
         }
@@ -205,6 +242,9 @@ impl Changes {
     /// How many events in the ring are after `after`: how far behind a watcher there is.
     pub fn behind(&self, after: u64) -> usize {
         let ring = self.read();
+        if !ring.ready {
+            return 0;
+        }
         ring.events.len() - ring.events.partition_point(|e| e.revision <= after)
     }
 }

@@ -120,7 +120,7 @@ impl Cache {
             prefix,
             caching,
             hits: AtomicU64::new(0),
-            changes: Arc::new(Changes::new(0, capacity)),
+            changes: Arc::new(Changes::starting(capacity)),
             history: i64::try_from(history).unwrap_or(i64::MAX),
         });
         tokio::spawn(barrier_loop(Arc::clone(&members), timeout, rx));
@@ -266,7 +266,10 @@ impl Cache {
         self.check_budget(&mut state);
         drop(state);
         self.applied.send_modify(|a| *a = (*a).max(top));
-        self.changes.push(changes, u64::try_from(top).unwrap_or(0));
+        // Progress notifications do not move the change feed: before 3.4.31 etcd answers a
+        // progress request at once with its current revision, even while the watch is still
+        // sending older events, so a watcher told "complete up to R" could miss them.
+        self.changes.push(changes, 0);
     }
 
     /// The change a metadata event made (`None` for other keys, deletions of metadata,
@@ -426,11 +429,22 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
         };
         let entries: HashMap<Vec<u8>, Entry> =
             entries.into_iter().filter(|(k, _)| c.wanted(k)).collect();
-        let start = *from.get_or_insert_with(|| {
-            let start = (revision + 1 - c.history).max(1);
-            c.changes.reset(u64::try_from(start - 1).unwrap_or(0));
-            start
-        });
+        let start = match from {
+            Some(start) => start,
+            None => {
+                // Read back history only if etcd still has it: else from the list on.
+                let wanted = (revision + 1 - c.history).max(1);
+                let start = match wanted <= revision
+                    && compacted(&members, &prefix, wanted, timeout).await
+                {
+                    true => revision + 1,
+                    false => wanted,
+                };
+                c.changes.reset(u64::try_from(start - 1).unwrap_or(0));
+                from = Some(start);
+                start
+            }
+        };
         let options = WatchOptions::new()
             .with_prefix()
             .with_prev_key()
@@ -448,6 +462,7 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
             }
         };
         c.fill(entries, revision);
+        c.changes.mark_ready();
         backoff = Duration::from_millis(100);
         drop(c);
         let (why, compacted) = follow(&cache, &mut stream, revision).await;
@@ -465,6 +480,19 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
         from = Some((i64::try_from(c.changes.head()).unwrap_or(i64::MAX) + 1).max(compacted));
         drop(c);
         members.cool(&url);
+    }
+}
+
+/// Whether etcd has compacted away revision `revision` (a read at it is refused). Another
+/// failure says nothing: the watch from it will tell.
+async fn compacted(members: &Members, prefix: &str, revision: i64, timeout: Duration) -> bool {
+    let options = GetOptions::new().with_revision(revision).with_keys_only().with_limit(1);
+    let key = prefix.to_owned();
+    let deadline = Instant::now() + timeout;
+    match members.attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await }).await
+    {
+        Err(Failure::Refused(why)) => why.contains("compacted"),
+        _ => false,
     }
 }
 
