@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 pub use admin::AdminService;
 pub use call::{REQUEST_ID_HEADER, code_name};
-pub use error::ApiError;
+pub use error::{ApiError, RESUME_REVISION_HEADER};
 pub use rotation::{KeyUsage, RewrapCounts};
 pub use vault::{KeyStatus, Opened, Vault};
 pub use watch::{WatchStream, Watchers};

@@ -248,7 +248,7 @@ fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }
 
-fn rfc3339(t: Option<&prost_types::Timestamp>) -> String {
+pub(super) fn rfc3339(t: Option<&prost_types::Timestamp>) -> String {
     let Some(t) = t else { return String::new() };
     let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)

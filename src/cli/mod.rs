@@ -2,6 +2,7 @@
 //!
 //! - `serve`, `dev` ([`serve`]): run a gateway;
 //! - `put`, `get`, `ls`, `rm`, `versions` ([`client`]): talk to one over mTLS;
+//! - `watch` ([`watch`]): follow changes, resuming by itself;
 //! - `keys …` ([`keys`]): the key rotation lifecycle;
 //! - `policy …` ([`policy`]): check, test and explain policies; `whoami` asks the gateway;
 //! - `audit …` ([`audit`]): the auditor's tools: keygen, verify, query, tail.
@@ -12,6 +13,7 @@ mod dev;
 mod keys;
 mod policy;
 mod serve;
+mod watch;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
@@ -103,6 +105,19 @@ enum Command {
         path: String,
         /// The version to destroy.
         version: u64,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+    /// Follow changes at or below a prefix, one line per change (never a value), until
+    /// interrupted; resumes by itself after a gateway restart or a network break.
+    Watch {
+        /// Prefix, e.g. /payments (default: everything the caller may read).
+        #[arg(default_value = "/")]
+        prefix: String,
+        /// Start after this store revision (the first column of a line seen before); 0
+        /// follows from now.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        from_revision: u64,
         #[command(flatten)]
         conn: ClientArgs,
     },
@@ -246,6 +261,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Ls { prefix, conn } => client::ls(&conn, prefix).await,
         Command::Rm { path, conn } => client::rm(&conn, path).await,
         Command::Versions { path, conn } => client::versions(&conn, path).await,
+        Command::Watch { prefix, from_revision, conn } => {
+            watch::watch(&conn, prefix, from_revision).await
+        }
         Command::Undelete { path, version, conn } => client::undelete(&conn, path, version).await,
         Command::Destroy { path, version, conn } => client::destroy(&conn, path, version).await,
         Command::Keys { keyring, command } => keys::run(&keyring, command).await,
