@@ -80,6 +80,7 @@ async fn watch_prints_each_change_once_and_resumes_after_a_gateway_restart() {
     assert_eq!(paths, ["/shared/b", "/shared/c"]);
     assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "nothing twice");
     child.kill().unwrap();
+    child.wait().unwrap();
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("resuming from revision"), "{stderr}");

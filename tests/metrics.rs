@@ -59,8 +59,10 @@ async fn a_scrape_after_traffic_has_every_family_and_passes_promtool() {
     let gw = TestGateway::start_with(on).await;
     let addr = gw.metrics_addr().expect("metrics on");
     let mut admin = gw.client(ADMIN).await;
+    let mut watch = secretgate_testkit::watch::Watch::open(&mut admin, "/", 0).await.unwrap();
     let put = PutRequest { path: PATH.into(), value: b"hunter2".to_vec(), expected_version: None };
     admin.put(put).await.unwrap();
+    watch.events(1, std::time::Duration::from_secs(2)).await;
     admin.get(GetRequest { path: PATH.into(), version: None }).await.unwrap();
     let mut reader = gw.client(READER).await;
     let denied = reader.get(GetRequest { path: PATH.into(), version: None }).await.unwrap_err();
@@ -91,6 +93,7 @@ async fn a_scrape_after_traffic_has_every_family_and_passes_promtool() {
         "secretgate_open_connections",
         "secretgate_client_cert_soonest_expiry_timestamp_seconds",
         "secretgate_client_cert_remaining_lifetime_seconds_count",
+        "secretgate_watch_events_total{result=\"sent\"}",
     ] {
         assert!(sample(&body, family).is_some(), "no sample {family} in:\n{body}");
     }
@@ -103,6 +106,7 @@ async fn a_scrape_after_traffic_has_every_family_and_passes_promtool() {
     assert!(sample(&body, "secretgate_audit_records_total") >= Some(4.0), "{body}");
     assert_eq!(sample(&body, "secretgate_audit_fail_closed"), Some(0.0));
     assert!(sample(&body, "secretgate_open_connections") >= Some(2.0), "{body}");
+    assert_eq!(sample(&body, "secretgate_watch_streams"), Some(1.0), "{body}");
     for info in ["secretgate_keyring_info{", "secretgate_policy_info{", "secretgate_store_info{"] {
         assert!(body.contains(info), "no {info} in:\n{body}");
     }
