@@ -6,11 +6,13 @@
         client.put("/apps/app/db-password", b"hunter2")
         secret = client.get("/apps/app/db-password")
         print(secret.version, secret.value)
+        for change in client.watch("/apps/app"):   # changes as they happen, never values
+            print(change.revision, change.kind, change.path, change.version)
 
 Every failed call raises a :class:`SecretgateError` subclass named after its gRPC status.
 """
 
-from .client import Client, Identity, Secret, Version, Versions, Written
+from .client import Change, Client, Identity, Secret, Version, Versions, Watch, Written
 from .errors import (
     Aborted,
     AlreadyExists,
@@ -32,7 +34,7 @@ from .errors import (
 )
 
 __all__ = [
-    "Client", "Identity", "Secret", "Version", "Versions", "Written",
+    "Change", "Client", "Identity", "Secret", "Version", "Versions", "Watch", "Written",
     "SecretgateError", "Aborted", "AlreadyExists", "Cancelled", "DataLoss",
     "DeadlineExceeded", "FailedPrecondition", "Internal", "InvalidArgument", "NotFound",
     "OutOfRange", "PermissionDenied", "ResourceExhausted", "Unauthenticated", "Unavailable",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Union
 
@@ -79,6 +80,96 @@ class Identity:
     certificate_fingerprint: str
     certificate_serial: str
     policy_version: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change from :meth:`Client.watch`: which version of which secret was
+    ``written``, ``deleted``, ``undeleted`` or ``destroyed``, at which store revision and
+    when. Never a value: call :meth:`Client.get` for it."""
+
+    path: str
+    version: int
+    kind: str
+    revision: int
+    time: Optional[datetime.datetime]
+
+
+_KINDS = {1: "written", 2: "deleted", 3: "undeleted", 4: "destroyed"}
+
+# Stream endings worth resuming from the last revision: the gateway restarted or is
+# unreachable, or it cut off a watcher that read too slowly.
+_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class Watch:
+    """An open Watch stream: iterate over it for :class:`Change` objects, as they happen.
+
+    ``revision`` is where it got to: pass it as ``from_revision`` to a later
+    :meth:`Client.watch` to resume with exactly the changes after it. With ``resume`` (the
+    default) the stream reopens itself from there when the gateway restarts, is unreachable
+    for a while, or cut the watcher off for reading too slowly. A refusal (no ``read`` grant
+    under the prefix: :class:`~secretgate.PermissionDenied`; history gone:
+    :class:`~secretgate.OutOfRange`, list and watch from 0) is raised. :meth:`close` ends it.
+    """
+
+    def __init__(self, stub, prefix: str, from_revision: int, resume: bool):
+        self._stub = stub
+        self._prefix = prefix
+        self._resume = resume
+        self._closed = False
+        self._pending: List[Change] = []
+        self._message_revision = from_revision
+        self.revision = from_revision
+        self._open()
+
+    def _open(self) -> None:
+        req = secrets_pb2.WatchRequest(prefix=self._prefix, from_revision=self.revision)
+        self._call = self._stub.Watch(req)
+        # The gateway answers with headers once the stream is open (its starting point
+        # set), or with the refusal: either way, changes made after this return are seen.
+        self._call.initial_metadata()
+
+    def __iter__(self) -> "Watch":
+        return self
+
+    def __next__(self) -> Change:
+        backoff = 0.2
+        while not self._pending:
+            self.revision = max(self.revision, self._message_revision)
+            try:
+                message = next(self._call)
+            except StopIteration:
+                raise errors.Unavailable("the gateway ended the watch without a status") from None
+            except grpc.RpcError as e:
+                if self._closed:
+                    raise StopIteration from None
+                if not (self._resume and e.code() in _RESUMABLE):
+                    raise errors.from_rpc_error(e) from None
+                time.sleep(backoff)  # a retry's backoff, not synchronization
+                backoff = min(backoff * 2, 5.0)
+                self._open()
+                continue
+            self._pending = [
+                Change(e.path, e.version, _KINDS.get(e.kind, "unknown"), e.revision,
+                       _time(e.time))
+                for e in message.events
+            ]
+            self._message_revision = message.revision
+        change = self._pending.pop(0)
+        self.revision = change.revision
+        return change
+
+    def close(self) -> None:
+        """Ends the stream."""
+        self._closed = True
+        self._call.cancel()
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _read(path: str, what: str, variable: str) -> bytes:
@@ -213,6 +304,11 @@ class Client:
             for v in r.versions
         ]
         return Versions(r.current_version, kept)
+
+    def watch(self, prefix: str = "/", from_revision: int = 0, resume: bool = True) -> Watch:
+        """Changes to the secrets at or below ``prefix`` that the caller may ``read``, from
+        now on, or after ``from_revision`` (see :class:`Watch`). No deadline applies."""
+        return Watch(self._secrets, prefix, from_revision, resume)
 
     def whoami(self) -> Identity:
         """The caller's principal and roles as the gateway sees them."""

@@ -148,3 +148,28 @@ def test_grpcio_reflection_lists_the_services(gateway):
         assert {"Get", "Put", "Delete", "List", "Versions", "WhoAmI"} <= {
             m.name for m in secrets.methods
         }
+
+
+def test_watch_sees_changes_as_they_happen_and_resumes_from_a_revision(gateway):
+    prefix = fresh("/demo/pyw")
+    with client(gateway) as writer, client(gateway) as watcher:
+        watch = watcher.watch(prefix)
+        writer.put(prefix + "/a", b"hunter2")
+        writer.delete(prefix + "/a")
+        writer.put("/demo/elsewhere-" + prefix.rsplit("/", 1)[1], b"x")  # outside the prefix
+        first, second = next(watch), next(watch)
+        assert (first.path, first.kind, first.version) == (prefix + "/a", "written", 1)
+        assert (second.kind, second.version) == ("deleted", 1)
+        assert first.revision < second.revision and first.time is not None
+        assert "hunter2" not in repr(first)
+        watch.close()
+        writer.put(prefix + "/b", b"2")
+        with watcher.watch(prefix, from_revision=second.revision) as resumed:
+            assert next(resumed).path == prefix + "/b"
+
+
+def test_watch_without_a_read_grant_is_permission_denied(gateway):
+    # The app service may read only /apps/app/** and /demo/**.
+    with client(gateway, who="app") as c:
+        with pytest.raises(secretgate.PermissionDenied):
+            next(c.watch("/apps/payments"))
