@@ -89,11 +89,6 @@ impl Watchers {
         self.inner.shutdown.send_replace(true);
     }
 
-    /// Streams open now, all principals together.
-    pub fn open(&self) -> usize {
-        self.inner.lock().values().sum()
-    }
-
     fn slot(&self, principal: &Principal) -> Result<Slot, ApiError> {
         let mut open = self.inner.lock();
         let n = open.entry(principal.to_string()).or_default();
