@@ -284,3 +284,19 @@ async fn a_watcher_whose_certificate_is_revoked_is_cut_off() {
     assert!(end.message().contains("revoked"), "{end:?}");
     assert_eq!(w::resume_revision(&end), Some(resume));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_outlives_the_request_timeout() {
+    let gw = TestGateway::start_with(|c| {
+        c.limits.request_timeout_secs = secretgate::config::Ranged::of::<1>();
+        c.watch.heartbeat_secs = secretgate::config::Ranged::of::<1>();
+    })
+    .await;
+    let mut watch = watcher(&gw, READER, "/shared", 0).await;
+    for _ in 0..3 {
+        let beat = watch.message(Duration::from_secs(3)).await.expect("a heartbeat");
+        assert!(beat.events.is_empty());
+    }
+    gw.client(ADMIN).await.put(put("/shared/late")).await.unwrap();
+    assert_eq!(watch.events(1, Duration::from_secs(1)).await[0].path, "/shared/late");
+}
