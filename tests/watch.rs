@@ -1,10 +1,12 @@
 //! `Secrets.Watch` through real mTLS on a real gateway (issue 18): events as they happen,
 //! authorized one by one against the policy in force, resumable, bounded, audited. The
-//! embedded store here; tests/watch_etcd.rs runs the same checks on a real etcd cluster.
+//! core cases run on both the embedded store and a real 3-member etcd cluster; the
+//! etcd-only ones (other replicas, raw etcd writes, compaction) are in tests/watch_etcd.rs.
 
 use std::time::Duration;
 
 use secretgate::{
+    Config,
     audit::Phase,
     proto::v1::{
         ChangeKind, DeleteRequest, DestroyRequest, PutRequest, UndeleteRequest, WatchResponse,
@@ -12,9 +14,65 @@ use secretgate::{
     },
 };
 use secretgate_testkit::{
-    TEST_POLICY, TestGateway, audit::read_log, watch as w, watch::Watch, write_policy,
+    TEST_POLICY, TestGateway, audit::read_log, etcd::EtcdCluster, watch as w, watch::Watch,
+    write_policy,
 };
 use tonic::{Code, transport::Channel};
+
+/// Where a test gateway keeps its secrets: the embedded store, or a real 3-member etcd
+/// cluster started for the test.
+enum Store {
+    Embedded,
+    Etcd(EtcdCluster),
+}
+
+impl Store {
+    fn configure(&self, c: &mut Config) {
+        if let Self::Etcd(cluster) = self {
+            cluster.configure(c, "/sg-watch/", 5000);
+        }
+    }
+
+    async fn gateway(&self, f: impl FnOnce(&mut Config)) -> TestGateway {
+        TestGateway::start_with(|c| {
+            self.configure(c);
+            f(c);
+        })
+        .await
+    }
+}
+
+/// Each named test once on the embedded store and once on etcd.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Store::Embedded).await
+                }
+            )*
+        }
+        mod etcd {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let cluster = secretgate_testkit::etcd::EtcdCluster::start().await;
+                    super::$name(super::Store::Etcd(cluster)).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores![
+    a_watcher_sees_each_change_within_a_second_and_never_a_value,
+    a_watcher_never_sees_what_it_may_not_read_and_the_log_counts_it_once,
+    a_policy_change_stops_events_at_once_and_ends_the_stream_when_no_grant_is_left,
+    opening_is_refused_without_a_grant_and_past_the_limit_per_principal,
+    after_a_restart_a_resumed_watch_gets_exactly_the_changes_it_missed,
+    a_watcher_whose_certificate_is_revoked_is_cut_off,
+];
 
 const ADMIN: &str = "spiffe://test.example/admin";
 const READER: &str = "spiffe://test.example/reader";
@@ -27,9 +85,8 @@ async fn watcher(gw: &TestGateway, who: &str, prefix: &str, from: u64) -> Watch 
     Watch::open(&mut gw.client(who).await, prefix, from).await.unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watcher_sees_each_change_within_a_second_and_never_a_value() {
-    let gw = TestGateway::start().await;
+async fn a_watcher_sees_each_change_within_a_second_and_never_a_value(store: Store) {
+    let gw = store.gateway(|_| {}).await;
     let mut admin = gw.client(ADMIN).await;
     let mut watch = watcher(&gw, READER, "/shared", 0).await;
     admin.put(put("/shared/db")).await.unwrap();
@@ -54,9 +111,8 @@ async fn a_watcher_sees_each_change_within_a_second_and_never_a_value() {
     assert_eq!(watch.revision, events[4].revision, "the stream says where to resume");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watcher_never_sees_what_it_may_not_read_and_the_log_counts_it_once() {
-    let gw = TestGateway::start().await;
+async fn a_watcher_never_sees_what_it_may_not_read_and_the_log_counts_it_once(store: Store) {
+    let gw = store.gateway(|_| {}).await;
     let mut admin = gw.client(ADMIN).await;
     // The reader may read /shared only; watching everything, it sees only that.
     let mut watch = watcher(&gw, READER, "/", 0).await;
@@ -79,9 +135,10 @@ async fn a_watcher_never_sees_what_it_may_not_read_and_the_log_counts_it_once() 
     assert_eq!(records.len(), 2, "{records:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_policy_change_stops_events_at_once_and_ends_the_stream_when_no_grant_is_left() {
-    let gw = TestGateway::start().await;
+async fn a_policy_change_stops_events_at_once_and_ends_the_stream_when_no_grant_is_left(
+    store: Store,
+) {
+    let gw = store.gateway(|_| {}).await;
     let mut admin = gw.client(ADMIN).await;
     let mut watch = watcher(&gw, READER, "/shared", 0).await;
     admin.put(put("/shared/a/1")).await.unwrap();
@@ -104,12 +161,12 @@ async fn a_policy_change_stops_events_at_once_and_ends_the_stream_when_no_grant_
     assert!(end.message().contains("may not read anything at or below /shared"), "{end:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn opening_is_refused_without_a_grant_and_past_the_limit_per_principal() {
-    let gw = TestGateway::start_with(|c| {
-        c.watch.max_per_principal = secretgate::config::Ranged::of::<2>();
-    })
-    .await;
+async fn opening_is_refused_without_a_grant_and_past_the_limit_per_principal(store: Store) {
+    let gw = store
+        .gateway(|c| {
+            c.watch.max_per_principal = secretgate::config::Ranged::of::<2>();
+        })
+        .await;
     let mut reader = gw.client(READER).await;
     let denied = Watch::open(&mut reader, "/secret", 0).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
@@ -126,9 +183,8 @@ async fn opening_is_refused_without_a_grant_and_past_the_limit_per_principal() {
     w::until_opens(&mut reader, "/shared").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_restart_a_resumed_watch_gets_exactly_the_changes_it_missed() {
-    let mut gw = TestGateway::start().await;
+async fn after_a_restart_a_resumed_watch_gets_exactly_the_changes_it_missed(store: Store) {
+    let mut gw = store.gateway(|_| {}).await;
     let mut admin = gw.client(ADMIN).await;
     let mut watch = watcher(&gw, READER, "/shared", 0).await;
     admin.put(put("/shared/before")).await.unwrap();
@@ -251,14 +307,14 @@ async fn the_audit_log_records_a_refused_opening() {
     assert_eq!(refused.path.as_deref(), Some("/secret"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watcher_whose_certificate_is_revoked_is_cut_off() {
+async fn a_watcher_whose_certificate_is_revoked_is_cut_off(store: Store) {
     use secretgate_testkit::{Ca, TEST_CA};
     let next_week = time::OffsetDateTime::now_utc() + time::Duration::days(7);
     let ca = Ca::new(TEST_CA);
     let victim = ca.client(READER);
     let empty_crl = ca.crl(&[], next_week);
     let gw = TestGateway::try_start(ca, TEST_POLICY, |c| {
+        store.configure(c);
         c.tls.client_crl = c.tls.client_ca.with_file_name("client-crl.pem");
         c.tls.reload_interval_secs = secretgate::config::Ranged::of::<1>();
         c.watch.heartbeat_secs = secretgate::config::Ranged::of::<1>();
