@@ -23,7 +23,7 @@ use tonic::{Code, transport::Channel};
 /// cluster started for the test.
 enum Store {
     Embedded,
-    Etcd(EtcdCluster),
+    Etcd(Box<EtcdCluster>),
 }
 
 impl Store {
@@ -58,7 +58,7 @@ macro_rules! on_both_stores {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let cluster = secretgate_testkit::etcd::EtcdCluster::start().await;
-                    super::$name(super::Store::Etcd(cluster)).await
+                    super::$name(super::Store::Etcd(Box::new(cluster))).await
                 }
             )*
         }
