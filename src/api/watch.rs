@@ -126,7 +126,7 @@ impl Drop for Slot {
 
 /// One open stream; see the module docs.
 pub(super) struct Watcher {
-    /// `Some` until the stream has ended (its outcome recorded).
+    /// `Some` from [`Watcher::start`] until the stream has ended (its outcome recorded).
     call: Option<Call>,
     changes: Arc<Changes>,
     head: watch::Receiver<u64>,
@@ -156,7 +156,7 @@ impl Watcher {
         authz: &Authorizer,
         changes: Arc<Changes>,
         req: &v1::WatchRequest,
-    ) -> Result<WatchOpen, ApiError> {
+    ) -> Result<Self, ApiError> {
         let prefix = PathPrefix::parse(&req.prefix)?;
         let id = call.identity()?;
         call.filtered(Action::Read);
@@ -181,18 +181,30 @@ impl Watcher {
         };
         let slot = watchers.slot(&principal)?;
         let shared = &watchers.inner;
-        Ok(WatchOpen {
-            changes: Arc::clone(&changes),
+        Ok(Self {
+            call: None,
             head: changes.subscribe(),
+            asked_at: changes.head(),
+            changes,
             shutdown: shared.shutdown.subscribe(),
             authz: authz.clone(),
             principal,
             prefix,
             cursor,
+            sent: 0,
+            skipped: 0,
             heartbeat: shared.heartbeat,
             max_lag: shared.max_lag,
-            slot,
+            next_heartbeat: Instant::now() + shared.heartbeat,
+            _slot: slot,
         })
+    }
+
+    /// Starts the stream once its opening is recorded: it owns the request's context from
+    /// here on, and records its outcome when it ends.
+    pub(super) fn start(mut self, call: Call) -> Self {
+        self.call = Some(call);
+        self
     }
 
     /// The stream tonic sends: one message per call of [`Watcher::next`] until it ends.
@@ -324,56 +336,6 @@ impl Drop for Watcher {
     fn drop(&mut self) {
         // The caller went away (or the connection did) while the stream was open.
         let _ = self.close(Err(ApiError::StreamClosed));
-    }
-}
-
-/// What [`Watcher::open`] checked, to become the watcher once its opening is recorded.
-pub(super) struct WatchOpen {
-    changes: Arc<Changes>,
-    head: watch::Receiver<u64>,
-    shutdown: watch::Receiver<bool>,
-    authz: Authorizer,
-    principal: Principal,
-    prefix: PathPrefix,
-    cursor: u64,
-    heartbeat: Duration,
-    max_lag: usize,
-    slot: Slot,
-}
-
-impl WatchOpen {
-    /// The watcher, owning the request's context from here on.
-    pub(super) fn start(self, call: Call) -> Watcher {
-        let WatchOpen {
-            changes,
-            head,
-            shutdown,
-            authz,
-            principal,
-            prefix,
-            cursor,
-            heartbeat,
-            max_lag,
-            slot,
-        } = self;
-        let asked_at = changes.head();
-        Watcher {
-            call: Some(call),
-            changes,
-            head,
-            shutdown,
-            authz,
-            principal,
-            prefix,
-            cursor,
-            asked_at,
-            sent: 0,
-            skipped: 0,
-            heartbeat,
-            max_lag,
-            next_heartbeat: Instant::now() + heartbeat,
-            _slot: slot,
-        }
     }
 }
 
