@@ -31,6 +31,7 @@ mod identity;
 mod limits;
 mod log;
 mod path;
+mod registry;
 mod reload;
 mod server;
 mod store;

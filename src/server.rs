@@ -97,6 +97,9 @@ pub struct Gateway {
     limiter: RateLimiter,
     metrics: Option<MetricsServer>,
     watch_streams: Watchers,
+    /// Keeps this replica's record in the registry.
+    registry: Option<JoinHandle<()>>,
+    store: Arc<dyn Store>,
 }
 
 impl Reloads {
@@ -165,6 +168,7 @@ impl Gateway {
 
         let max_message = config.limits.max_request_bytes() as usize;
         let store_for_health = Arc::clone(&store);
+        let store_for_registry = Arc::clone(&store);
         let vault = Vault::new(store, keys.clone());
         let limiter = RateLimiter::new(authz.clone(), audit.clone());
         let watch_streams = Watchers::new(&config.watch);
@@ -186,12 +190,17 @@ impl Gateway {
             server_cert: Arc::clone(&server_cert),
             trust: Arc::clone(&trust),
         });
+        let replica_id = match config.replica.id.as_str() {
+            "" => crate::registry::default_id(addr.port()),
+            id => id.to_owned(),
+        };
         let admin = AdminServer::new(AdminService::new(
             vault,
             Arc::clone(&reloads),
             authz.clone(),
             audit.clone(),
             limiter.clone(),
+            replica_id.clone(),
         ))
         .max_decoding_message_size(SMALL_REQUEST_BYTES);
         let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -271,6 +280,14 @@ impl Gateway {
         ));
         watchers.push(trust.watch(config.tls.reload_interval(), load_trust, ClientTrust::describe));
         watchers.push(tls::warn_when_crls_are_due(Arc::clone(&trust)));
+        let registry = crate::registry::spawn(
+            Arc::clone(&store_for_health),
+            Arc::clone(&reloads),
+            audit.clone(),
+            replica_id,
+            addr.to_string(),
+            config.replica.lease_secs.secs(),
+        );
         let metrics = match config.metrics.addr() {
             None => None,
             Some(at) => {
@@ -299,6 +316,8 @@ impl Gateway {
             reloads,
             limiter,
             watch_streams,
+            registry: Some(registry),
+            store: store_for_registry,
         })
     }
 
@@ -330,6 +349,13 @@ impl Gateway {
         drop(self.metrics.take());
         for w in self.watchers.drain(..) {
             w.abort();
+        }
+        // Out of the registry at once (not when its lease would expire).
+        if let Some(task) = self.registry.take() {
+            task.abort();
+            if let Err(e) = self.store.deregister_replica().await {
+                tracing::warn!(error = %e, "cannot remove this replica from the registry; it drops out when its lease expires");
+            }
         }
         // Watch streams end now with a revision to resume from, instead of holding the grace
         // period open.

@@ -48,7 +48,15 @@ async fn every_key_is_under_the_prefix_in_the_documented_layout() {
         let cp: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
         assert_eq!(cp["kind"], "checkpoint", "{cp}");
     }
-    keys.retain(|k| !k.starts_with("/sg-test/audit/"));
+    // Each replica's record in the registry (one key per live replica, bound to its lease).
+    for kv in all.kvs().iter().filter(|kv| kv.key_str().unwrap().starts_with("/sg-test/replicas/"))
+    {
+        let record: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
+        let id = kv.key_str().unwrap().strip_prefix("/sg-test/replicas/").unwrap();
+        assert_eq!(record["id"], id, "{record}");
+        assert_ne!(kv.lease(), 0, "a replica's record is bound to its lease");
+    }
+    keys.retain(|k| !k.starts_with("/sg-test/audit/") && !k.starts_with("/sg-test/replicas/"));
     let outside: Vec<&String> = keys.iter().filter(|k| !k.starts_with("/sg-test/")).collect();
     assert!(outside.is_empty(), "keys outside the prefix: {outside:?}");
     let d = |path: &str, v: u64| format!("/sg-test/data{path}@{v:020}");

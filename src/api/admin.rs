@@ -13,6 +13,7 @@ use crate::{
     authz::{Authorizer, Permit, WholeStore, act},
     limits::{Class, RateLimiter},
     proto::v1::{self, admin_server::Admin},
+    registry::{ReplicaRecord, disagreements},
 };
 
 /// Progress messages are sent at most this often (in records), plus the final one.
@@ -27,6 +28,8 @@ pub struct AdminService {
     audit: AuditLog,
     limiter: RateLimiter,
     rewrap: Arc<Mutex<()>>,
+    /// This replica's id in the registry.
+    replica_id: String,
 }
 
 impl AdminService {
@@ -38,8 +41,10 @@ impl AdminService {
         authz: Authorizer,
         audit: AuditLog,
         limiter: RateLimiter,
+        replica_id: String,
     ) -> Self {
-        Self { vault, reloads, authz, audit, limiter, rewrap: Arc::new(Mutex::new(())) }
+        let rewrap = Arc::new(Mutex::new(()));
+        Self { vault, reloads, authz, audit, limiter, rewrap, replica_id }
     }
 
     /// The context of one Admin RPC (on `/`), once admitted past the rate limits.
@@ -109,6 +114,38 @@ impl AdminService {
 }
 
 impl AdminService {
+    async fn tier_status(
+        &self,
+        permit: &Permit<act::Admin>,
+    ) -> Result<v1::TierStatusResponse, ApiError> {
+        let mut records = Vec::new();
+        for (id, bytes) in self.vault.replicas(permit).await? {
+            match serde_json::from_slice::<ReplicaRecord>(&bytes) {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    tracing::warn!(replica = %id.escape_debug(), error = %e, "a replica record that does not decode; left out")
+                }
+            }
+        }
+        let disagree = disagreements(&records).into_iter().map(str::to_owned).collect();
+        let replicas = records
+            .into_iter()
+            .map(|r| v1::Replica {
+                answering: r.id == self.replica_id,
+                id: r.id,
+                address: r.address,
+                started: r.started,
+                keyring: r.keyring,
+                policy: r.policy,
+                client_trust: r.client_trust,
+                audit_log_id: r.audit_log_id,
+                audit_ok: r.audit_ok,
+                version: r.version,
+            })
+            .collect();
+        Ok(v1::TierStatusResponse { replicas, disagree })
+    }
+
     fn store_status(&self, permit: &Permit<act::Admin>) -> v1::StoreStatusResponse {
         let s = self.vault.store_status(permit);
         v1::StoreStatusResponse {
@@ -175,6 +212,23 @@ impl Admin for AdminService {
         let span = call.span();
         async move {
             let result = self.permit(&mut call).map(|permit| self.store_status(&permit));
+            call.finish(result).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn tier_status(
+        &self,
+        request: Request<v1::TierStatusRequest>,
+    ) -> Result<Response<v1::TierStatusResponse>, Status> {
+        let mut call = self.call("secretgate.v1.Admin/TierStatus", &request)?;
+        let span = call.span();
+        async move {
+            let result = match self.permit(&mut call) {
+                Ok(permit) => self.tier_status(&permit).await,
+                Err(e) => Err(e),
+            };
             call.finish(result).await
         }
         .instrument(span)

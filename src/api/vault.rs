@@ -337,6 +337,14 @@ impl Vault {
         self.store.changes()
     }
 
+    /// The tier's live replicas' records, as (id, record).
+    pub async fn replicas(
+        &self,
+        _permit: &Permit<act::Admin>,
+    ) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
+        self.store.replicas().await.map_err(ApiError::from_store_fault)
+    }
+
     /// The store's backend and cache state (see [`crate::store::StoreStatus`]).
     pub fn store_status(&self, _permit: &Permit<act::Admin>) -> crate::store::StoreStatus {
         self.store.status()

@@ -363,3 +363,48 @@ pub(super) async fn reload_status(args: &ClientArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+pub(super) async fn tier_status(args: &ClientArgs) -> anyhow::Result<()> {
+    let mut admin = crate::proto::v1::admin_client::AdminClient::new(channel(args).await?);
+    let request = crate::proto::v1::TierStatusRequest {};
+    let s = admin.tier_status(request).await.map_err(rpc_error)?.into_inner();
+    match args.output {
+        Output::Human => {
+            for r in &s.replicas {
+                // Records come from the store: escaped before they reach a terminal.
+                let mark = if r.answering { "*" } else { " " };
+                println!(
+                    "{mark} {}  {}  started {}",
+                    escaped(&r.id),
+                    escaped(&r.address),
+                    escaped(&r.started)
+                );
+                println!("    keyring       {}", escaped(&r.keyring));
+                println!("    policy        {}", escaped(&r.policy));
+                println!("    client trust  {}", escaped(&r.client_trust));
+                let audit = if r.audit_ok { "writable" } else { "FAILING (requests refused)" };
+                println!("    audit log     {} {audit}", escaped(&r.audit_log_id));
+            }
+            println!("{} live replica(s); * answered", s.replicas.len());
+        }
+        Output::Json => {
+            let replicas: Vec<_> = s
+                .replicas
+                .iter()
+                .map(|r| {
+                    json!({
+                        "id": r.id, "address": r.address, "started": r.started,
+                        "keyring": r.keyring, "policy": r.policy,
+                        "client_trust": r.client_trust, "audit_log_id": r.audit_log_id,
+                        "audit_ok": r.audit_ok, "version": r.version, "answering": r.answering,
+                    })
+                })
+                .collect();
+            print_json(&json!({ "replicas": replicas, "disagree": s.disagree }));
+        }
+    }
+    if !s.disagree.is_empty() {
+        anyhow::bail!("the replicas do not all enforce the same {}", s.disagree.join(", "));
+    }
+    Ok(())
+}

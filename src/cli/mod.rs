@@ -133,6 +133,12 @@ enum Command {
         #[command(flatten)]
         conn: ClientArgs,
     },
+    /// Show the tier's live gateway replicas and the keyring, policy and client trust each
+    /// enforces; exits 1 when they disagree (needs `admin` on `/`).
+    Status {
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
     /// Show the gateway's store backend and its read cache (needs `admin` on `/`).
     StoreStatus {
         #[command(flatten)]
@@ -270,6 +276,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Whoami { conn } => client::whoami(&conn).await,
         Command::Health { ready, conn } => client::health(&conn, ready).await,
         Command::StoreStatus { conn } => client::store_status(&conn).await,
+        Command::Status { conn } => client::tier_status(&conn).await,
         Command::ReloadStatus { conn } => client::reload_status(&conn).await,
         Command::Policy { dir, command } => policy::run(&dir, command).await,
         Command::Audit { command } => audit::run(command).await,

@@ -50,6 +50,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `Secrets.Watch` streams.
     pub watch: WatchConfig,
+    /// This gateway's entry in the tier's replica registry.
+    pub replica: ReplicaConfig,
 }
 
 /// A configuration that passed every check: made only by [`Config::load`],
@@ -253,6 +255,7 @@ impl Default for Config {
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
             watch: WatchConfig::default(),
+            replica: ReplicaConfig::default(),
         }
     }
 }
@@ -545,6 +548,7 @@ mod log;
 mod metrics;
 mod net;
 mod ranged;
+mod replica;
 mod store;
 mod watch;
 
@@ -553,6 +557,7 @@ pub use metrics::MetricsConfig;
 pub use net::IpNet;
 pub use ranged::Ranged;
 
+pub use replica::ReplicaConfig;
 pub use store::{EtcdConfig, StoreConfig, StorePassword};
 pub use watch::WatchConfig;
 #[cfg(test)]

@@ -45,7 +45,12 @@ pub struct EmbeddedStore {
     /// Held from `begin_write` until the change is handed to the feed (see the module docs).
     writing: Arc<Mutex<()>>,
     history: u64,
+    /// The one replica's registry entry (see [`Store::register_replica`]).
+    replica: Arc<Mutex<Option<Entry>>>,
 }
+
+/// A registry entry: replica id and record.
+type Entry = (String, Vec<u8>);
 
 /// What a write transaction did: its result, whether to commit, and the secret's metadata
 /// before and after when it changed (for the change log).
@@ -90,7 +95,8 @@ impl EmbeddedStore {
         txn.commit().map_err(backend)?;
         let history = history.max(1);
         let changes = Arc::new(load_changes(&db, history)?);
-        Ok(Self { db: Arc::new(db), max_versions, changes, writing: Arc::default(), history })
+        let (writing, replica) = (Arc::default(), Arc::default());
+        Ok(Self { db: Arc::new(db), max_versions, changes, writing, history, replica })
     }
 
     /// Runs `f` in one write transaction; when it changed a secret's metadata, records the
@@ -379,6 +385,26 @@ impl Store for EmbeddedStore {
 
     fn changes(&self) -> Arc<Changes> {
         Arc::clone(&self.changes)
+    }
+
+    async fn register_replica(
+        &self,
+        id: &str,
+        record: &[u8],
+        _ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        *self.replica.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((id.to_owned(), record.to_vec()));
+        Ok(())
+    }
+
+    async fn replicas(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self.replica.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect())
+    }
+
+    async fn deregister_replica(&self) -> Result<(), StoreError> {
+        self.replica.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Ok(())
     }
 
     async fn put_audit_checkpoint(&self, log_id: &str, line: &[u8]) -> Result<(), StoreError> {

@@ -8,6 +8,7 @@
 //!   `/secretgate/data/app/db@00000000000000000003`.
 //!
 //! - `P` `audit/` *log id* → the latest signed checkpoint line of that audit log.
+//! - `P` `replicas/` *replica id* → that gateway replica's record (JSON), under a lease.
 //!
 //! `@` cannot occur in a [`SecretPath`], so the mapping is unambiguous, and meta keys sort
 //! exactly like paths, so `list` is a key range read in pages of at most [`LIST_PAGE`] keys.
@@ -30,6 +31,7 @@
 
 mod cache;
 mod members;
+mod registry;
 mod scan;
 mod write;
 
@@ -66,6 +68,8 @@ pub struct EtcdStore {
     hints: Arc<Hints>,
     /// The replica's watch feed and read cache (holding nothing with `store.cache = false`).
     cache: Arc<Cache>,
+    /// The lease of this replica's record in the registry, once it has one.
+    lease: Arc<tokio::sync::Mutex<Option<i64>>>,
 }
 
 impl fmt::Debug for EtcdStore {
@@ -99,7 +103,8 @@ impl EtcdStore {
         let max = (config.cache_max_mib.get() << 20) as usize;
         let cache =
             Cache::start(Arc::clone(&members), prefix.clone(), config.cache, max, timeout, history);
-        Ok(Self { members, prefix, timeout, max_versions, hints: Arc::default(), cache })
+        let (hints, lease) = (Arc::default(), Arc::default());
+        Ok(Self { members, prefix, timeout, max_versions, hints, cache, lease })
     }
 
     fn meta_key(&self, path: &str) -> String {
@@ -527,29 +532,24 @@ impl Store for EtcdStore {
     }
 
     async fn audit_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let base = format!("{}audit/", self.prefix);
-        self.retry("audit_checkpoints", false, |deadline| {
-            let base = base.clone();
-            async move {
-                let mut resp = self
-                    .members
-                    .attempt(deadline, |mut kv| {
-                        let base = base.clone();
-                        async move { kv.get(base, Some(GetOptions::new().with_prefix())).await }
-                    })
-                    .await?;
-                let mut out = Vec::with_capacity(resp.kvs().len());
-                for kv in resp.take_kvs() {
-                    let (key, line) = kv.into_key_value();
-                    let key = String::from_utf8(key)
-                        .map_err(|e| corrupt(format!("audit checkpoint key: {e}")))?;
-                    let id = key.strip_prefix(base.as_str()).unwrap_or(&key).to_owned();
-                    out.push((id, line));
-                }
-                Ok(out)
-            }
-        })
-        .await
+        self.under("audit_checkpoints", "audit/").await
+    }
+
+    async fn register_replica(
+        &self,
+        id: &str,
+        record: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.register(id, record, ttl).await
+    }
+
+    async fn replicas(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.under("replicas", "replicas/").await
+    }
+
+    async fn deregister_replica(&self) -> Result<(), StoreError> {
+        self.deregister().await
     }
 }
 

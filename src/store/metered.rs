@@ -109,6 +109,23 @@ impl Store for Metered {
         self.0.changes()
     }
 
+    async fn register_replica(
+        &self,
+        id: &str,
+        record: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        timed("register_replica", self.0.register_replica(id, record, ttl)).await
+    }
+
+    async fn replicas(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        timed("replicas", self.0.replicas()).await
+    }
+
+    async fn deregister_replica(&self) -> Result<(), StoreError> {
+        timed("deregister_replica", self.0.deregister_replica()).await
+    }
+
     async fn put_audit_checkpoint(&self, log_id: &str, line: &[u8]) -> Result<(), StoreError> {
         timed("put_audit_checkpoint", self.0.put_audit_checkpoint(log_id, line)).await
     }

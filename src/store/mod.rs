@@ -219,6 +219,23 @@ pub trait Store: Send + Sync + 'static {
     /// log id order: what the gateway checks a log it finds (or does not find) against.
     async fn audit_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
+    /// Keeps `record` as this gateway replica's entry `id` in the tier's registry: on etcd
+    /// under a lease of `ttl`, renewed by each call (call it every third of `ttl`), so the
+    /// entry vanishes within `ttl` of the replica dying or being cut off; the embedded store
+    /// serves one gateway, and keeps its entry in memory.
+    async fn register_replica(
+        &self,
+        id: &str,
+        record: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Every live replica's entry, as (id, record), in id order.
+    async fn replicas(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Removes this replica's entry (a clean stop).
+    async fn deregister_replica(&self) -> Result<(), StoreError>;
+
     /// The backend and its read cache, for `Admin/StoreStatus`.
     fn status(&self) -> StoreStatus {
         StoreStatus { backend: "embedded", cache: "off", ..StoreStatus::default() }

@@ -17,7 +17,9 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, KvClient, TlsOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, Identity, KvClient, LeaseClient, TlsOptions,
+};
 use tokio::{sync::OnceCell, time::Instant};
 use tonic::Code;
 use zeroize::Zeroizing;
@@ -44,6 +46,8 @@ struct Member {
     url: String,
     /// Connected on first use: without a user this never waits, with one it authenticates.
     kv: OnceCell<KvClient>,
+    /// The same for leases (the replica registry), on a connection of its own.
+    lease: OnceCell<LeaseClient>,
     /// Not picked before this instant unless every member is cooling down.
     cool_until: Mutex<Option<Instant>>,
     /// Whether its last try answered (for metrics); true until one fails.
@@ -104,6 +108,7 @@ impl Members {
             .map(|url| Member {
                 url: url.clone(),
                 kv: OnceCell::new(),
+                lease: OnceCell::new(),
                 cool_until: Mutex::new(None),
                 answered: AtomicBool::new(true),
             })
@@ -136,6 +141,32 @@ impl Members {
             *cool = Some(Instant::now() + 3 * self.share);
             f.at(&member.url)
         })
+    }
+
+    /// One try of a lease request, like [`Members::attempt`] (no cool-down: the registry
+    /// tries again on its own schedule).
+    pub(super) async fn lease_attempt<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        request: F,
+    ) -> Result<T, Failure>
+    where
+        F: FnOnce(LeaseClient) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let member = self.pick();
+        let until = deadline.min(Instant::now() + self.share);
+        let connect = || async {
+            let client = Client::connect([member.url.as_str()], Some(self.options.clone())).await?;
+            Ok::<_, etcd_client::Error>(client.lease_client())
+        };
+        tokio::time::timeout_at(until, async {
+            let lease = member.lease.get_or_try_init(connect).await;
+            request(lease.map_err(classify)?.clone()).await.map_err(classify)
+        })
+        .await
+        .unwrap_or_else(|_| Err(Failure::Unknown(format!("no answer within {:?}", self.share))))
+        .map_err(|f| f.at(&member.url))
     }
 
     async fn connect(&self, url: &str) -> Result<KvClient, etcd_client::Error> {

@@ -1,0 +1,114 @@
+//! The gateway tier's replica registry: every replica keeps a record of itself in the store
+//! (id, address, start time, the versions of the keyring, policy and client trust it
+//! enforces, its audit log id, and whether its audit log is writable), renewed every third of
+//! `replica.lease_secs`; on etcd under a lease, so a replica that dies or is cut off drops out
+//! within that time. `Admin/TierStatus` (`secretgate status`) lists the live replicas and
+//! whether they agree.
+
+use std::{sync::Arc, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use crate::{audit::AuditLog, server::Reloads, store::Store};
+
+/// One replica's record, as kept in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    /// `replica.id`, or `<hostname>:<port>`.
+    pub id: String,
+    /// The address it listens on.
+    pub address: String,
+    /// When it started (RFC 3339).
+    pub started: String,
+    /// The keyring in force (its version and primary key).
+    pub keyring: String,
+    /// The policy version in force.
+    pub policy: String,
+    /// The client trust in force (CA bundle and CRLs).
+    pub client_trust: String,
+    /// Its audit log's id (empty with the log off).
+    pub audit_log_id: String,
+    /// Whether its audit log is writable (else it refuses every request).
+    pub audit_ok: bool,
+    /// The gateway's version.
+    pub version: String,
+}
+
+/// What the tier's records say together: for each of keyring, policy and client trust,
+/// whether every live replica enforces the same version.
+pub fn disagreements(records: &[ReplicaRecord]) -> Vec<&'static str> {
+    let differ = |f: fn(&ReplicaRecord) -> &str| records.windows(2).any(|w| f(&w[0]) != f(&w[1]));
+    let mut out = Vec::new();
+    if differ(|r| &r.keyring) {
+        out.push("keyring");
+    }
+    if differ(|r| &r.policy) {
+        out.push("policy");
+    }
+    if differ(|r| &r.client_trust) {
+        out.push("client trust");
+    }
+    out
+}
+
+/// This replica's record now.
+fn record(
+    id: &str,
+    address: &str,
+    started: &str,
+    reloads: &Reloads,
+    audit: &AuditLog,
+) -> ReplicaRecord {
+    let mut versions = reloads.status().into_iter().map(|(what, version, _)| (what, version));
+    let mut find =
+        |what: &str| versions.find(|(w, _)| *w == what).map(|(_, v)| v).unwrap_or_default();
+    ReplicaRecord {
+        id: id.to_owned(),
+        address: address.to_owned(),
+        started: started.to_owned(),
+        keyring: find("keyring"),
+        policy: find("policy"),
+        client_trust: find("client trust"),
+        audit_log_id: audit.log_id().unwrap_or_default().to_owned(),
+        audit_ok: audit.failure().is_none(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+/// Keeps this replica's record in the store until aborted.
+pub(crate) fn spawn(
+    store: Arc<dyn Store>,
+    reloads: Arc<Reloads>,
+    audit: AuditLog,
+    id: String,
+    address: String,
+    lease: Duration,
+) -> JoinHandle<()> {
+    let started = crate::clock::now_rfc3339_secs();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(lease / 3);
+        loop {
+            tick.tick().await;
+            let r = record(&id, &address, &started, &reloads, &audit);
+            let bytes = match serde_json::to_vec(&r) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "replica registry: cannot encode this replica's record");
+                    continue;
+                }
+            };
+            if let Err(e) = store.register_replica(&id, &bytes, lease).await {
+                tracing::warn!(error = %e, "replica registry: cannot renew this replica's record; retrying");
+            }
+        }
+    })
+}
+
+/// The default replica id: `<hostname>:<port>`.
+pub fn default_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{port}")
+}
