@@ -167,7 +167,7 @@ impl Watcher {
                 prefix: prefix.as_str().to_owned(),
             });
         }
-        // etcd's feed proves at its first answer that its history was not compacted away.
+        // etcd's feed is ready once it knows where its history starts (not compacted away).
         let deadline = tokio::time::Instant::now() + FEED_START;
         if !changes.ready(deadline).await {
             return Err(ApiError::Unavailable);
