@@ -89,16 +89,50 @@ async fn a_revision_etcd_compacted_away_gets_the_resync_error() {
     drop(watch);
     admin.put(put("/shared/b")).await.unwrap();
     let mut etcd = cluster.client(None).await;
-    let now = etcd.get("x", None).await.unwrap().header().unwrap().revision();
+    // History moves on outside the prefix after the newest change under it.
+    let now = etcd.put("/elsewhere/x", "x", None).await.unwrap().header().unwrap().revision();
     etcd.compact(now, None).await.unwrap();
-    // A gateway starting now cannot read back past the compaction.
+    let newest = etcd.get("/sg-watch-compact/meta/shared/b", None).await.unwrap();
+    let newest = newest.kvs()[0].mod_revision() as u64;
+    // A gateway starting now cannot read back past the compaction...
     gw.restart().await;
     let gone = Watch::open(&mut gw.client(READER).await, "/shared", old).await.unwrap_err();
     assert_eq!(gone.code(), Code::OutOfRange, "{gone:?}");
     assert!(gone.message().starts_with("resync required"), "{gone:?}");
+    // ...but a client that saw the newest change resumes: nothing happened after it.
+    let mut resumed = watcher(&gw, "/shared", newest).await;
+    resumed.quiet(Duration::from_millis(300)).await;
     // From now on it works.
     let mut fresh = watcher(&gw, "/shared", 0).await;
     admin = gw.client(ADMIN).await;
     admin.put(put("/shared/c")).await.unwrap();
     assert_eq!(fresh.events(1, Duration::from_secs(1)).await[0].path, "/shared/c");
+}
+
+/// A quiet prefix whose history etcd compacts (auto-compaction does this all the time)
+/// must not make watchers resync when the gateway's watch breaks and finds its restart
+/// revision compacted: nothing under the prefix changed in the lost history, and the list
+/// the gateway reads again shows that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_feed_over_compacted_quiet_history_does_not_make_watchers_resync() {
+    let mut cluster = EtcdCluster::start().await;
+    let gw = cluster.gateway("/sg-watch-quiet/", 5000).await;
+    let mut admin = gw.client(ADMIN).await;
+    let mut watch = watcher(&gw, "/shared", 0).await;
+    admin.put(put("/shared/a")).await.unwrap();
+    watch.events(1, Duration::from_secs(1)).await;
+    // History moves on outside the prefix, and is compacted past the feed's head.
+    let mut etcd = cluster.client(None).await;
+    etcd.put("/elsewhere/1", "x", None).await.unwrap();
+    let now = etcd.put("/elsewhere/2", "x", None).await.unwrap().header().unwrap().revision();
+    etcd.compact(now, None).await.unwrap();
+    // Every member restarts in turn, so the gateway's watch breaks wherever it was.
+    for i in 0..3 {
+        cluster.kill(i);
+        cluster.restart(i).await;
+    }
+    admin.put(put("/shared/b")).await.unwrap();
+    let next = watch.try_message(Duration::from_secs(15)).await;
+    let events = next.expect("the stream goes on, no resync").expect("an event");
+    assert_eq!(events.events[0].path, "/shared/b");
 }

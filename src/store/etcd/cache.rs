@@ -21,9 +21,10 @@
 //! [`ChangeEvent`]. So that a watcher can resume across a gateway restart, the feed's first
 //! watch starts up to `history` revisions before the list it fills the cache from (events
 //! at or before the list go to the change feed only), and after a break it watches again
-//! from the revision after the last one it applied, so the change feed has no gap unless
-//! etcd compacted that history away (then the change feed restarts after the compaction,
-//! and watchers behind it are told to resync).
+//! from the revision after the last one it applied, so the change feed has no gap. When etcd
+//! compacted that history away, the next list tells whether any metadata changed in it: if
+//! none did, the feed goes on from the list; else it restarts after the compaction and
+//! watchers behind it are told to resync.
 //!
 //! One barrier is in flight at a time; every read that arrives meanwhile joins the next one
 //! (up to [`MAX_BARRIER_KEYS`] keys per transaction, etcd's default `--max-txn-ops`). Past
@@ -412,6 +413,9 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
     let mut backoff = Duration::from_millis(100);
     // The revision the next watch starts from, once the first list has set it.
     let mut from: Option<i64> = None;
+    // After a watch whose start etcd had compacted away: the change feed's head then, and
+    // the compaction revision (see below).
+    let mut gap: Option<(u64, i64)> = None;
     loop {
         let Some(c) = cache.upgrade() else { return };
         c.stop_serving();
@@ -429,6 +433,30 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
         };
         let entries: HashMap<Vec<u8>, Entry> =
             entries.into_iter().filter(|(k, _)| c.wanted(k)).collect();
+        // The newest metadata write the list shows: nothing under the prefix changed after it.
+        let meta = format!("{prefix}meta");
+        let newest_meta = entries
+            .iter()
+            .filter(|(k, _)| k.starts_with(meta.as_bytes()))
+            .map(|(_, (_, rev))| u64::try_from(*rev).unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        if let Some((head, compacted)) = gap.take() {
+            // The history after the head is gone, up to the compaction. If no metadata as of
+            // the compaction revision (still readable) was written after the head, nothing
+            // under the prefix changed in the lost part (the gateway never deletes metadata,
+            // and a key changed in it shows that revision or a later one): the change feed
+            // goes on from the compaction with no gap. Otherwise watchers behind it resync.
+            let newest = newest_meta_at(&members, &prefix, compacted, timeout).await;
+            if newest.is_none_or(|n| n > head) {
+                tracing::warn!(
+                    compacted,
+                    "change feed: changes were compacted away before it read them; watchers behind must resync"
+                );
+                c.changes.reset(u64::try_from(compacted - 1).unwrap_or(0));
+            }
+            from = Some(compacted);
+        }
         let start = match from {
             Some(start) => start,
             None => {
@@ -440,7 +468,14 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
                     true => revision + 1,
                     false => wanted,
                 };
-                c.changes.reset(u64::try_from(start - 1).unwrap_or(0));
+                if start == revision + 1 {
+                    // No history: but nothing changed after the newest metadata write, so a
+                    // client that saw that one can still resume.
+                    c.changes.reset(newest_meta.min(u64::try_from(revision).unwrap_or(0)));
+                    c.changes.push(Vec::new(), u64::try_from(revision).unwrap_or(0));
+                } else {
+                    c.changes.reset(u64::try_from(start - 1).unwrap_or(0));
+                }
                 from = Some(start);
                 start
             }
@@ -469,18 +504,36 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
         tracing::info!(member = %url, %why, "read cache: watch ended; listing again");
         let Some(c) = cache.upgrade() else { return };
         if compacted > 0 {
-            // The history after the last applied revision is gone: the change feed starts
-            // again after the compaction, and watchers behind it must resync.
-            tracing::warn!(
-                compacted,
-                "change feed: history compacted away; watchers behind it must resync"
-            );
-            c.changes.reset(u64::try_from(compacted - 1).unwrap_or(0));
+            // Decided once the next list shows whether anything happened in the lost history.
+            gap = Some((c.changes.head(), compacted));
         }
         from = Some((i64::try_from(c.changes.head()).unwrap_or(i64::MAX) + 1).max(compacted));
         drop(c);
         members.cool(&url);
     }
+}
+
+/// The newest `mod_revision` of the metadata under `prefix` as of `revision` (0: none), or
+/// `None` when that cannot be read (compacted again since, or unreachable).
+async fn newest_meta_at(
+    members: &Members,
+    prefix: &str,
+    revision: i64,
+    timeout: Duration,
+) -> Option<u64> {
+    let options = GetOptions::new()
+        .with_prefix()
+        .with_revision(revision)
+        .with_keys_only()
+        .with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::Descend)
+        .with_limit(1);
+    let key = format!("{prefix}meta");
+    let deadline = Instant::now() + timeout;
+    let resp = members
+        .attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await })
+        .await
+        .ok()?;
+    Some(resp.kvs().first().map_or(0, |kv| u64::try_from(kv.mod_revision()).unwrap_or(0)))
 }
 
 /// Whether etcd has compacted away revision `revision` (a read at it is refused). Another
