@@ -226,7 +226,20 @@ impl ServedGateway {
     }
 
     /// Starts serving on a free port, logging at `log` level, and waits until it listens.
+    /// A free port is found by binding and releasing it, so a test running in parallel can
+    /// take it first: then the gateway is started again on another (three tries).
     pub async fn serve(&mut self, log: &str) {
+        for _ in 0..2 {
+            if self.try_serve(log).await {
+                return;
+            }
+            self.child = None;
+        }
+        assert!(self.try_serve(log).await, "not listening:\n{}", self.gateway_log());
+    }
+
+    /// One try of [`ServedGateway::serve`]: false when the port was taken.
+    async fn try_serve(&mut self, log: &str) -> bool {
         assert!(self.child.is_none(), "already serving");
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         self.addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -263,11 +276,16 @@ impl ServedGateway {
         let deadline = Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(self.addr).await.is_err() {
             if let Some(status) = child.try_wait().unwrap() {
-                panic!("secretgate serve exited ({status}):\n{}", self.gateway_log());
+                let log = self.gateway_log();
+                if log.contains("Address already in use") {
+                    return false;
+                }
+                panic!("secretgate serve exited ({status}):\n{log}");
             }
             assert!(Instant::now() < deadline, "not listening:\n{}", self.gateway_log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        true
     }
 
     /// The gateway process, while serving.

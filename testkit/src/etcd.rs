@@ -53,8 +53,28 @@ struct Member {
 
 impl EtcdCluster {
     /// Starts a 3-member cluster and waits until it has a leader that every member agrees on.
+    /// Free ports are found by binding and releasing them, so a test running in parallel can
+    /// take one before its member binds it: a member that exits at start is a lost race, and
+    /// the cluster is started again on new ports (three tries).
     pub async fn start() -> Self {
         require_etcd();
+        for _ in 0..2 {
+            let mut cluster = Self::launch();
+            if cluster.started().await {
+                return cluster;
+            }
+            eprintln!(
+                "etcd test cluster: a member exited at start; again on new ports:\n{}",
+                cluster.logs()
+            );
+        }
+        let cluster = Self::launch();
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    /// Spawns a new cluster on fresh ports and files.
+    fn launch() -> Self {
         let ca = Ca::new("etcd test CA");
         let dir = tempfile::tempdir().unwrap();
         let member_cert = ca.issue(|p| {
@@ -95,8 +115,29 @@ impl EtcdCluster {
         for i in 0..MEMBERS {
             cluster.spawn(i);
         }
-        cluster.wait_healthy().await;
         cluster
+    }
+
+    /// Waits until the new cluster is healthy (true), or a member has exited (false).
+    /// Panics with the members' logs after [`HEALTHY_WITHIN`].
+    async fn started(&mut self) -> bool {
+        let deadline = Instant::now() + HEALTHY_WITHIN;
+        loop {
+            let exited = self
+                .members
+                .iter_mut()
+                .any(|m| m.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))));
+            if exited {
+                return false;
+            }
+            if self.healthy().await {
+                return true;
+            }
+            if Instant::now() > deadline {
+                panic!("etcd cluster not healthy within {HEALTHY_WITHIN:?}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Client URLs of every member, in member order.
