@@ -60,9 +60,10 @@ fn record(
     reloads: &Reloads,
     audit: &AuditLog,
 ) -> ReplicaRecord {
-    let mut versions = reloads.status().into_iter().map(|(what, version, _)| (what, version));
-    let mut find =
-        |what: &str| versions.find(|(w, _)| *w == what).map(|(_, v)| v).unwrap_or_default();
+    let versions = reloads.status();
+    let find = |what: &str| {
+        versions.iter().find(|(w, ..)| *w == what).map(|(_, v, _)| v.clone()).unwrap_or_default()
+    };
     ReplicaRecord {
         id: id.to_owned(),
         address: address.to_owned(),

@@ -22,9 +22,9 @@
 //! watch starts up to `history` revisions before the list it fills the cache from (events
 //! at or before the list go to the change feed only), and after a break it watches again
 //! from the revision after the last one it applied, so the change feed has no gap. When etcd
-//! compacted that history away, the next list tells whether any metadata changed in it: if
-//! none did, the feed goes on from the list; else it restarts after the compaction and
-//! watchers behind it are told to resync.
+//! compacted that history away, the metadata as of the compaction revision (still readable)
+//! tells whether any changed in it: if none did, the feed goes on; else it restarts after
+//! the compaction and watchers behind it are told to resync.
 //!
 //! One barrier is in flight at a time; every read that arrives meanwhile joins the next one
 //! (up to [`MAX_BARRIER_KEYS`] keys per transaction, etcd's default `--max-txn-ops`). Past
@@ -433,14 +433,6 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
         };
         let entries: HashMap<Vec<u8>, Entry> =
             entries.into_iter().filter(|(k, _)| c.wanted(k)).collect();
-        // The newest metadata write the list shows: nothing under the prefix changed after it.
-        let meta = format!("{prefix}meta");
-        let newest_meta = entries
-            .iter()
-            .filter(|(k, _)| k.starts_with(meta.as_bytes()))
-            .map(|(_, (_, rev))| u64::try_from(*rev).unwrap_or(0))
-            .max()
-            .unwrap_or(0);
         if let Some((head, compacted)) = gap.take() {
             // The history after the head is gone, up to the compaction. If no metadata as of
             // the compaction revision (still readable) was written after the head, nothing
@@ -460,21 +452,26 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
         let start = match from {
             Some(start) => start,
             None => {
-                // Read back history only if etcd still has it: else from the list on.
+                // Read back history only if etcd still has it (a read at its start answers):
+                // else from the list on.
                 let wanted = (revision + 1 - c.history).max(1);
-                let start = match wanted <= revision
-                    && compacted(&members, &prefix, wanted, timeout).await
-                {
-                    true => revision + 1,
-                    false => wanted,
-                };
-                if start == revision + 1 {
-                    // No history: but nothing changed after the newest metadata write, so a
-                    // client that saw that one can still resume.
-                    c.changes.reset(newest_meta.min(u64::try_from(revision).unwrap_or(0)));
-                    c.changes.push(Vec::new(), u64::try_from(revision).unwrap_or(0));
-                } else {
+                let readable = wanted > revision
+                    || newest_meta_at(&members, &prefix, wanted, timeout).await.is_some();
+                let start = if readable { wanted } else { revision + 1 };
+                if readable {
                     c.changes.reset(u64::try_from(start - 1).unwrap_or(0));
+                } else {
+                    // No history: but nothing changed after the newest metadata write the
+                    // list shows, so a client that saw that one can still resume.
+                    let meta = format!("{prefix}meta");
+                    let newest = entries
+                        .iter()
+                        .filter(|(k, _)| k.starts_with(meta.as_bytes()))
+                        .map(|(_, (_, rev))| *rev)
+                        .max()
+                        .unwrap_or(0);
+                    c.changes.reset(u64::try_from(newest.min(revision)).unwrap_or(0));
+                    c.changes.push(Vec::new(), u64::try_from(revision).unwrap_or(0));
                 }
                 from = Some(start);
                 start
@@ -514,7 +511,8 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
 }
 
 /// The newest `mod_revision` of the metadata under `prefix` as of `revision` (0: none), or
-/// `None` when that cannot be read (compacted again since, or unreachable).
+/// `None` when that cannot be read (compacted away, or unreachable: either way the history
+/// from there is not to be relied on).
 async fn newest_meta_at(
     members: &Members,
     prefix: &str,
@@ -534,19 +532,6 @@ async fn newest_meta_at(
         .await
         .ok()?;
     Some(resp.kvs().first().map_or(0, |kv| u64::try_from(kv.mod_revision()).unwrap_or(0)))
-}
-
-/// Whether etcd has compacted away revision `revision` (a read at it is refused). Another
-/// failure says nothing: the watch from it will tell.
-async fn compacted(members: &Members, prefix: &str, revision: i64, timeout: Duration) -> bool {
-    let options = GetOptions::new().with_revision(revision).with_keys_only().with_limit(1);
-    let key = prefix.to_owned();
-    let deadline = Instant::now() + timeout;
-    match members.attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await }).await
-    {
-        Err(Failure::Refused(why)) => why.contains("compacted"),
-        _ => false,
-    }
 }
 
 /// Applies the watch's responses until it ends; why it ended, and the compaction revision
