@@ -45,7 +45,9 @@ pub(super) struct Members {
 struct Member {
     url: String,
     /// Connected on first use: without a user this never waits, with one it authenticates.
-    client: OnceCell<Client>,
+    kv: OnceCell<KvClient>,
+    /// The same for leases (the replica registry), on a connection of its own.
+    lease: OnceCell<LeaseClient>,
     /// Not picked before this instant unless every member is cooling down.
     cool_until: Mutex<Option<Instant>>,
     /// Whether its last try answered (for metrics); true until one fails.
@@ -105,7 +107,8 @@ impl Members {
             .iter()
             .map(|url| Member {
                 url: url.clone(),
-                client: OnceCell::new(),
+                kv: OnceCell::new(),
+                lease: OnceCell::new(),
                 cool_until: Mutex::new(None),
                 answered: AtomicBool::new(true),
             })
@@ -124,39 +127,11 @@ impl Members {
         F: FnOnce(KvClient) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let kv = |c: &Client| c.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
-        self.try_on(deadline, kv, request).await
-    }
-
-    /// One try of a lease request (the replica registry), like [`Members::attempt`].
-    pub(super) async fn lease_attempt<T, F, Fut>(
-        &self,
-        deadline: Instant,
-        request: F,
-    ) -> Result<T, Failure>
-    where
-        F: FnOnce(LeaseClient) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
-    {
-        self.try_on(deadline, Client::lease_client, request).await
-    }
-
-    /// One try of `request` on the `part` (kv, lease) of one member's connection.
-    async fn try_on<C, T, F, Fut>(
-        &self,
-        deadline: Instant,
-        part: impl FnOnce(&Client) -> C,
-        request: F,
-    ) -> Result<T, Failure>
-    where
-        F: FnOnce(C) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
-    {
         let member = self.pick();
         let until = deadline.min(Instant::now() + self.share);
         let result = tokio::time::timeout_at(until, async {
-            let client = member.client.get_or_try_init(|| self.connect(&member.url)).await;
-            request(part(client.map_err(classify)?)).await.map_err(classify)
+            let kv = member.kv.get_or_try_init(|| self.connect(&member.url)).await;
+            request(kv.map_err(classify)?.clone()).await.map_err(classify)
         })
         .await
         .unwrap_or_else(|_| Err(Failure::Unknown(format!("no answer within {:?}", self.share))));
@@ -168,9 +143,36 @@ impl Members {
         })
     }
 
-    async fn connect(&self, url: &str) -> Result<Client, etcd_client::Error> {
+    /// One try of a lease request, like [`Members::attempt`] (no cool-down: the registry
+    /// tries again on its own schedule).
+    pub(super) async fn lease_attempt<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        request: F,
+    ) -> Result<T, Failure>
+    where
+        F: FnOnce(LeaseClient) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let member = self.pick();
+        let until = deadline.min(Instant::now() + self.share);
+        let connect = || async {
+            let client = Client::connect([member.url.as_str()], Some(self.options.clone())).await?;
+            Ok::<_, etcd_client::Error>(client.lease_client())
+        };
+        tokio::time::timeout_at(until, async {
+            let lease = member.lease.get_or_try_init(connect).await;
+            request(lease.map_err(classify)?.clone()).await.map_err(classify)
+        })
+        .await
+        .unwrap_or_else(|_| Err(Failure::Unknown(format!("no answer within {:?}", self.share))))
+        .map_err(|f| f.at(&member.url))
+    }
+
+    async fn connect(&self, url: &str) -> Result<KvClient, etcd_client::Error> {
         // `options` is never formatted: its Debug output includes the password.
-        Client::connect([url], Some(self.options.clone())).await
+        let client = Client::connect([url], Some(self.options.clone())).await?;
+        Ok(client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES))
     }
 
     /// A watch of `key` with `options` on the next member in turn that is not cooling down,
