@@ -10,7 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("secretgate_descriptor.bin"))
         .skip_debug([".secretgate.v1.PutRequest", ".secretgate.v1.GetResponse"])
         .compile_protos(
-            &["proto/secretgate/v1/secrets.proto", "proto/secretgate/v1/admin.proto"],
+            &[
+                "proto/secretgate/v1/secrets.proto",
+                "proto/secretgate/v1/admin.proto",
+                "proto/secretgate/v1/control.proto",
+            ],
             &["proto"],
         )?;
     Ok(())

@@ -24,6 +24,7 @@ pub mod tls;
 mod api;
 mod cli;
 mod clock;
+pub mod control;
 mod crypto;
 mod fs;
 mod health;

@@ -90,7 +90,11 @@ pub(crate) fn spawn(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(lease / 3);
         loop {
-            tick.tick().await;
+            // At each renewal, and at once when a value from the store is put in force.
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = reloads.applied.notified() => {}
+            }
             let r = record(&id, &address, &started, &reloads, &audit);
             let bytes = match serde_json::to_vec(&r) {
                 Ok(b) => b,

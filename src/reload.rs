@@ -80,6 +80,21 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         }
     }
 
+    /// Puts `value` in force and clears the last error: for a value that does not come from
+    /// its files (the policy kept in the store).
+    pub fn replace(&self, value: T) -> Arc<T> {
+        let mut last_error = self.last_error.write().unwrap_or_else(|e| e.into_inner());
+        let value = Arc::new(value);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&value);
+        *last_error = None;
+        value
+    }
+
+    /// Records why a newer version was refused; the value in force stays.
+    pub fn refuse(&self, why: String) {
+        *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
     /// Spawns the watcher: reload when the contents of its files change (polled every `interval`)
     /// or on SIGHUP. `describe` names the new value in the log (e.g. its version).
     pub fn watch<E, L, D>(

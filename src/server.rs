@@ -12,16 +12,20 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::{
-    api::{AdminService, SecretsService, Vault, Watchers},
+    api::{AdminService, ControlService, SecretsService, Vault, Watchers},
     audit::{AuditError, AuditLog, SigningKey, signing::SigningError},
     authz::{Authorizer, Policy, PolicyError},
-    config::{StoreConfig, ValidConfig},
+    config::{PolicySource, StoreConfig, ValidConfig},
+    control::{ControlError, Kek, KekError, StoredPolicy},
     crypto::{Keyring, KeyringError, KeyringHandle},
     limits::{MemoryBudget, RateLimiter, RequestLayer},
     metrics::{MetricsServer, scrape::Sources},
     proto::{
         FILE_DESCRIPTOR_SET,
-        v1::{admin_server::AdminServer, secrets_server::SecretsServer},
+        v1::{
+            admin_server::AdminServer, control_server::ControlServer,
+            secrets_server::SecretsServer,
+        },
     },
     reload::Reloadable,
     store::{EmbeddedStore, EtcdStore, Metered, Store, StoreError},
@@ -45,6 +49,12 @@ pub enum StartError {
     /// The keyring cannot be loaded.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
+    /// The KEK cannot be loaded.
+    #[error(transparent)]
+    Kek(#[from] KekError),
+    /// The policy kept in the store cannot be used.
+    #[error("the stored policy: {0}")]
+    Control(#[from] ControlError),
     /// The store cannot be opened.
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
@@ -83,6 +93,9 @@ pub(crate) struct Reloads {
     pub(crate) policy: crate::authz::PolicyHandle,
     pub(crate) server_cert: tls::ServerCertHandle,
     pub(crate) trust: tls::TrustHandle,
+    /// Notified when a value from the store is put in force (the registry then writes this
+    /// replica's record at once, so a push sees the tier follow without waiting a renewal).
+    pub(crate) applied: Arc<tokio::sync::Notify>,
 }
 
 /// A running gateway.
@@ -131,14 +144,16 @@ impl Gateway {
         let (trust, load_trust) = tls::client_trust(&config.tls, &server_cert)?;
         tracing::info!(client_ca = %config.tls.client_ca.display(), version = %trust.current().describe(), "client trust loaded");
         let keys = load_keyring(config)?;
-        let authz = Authorizer::load(&config.authz.policies)?;
+        let store: Arc<dyn Store> = Arc::new(Metered(open_store(config).await?));
+        let applied = Arc::new(tokio::sync::Notify::new());
+        let (authz, stored_policy) = load_policy(config, &store, &applied).await?;
         tracing::info!(
             policies = %config.authz.policies.display(),
+            source = ?config.authz.source,
             version = authz.handle().current().version(),
             rules = authz.handle().current().rule_count(),
             "policy loaded"
         );
-        let store: Arc<dyn Store> = Arc::new(Metered(open_store(config).await?));
         let (audit, checkpoint_task) = open_audit(config, &store).await?;
         let listener = TcpListener::bind(config.listen)
             .await
@@ -189,6 +204,7 @@ impl Gateway {
             policy: Arc::clone(authz.handle()),
             server_cert: Arc::clone(&server_cert),
             trust: Arc::clone(&trust),
+            applied,
         });
         let replica_id = match config.replica.id.as_str() {
             "" => crate::registry::default_id(addr.port()),
@@ -203,6 +219,13 @@ impl Gateway {
             replica_id.clone(),
         ))
         .max_decoding_message_size(SMALL_REQUEST_BYTES);
+        let control = ControlServer::new(ControlService::new(
+            stored_policy.clone(),
+            authz.clone(),
+            audit.clone(),
+            limiter.clone(),
+        ))
+        .max_decoding_message_size(crate::api::MAX_CONTROL_REQUEST_BYTES);
         let (health_reporter, health) = tonic_health::server::health_reporter();
         let health = health.max_decoding_message_size(SMALL_REQUEST_BYTES);
         health_reporter.set_serving::<SecretsServer<SecretsService>>().await;
@@ -238,10 +261,14 @@ impl Gateway {
             keys.watch(config.crypto.reload_interval(), Keyring::load, |r: &Keyring| {
                 format!("{} (primary {})", r.version(), r.primary().id)
             });
-        let policy_watcher =
-            authz.handle().watch(config.authz.reload_interval(), Policy::load, |p: &Policy| {
-                format!("{} ({} rules)", p.version(), p.rule_count())
-            });
+        let policy_watcher = match &stored_policy {
+            Some(stored) => stored.follow(),
+            None => {
+                authz.handle().watch(config.authz.reload_interval(), Policy::load, |p: &Policy| {
+                    format!("{} ({} rules)", p.version(), p.rule_count())
+                })
+            }
+        };
         let (tx, rx) = oneshot::channel::<()>();
         let request_memory = MemoryBudget::new(config.limits.max_request_memory() as usize);
         let mut builder = Server::builder();
@@ -261,6 +288,7 @@ impl Gateway {
             .layer(RequestLayer::new(request_memory))
             .add_service(secrets)
             .add_service(admin)
+            .add_service(control)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
@@ -397,6 +425,27 @@ impl Gateway {
         self.shutdown().await;
         Ok(())
     }
+}
+
+/// The policy in force at start: from `authz.policies` (`authz.source = "files"`), or the
+/// newest usable version in the store, followed from then on.
+async fn load_policy(
+    config: &ValidConfig,
+    store: &Arc<dyn Store>,
+    applied: &Arc<tokio::sync::Notify>,
+) -> Result<(Authorizer, Option<Arc<StoredPolicy>>), StartError> {
+    let dir = &config.authz.policies;
+    if config.authz.source == PolicySource::Files {
+        return Ok((Authorizer::load(dir)?, None));
+    }
+    let kek = Arc::new(Kek::load(&config.crypto.kek)?);
+    tracing::info!(kek = %config.crypto.kek.display(), id = kek.id(), "KEK loaded");
+    let (policy, version, digest) = StoredPolicy::initial(store, &kek, dir).await?;
+    let authz = Authorizer::with_policy(policy, dir);
+    let handle = Arc::clone(authz.handle());
+    let stored =
+        StoredPolicy::new(Arc::clone(store), kek, handle, (version, digest), Arc::clone(applied));
+    Ok((authz, Some(stored)))
 }
 
 /// Loads the keyring (watched for changes once the gateway is up).

@@ -153,6 +153,11 @@ impl Call {
         self.decision = Some(Decided::Filtered);
     }
 
+    /// The caller's principal (empty without connection identity).
+    pub(crate) fn principal(&self) -> String {
+        self.conn.as_ref().map(|c| c.identity.principal.to_string()).unwrap_or_default()
+    }
+
     /// Notes the secret version the request wrote, read or deleted.
     pub(crate) fn version(&mut self, version: u64) {
         self.version = Some(version);

@@ -190,6 +190,9 @@ pub enum ApiError {
          client; read the secret before retrying"
     )]
     AuditAfterWrite,
+    /// A control-state request (Control service) that cannot be carried out.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     /// A fault inside the gateway. Detail is logged, not returned.
     #[error("internal error")]
     Internal,
@@ -277,7 +280,20 @@ impl ApiError {
             | Self::AuditAfterWrite
             | Self::ShuttingDown { .. } => Code::Unavailable,
             Self::Internal | Self::NoIdentity => Code::Internal,
+            Self::Control(e) => control_code(e),
         }
+    }
+}
+
+fn control_code(e: &crate::control::ControlError) -> Code {
+    use crate::control::ControlError as E;
+    match e {
+        E::Invalid(_) | E::TooLarge { .. } => Code::InvalidArgument,
+        E::Raced { .. } | E::NotInStore => Code::FailedPrecondition,
+        E::Version { .. } => Code::NotFound,
+        E::Store(StoreError::NoQuorum(_) | StoreError::Unavailable(_)) => Code::Unavailable,
+        E::Store(StoreError::OutcomeUnknown(_)) => Code::Unavailable,
+        E::Store(_) => Code::Internal,
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod admin;
 mod call;
+mod control;
 mod error;
 mod rotation;
 mod vault;
@@ -20,6 +21,7 @@ use zeroize::Zeroizing;
 
 pub use admin::AdminService;
 pub use call::{REQUEST_ID_HEADER, code_name};
+pub use control::{ControlService, MAX_CONTROL_REQUEST_BYTES};
 pub use error::{ApiError, RESUME_REVISION_HEADER};
 pub use rotation::{KeyUsage, RewrapCounts};
 pub use vault::{KeyStatus, Opened, Vault};

@@ -18,7 +18,7 @@ use std::{fmt, path::Path, sync::Arc};
 
 pub use pattern::{Pattern, PatternError, path_match};
 pub use permit::{Act, Object, Permit, WholeStore, act};
-pub use policy::{Decision, Effect, Policy, PolicyError, Rule};
+pub use policy::{Decision, Effect, Policy, PolicyError, PolicyFiles, Rule};
 
 use crate::{
     identity::Principal,
@@ -109,6 +109,11 @@ impl Authorizer {
     pub fn load(dir: &Path) -> Result<Self, PolicyError> {
         let policy = Policy::load(dir)?;
         Ok(Self { policy: Reloadable::new(policy, dir, "policy") })
+    }
+
+    /// Decides with `policy` (from the store), reporting `dir` as its origin.
+    pub fn with_policy(policy: Policy, dir: &Path) -> Self {
+        Self { policy: Reloadable::new(policy, dir, "policy") }
     }
 
     /// The reloadable policy, for the watcher.

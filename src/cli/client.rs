@@ -244,7 +244,7 @@ pub(super) async fn versions(args: &ClientArgs, path: String) -> anyhow::Result<
     Ok(())
 }
 
-fn print_json(value: &serde_json::Value) {
+pub(super) fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }
 

@@ -12,6 +12,7 @@ mod client;
 mod dev;
 mod keys;
 mod policy;
+mod policy_store;
 mod serve;
 mod watch;
 
@@ -180,6 +181,13 @@ enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// Make a key-encryption key (KEK): 32 random bytes in a new file of mode 0600. Every
+    /// replica of a tier needs the same one (`crypto.kek`); it authenticates the control
+    /// state in the store. An existing file is never replaced.
+    KekInit {
+        /// The file to create.
+        path: PathBuf,
+    },
     /// Audit log tools: make the signing key; verify, query and follow the log files
     /// (offline); fetch the gateway's stored checkpoint (`audit checkpoint`, online).
     Audit {
@@ -280,6 +288,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::ReloadStatus { conn } => client::reload_status(&conn).await,
         Command::Policy { dir, command } => policy::run(&dir, command).await,
         Command::Audit { command } => audit::run(command).await,
+        Command::KekInit { path } => {
+            crate::control::Kek::generate(&path)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+            println!("created {} (mode 0600); copy it to every gateway host of the tier, and keep a backup apart from the store: without it the stored control state cannot be opened", path.display());
+            Ok(())
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::bail;
 use clap::Subcommand;
 
+use super::ClientArgs;
 use crate::{
     authz::{Action, Policy, reference},
     path::Target,
@@ -17,6 +18,38 @@ pub(super) enum PolicyCommand {
     Check,
     /// Run the table tests in tests/*.toml; exit non-zero on any failure.
     Test,
+    /// Check and test the directory, then store it in the gateway tier's store as the next
+    /// policy version (authz.source = "store"; needs `admin` on `/`). Exits 1 if a live
+    /// replica did not enforce it within --wait-secs.
+    Push {
+        /// The version this push builds on (refused if another push got there first);
+        /// 0: the newest stored.
+        #[arg(long, default_value_t = 0)]
+        base_version: u64,
+        /// Seconds to wait for every live replica to enforce it (at most 60).
+        #[arg(long, default_value_t = 10)]
+        wait_secs: u32,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+    /// List the newest stored policy versions (authz.source = "store").
+    History {
+        /// Versions to show.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+    /// Store the content of an earlier version again, as a new, higher version.
+    Rollback {
+        /// The stored version to go back to.
+        version: u64,
+        /// Seconds to wait for every live replica to enforce it (at most 60).
+        #[arg(long, default_value_t = 10)]
+        wait_secs: u32,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
     /// Show the decision for SUBJECT doing ACTION on PATH, and the rule that decided it.
     Explain {
         /// Principal (spiffe://…, dns:…, cn:…) or role.
@@ -29,8 +62,21 @@ pub(super) enum PolicyCommand {
 }
 
 pub(super) async fn run(dir: &Path, command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Push { base_version, wait_secs, conn } => {
+            return super::policy_store::push(dir, base_version, wait_secs, &conn).await;
+        }
+        PolicyCommand::History { limit, conn } => {
+            return super::policy_store::history(limit, &conn).await;
+        }
+        PolicyCommand::Rollback { version, wait_secs, conn } => {
+            return super::policy_store::rollback(version, wait_secs, &conn).await;
+        }
+        _ => {}
+    }
     let policy = Policy::load_untested(dir)?;
     match command {
+        PolicyCommand::Push { .. } | PolicyCommand::History { .. } | PolicyCommand::Rollback { .. } => {}
         PolicyCommand::Check => {
             let csv = std::fs::read_to_string(dir.join("policy.csv"))?;
             reference::enforcer(&csv).await.map_err(|e| {

@@ -118,18 +118,12 @@ pub struct CryptoConfig {
     /// Seconds between checks of the keyring file for changes (also reloaded on SIGHUP).
     /// Default 2; 1 to 3600.
     pub reload_interval_secs: Ranged<1, 3600>,
+    /// The key-encryption key (32 bytes, mode 0600; see `secretgate kek init`), which
+    /// authenticates the control state kept in the store. Required by `authz.source =
+    /// "store"`; every replica of a tier holds the same one. Default: none.
+    pub kek: PathBuf,
 }
 
-/// `[authz]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthzConfig {
-    /// Directory with `model.conf`, `policy.csv` and `tests/*.toml`. Default `policies`.
-    pub policies: PathBuf,
-    /// Seconds between checks of the policy files for changes (also reloaded on SIGHUP).
-    /// Default 2; 1 to 3600.
-    pub reload_interval_secs: Ranged<1, 3600>,
-}
 /// `[audit]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -260,12 +254,6 @@ impl Default for Config {
     }
 }
 
-impl Default for AuthzConfig {
-    fn default() -> Self {
-        Self { policies: PathBuf::from("policies"), reload_interval_secs: Ranged::of::<2>() }
-    }
-}
-
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
@@ -284,7 +272,11 @@ impl Default for AuditConfig {
 
 impl Default for CryptoConfig {
     fn default() -> Self {
-        Self { keyring: PathBuf::from("keyring.toml"), reload_interval_secs: Ranged::of::<2>() }
+        Self {
+            keyring: PathBuf::from("keyring.toml"),
+            reload_interval_secs: Ranged::of::<2>(),
+            kek: PathBuf::new(),
+        }
     }
 }
 
@@ -362,6 +354,7 @@ impl Config {
             &mut self.tls.client_ca,
             &mut self.tls.client_crl,
             &mut self.crypto.keyring,
+            &mut self.crypto.kek,
             &mut self.authz.policies,
             &mut self.audit.path,
             &mut self.audit.signing_key,
@@ -416,6 +409,9 @@ impl Config {
         }
         if self.authz.policies.as_os_str().is_empty() {
             return invalid("authz.policies", "is required (the policy directory)");
+        }
+        if self.authz.source == PolicySource::Store && self.crypto.kek.as_os_str().is_empty() {
+            return invalid("crypto.kek", "is required with authz.source = \"store\"");
         }
         if self.audit.enabled {
             self.audit.validate()?;
@@ -478,13 +474,6 @@ impl AuditConfig {
     }
 }
 
-impl AuthzConfig {
-    /// The reload interval as a `Duration`.
-    pub fn reload_interval(&self) -> Duration {
-        self.reload_interval_secs.secs()
-    }
-}
-
 impl CryptoConfig {
     /// The reload interval as a `Duration`.
     pub fn reload_interval(&self) -> Duration {
@@ -543,6 +532,7 @@ impl From<TlsVersion> for String {
     }
 }
 
+mod authz;
 mod env;
 mod log;
 mod metrics;
@@ -552,6 +542,7 @@ mod replica;
 mod store;
 mod watch;
 
+pub use authz::{AuthzConfig, PolicySource};
 pub use log::{LogConfig, LogFormat};
 pub use metrics::MetricsConfig;
 pub use net::IpNet;

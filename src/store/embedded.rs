@@ -36,6 +36,8 @@ const VALUES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("values
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_checkpoints");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 
+mod control;
+
 /// A [`Store`] in one local redb file.
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -47,6 +49,8 @@ pub struct EmbeddedStore {
     history: u64,
     /// The one replica's registry entry (see [`Store::register_replica`]).
     replica: Arc<Mutex<Option<Entry>>>,
+    /// Counts control-state writes (see [`Store::control_changes`]).
+    control: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A registry entry: replica id and record.
@@ -96,7 +100,8 @@ impl EmbeddedStore {
         let history = history.max(1);
         let changes = Arc::new(load_changes(&db, history)?);
         let (writing, replica) = (Arc::default(), Arc::default());
-        Ok(Self { db: Arc::new(db), max_versions, changes, writing, history, replica })
+        let control = Arc::new(tokio::sync::watch::channel(0).0);
+        Ok(Self { db: Arc::new(db), max_versions, changes, writing, history, replica, control })
     }
 
     /// Runs `f` in one write transaction; when it changed a secret's metadata, records the
@@ -405,6 +410,23 @@ impl Store for EmbeddedStore {
     async fn deregister_replica(&self) -> Result<(), StoreError> {
         self.replica.lock().unwrap_or_else(|e| e.into_inner()).take();
         Ok(())
+    }
+
+    async fn put_control(&self, kind: &str, version: u64, record: &[u8]) -> Result<(), StoreError> {
+        self.create_control(kind, version, record).await
+    }
+
+    async fn control_versions(
+        &self,
+        kind: &str,
+        below: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.read_control(kind, below, limit).await
+    }
+
+    fn control_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.control.subscribe()
     }
 
     async fn put_audit_checkpoint(&self, log_id: &str, line: &[u8]) -> Result<(), StoreError> {

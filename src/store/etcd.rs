@@ -30,6 +30,7 @@
 //! a plain failure: the write may still commit.
 
 mod cache;
+mod control;
 mod members;
 mod registry;
 mod scan;
@@ -533,6 +534,23 @@ impl Store for EtcdStore {
 
     async fn audit_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.under("audit_checkpoints", "audit/").await
+    }
+
+    async fn put_control(&self, kind: &str, version: u64, record: &[u8]) -> Result<(), StoreError> {
+        self.create_control(kind, version, record).await
+    }
+
+    async fn control_versions(
+        &self,
+        kind: &str,
+        below: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.read_control(kind, below, limit).await
+    }
+
+    fn control_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.cache.control_changes()
     }
 
     async fn register_replica(

@@ -126,6 +126,23 @@ impl Store for Metered {
         timed("deregister_replica", self.0.deregister_replica()).await
     }
 
+    async fn put_control(&self, kind: &str, version: u64, record: &[u8]) -> Result<(), StoreError> {
+        timed("put_control", self.0.put_control(kind, version, record)).await
+    }
+
+    async fn control_versions(
+        &self,
+        kind: &str,
+        below: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        timed("control_versions", self.0.control_versions(kind, below, limit)).await
+    }
+
+    fn control_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.control_changes()
+    }
+
     async fn put_audit_checkpoint(&self, log_id: &str, line: &[u8]) -> Result<(), StoreError> {
         timed("put_audit_checkpoint", self.0.put_audit_checkpoint(log_id, line)).await
     }

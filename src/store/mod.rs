@@ -219,6 +219,27 @@ pub trait Store: Send + Sync + 'static {
     /// log id order: what the gateway checks a log it finds (or does not find) against.
     async fn audit_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
+    /// Stores `record` as version `version` of the control object `kind` (`policy`), only if
+    /// that version does not exist yet and is the next after the newest (compare-and-set on
+    /// the previous version: of two writers building on one version, one wins and the other
+    /// gets `Conflict` naming the newest). A retried write that finds its own record there
+    /// succeeds. Records are sealed by the caller (`crate::control`); the store keeps bytes.
+    async fn put_control(&self, kind: &str, version: u64, record: &[u8]) -> Result<(), StoreError>;
+
+    /// Up to `limit` stored versions of `kind` below `below` (all when `None`), newest first,
+    /// as (version, record).
+    async fn control_versions(
+        &self,
+        kind: &str,
+        below: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+
+    /// Changes whenever a control object may have changed (on etcd: an event under
+    /// `P control/` on the replica's one watch feed, or the feed starting again, so also a
+    /// write straight into etcd): the follower then reads the newest versions.
+    fn control_changes(&self) -> tokio::sync::watch::Receiver<u64>;
+
     /// Keeps `record` as this gateway replica's entry `id` in the tier's registry: on etcd
     /// under a lease of `ttl`, renewed by each call (call it every third of `ttl`), so the
     /// entry vanishes within `ttl` of the replica dying or being cut off; the embedded store

@@ -14,17 +14,14 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     fmt,
-    path::{Path, PathBuf},
 };
-
-use sha2::{Digest, Sha256};
 
 use super::{
     Action, Object,
     pattern::{Pattern, Segment},
 };
 use crate::{
-    limits::{RATE_LIMITS_FILE, RateLimits},
+    limits::RateLimits,
     path::{PathPrefix, Target},
 };
 
@@ -208,66 +205,6 @@ struct Node {
 }
 
 impl Policy {
-    /// Loads `dir`: parses everything, then runs the table tests; a failing test refuses
-    /// the policy.
-    pub fn load(dir: &Path) -> Result<Self, PolicyError> {
-        let policy = Self::load_untested(dir)?;
-        let failures = policy.run_tests();
-        if !failures.is_empty() {
-            return Err(PolicyError::TestsFail(failures));
-        }
-        Ok(policy)
-    }
-
-    /// Loads `dir` without running its tests (for `policy test`, which reports them).
-    pub fn load_untested(dir: &Path) -> Result<Self, PolicyError> {
-        let model_path = dir.join("model.conf");
-        let policy_path = dir.join("policy.csv");
-        let model = read(&model_path)?;
-        if normalize(&model) != normalize(MODEL) {
-            return Err(PolicyError::Model { file: model_path.display().to_string() });
-        }
-        let csv = read(&policy_path)?;
-        let mut hasher = Sha256::new();
-        hasher.update(&model);
-        hasher.update(&csv);
-        let mut tests = Vec::new();
-        for file in test_files(dir)? {
-            let text = read(&file)?;
-            hasher.update(file.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
-            hasher.update(&text);
-            let parsed: TestFile = toml::from_str(&text).map_err(|e| PolicyError::Syntax {
-                file: file.display().to_string(),
-                line: crate::text::toml_error_line(&text, &e),
-                reason: e.message().to_owned(),
-            })?;
-            for (i, mut case) in parsed.case.into_iter().enumerate() {
-                case.origin = format!("{} case {}", file.display(), i + 1);
-                tests.push(case);
-            }
-        }
-        // Optional: without the file nothing is rate limited.
-        let limits_path = dir.join(RATE_LIMITS_FILE);
-        let limits = match std::fs::read_to_string(&limits_path) {
-            Ok(text) => Some(text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(PolicyError::Read { file: limits_path.display().to_string(), source });
-            }
-        };
-        if let Some(text) = &limits {
-            hasher.update(RATE_LIMITS_FILE);
-            hasher.update(text);
-        }
-        let version = hex::encode(&hasher.finalize()[..6]);
-        let mut policy = Self::from_csv(&csv, &policy_path.display().to_string(), tests, version)?;
-        if let Some(text) = &limits {
-            policy.rate_limits =
-                policy.parse_rate_limits(text, &limits_path.display().to_string())?;
-        }
-        Ok(policy)
-    }
-
     /// Parses `rate_limits.toml` text against this policy's roles.
     pub fn parse_rate_limits(&self, text: &str, file: &str) -> Result<RateLimits, PolicyError> {
         let is_role = |name: &str| self.roles.values().flatten().any(|r| r == name);
@@ -495,7 +432,13 @@ impl Policy {
         self.roles.values().map(Vec::len).sum()
     }
 
-    /// A short fingerprint of the files in force.
+    /// The same policy labelled as stored version `n`: its version becomes `n:FINGERPRINT`.
+    pub fn numbered(mut self, n: u64) -> Self {
+        self.version = format!("{n}:{}", self.version);
+        self
+    }
+
+    /// A short fingerprint of the files in force (`N:FINGERPRINT` for stored version N).
     pub fn version(&self) -> &str {
         &self.version
     }
@@ -552,34 +495,6 @@ fn check_subject(s: &str) -> Result<(), String> {
     }
 }
 
-fn normalize(model: &str) -> String {
-    model
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or(""))
-        .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
-        .collect()
-}
-
-fn read(path: &Path) -> Result<String, PolicyError> {
-    std::fs::read_to_string(path)
-        .map_err(|source| PolicyError::Read { file: path.display().to_string(), source })
-}
-
-fn test_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
-    let tests = dir.join("tests");
-    if !tests.is_dir() {
-        return Ok(Vec::new());
-    }
-    let entries = std::fs::read_dir(&tests)
-        .map_err(|source| PolicyError::Read { file: tests.display().to_string(), source })?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
 impl fmt::Debug for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Policy")
@@ -589,6 +504,10 @@ impl fmt::Debug for Policy {
             .finish()
     }
 }
+
+mod files;
+
+pub use files::PolicyFiles;
 
 #[cfg(test)]
 mod tests;

@@ -99,6 +99,9 @@ pub(super) struct Cache {
     changes: Arc<Changes>,
     /// Revisions of history the first watch starts before the list.
     history: i64,
+    /// The newest revision that changed a key under `P control/`, or at which the feed
+    /// (re)started (see [`crate::store::Store::control_changes`]).
+    control: watch::Sender<i64>,
 }
 
 impl Cache {
@@ -123,6 +126,7 @@ impl Cache {
             hits: AtomicU64::new(0),
             changes: Arc::new(Changes::starting(capacity)),
             history: i64::try_from(history).unwrap_or(i64::MAX),
+            control: watch::channel(0).0,
         });
         tokio::spawn(barrier_loop(Arc::clone(&members), timeout, rx));
         tokio::spawn(feed_loop(Arc::downgrade(&cache), members, timeout));
@@ -141,6 +145,22 @@ impl Cache {
     /// The store's change feed.
     pub(super) fn changes(&self) -> Arc<Changes> {
         Arc::clone(&self.changes)
+    }
+
+    /// See [`crate::store::Store::control_changes`].
+    pub(super) fn control_changes(&self) -> watch::Receiver<u64> {
+        let mut rx = self.control.subscribe();
+        // u64 for the trait; revisions are never negative.
+        let (tx, out) = watch::channel(u64::try_from(*rx.borrow()).unwrap_or(0));
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let r = u64::try_from(*rx.borrow_and_update()).unwrap_or(0);
+                if tx.send(r).is_err() {
+                    return;
+                }
+            }
+        });
+        out
     }
 
     /// Counts a read answered from memory.
@@ -221,9 +241,12 @@ impl Cache {
         let mut state = self.write();
         if state.over_budget || !self.caching {
             drop(state);
+            self.control.send_replace(revision);
             self.applied.send_modify(|a| *a = (*a).max(revision));
             return;
         }
+        // A (re)started feed may have missed control changes while it was down.
+        self.control.send_replace(revision);
         let bytes = entries.iter().map(|(k, (v, _))| k.len() + v.len() + ENTRY_OVERHEAD).sum();
         (state.entries, state.bytes) = (entries, bytes);
         self.check_budget(&mut state);
@@ -237,10 +260,15 @@ impl Cache {
     fn apply(&self, events: &[etcd_client::Event], progress: i64, listed: i64) {
         let mut top = progress;
         let mut changes = Vec::new();
+        let control = format!("{}control/", self.prefix);
+        let mut control_changed = 0;
         let mut state = self.write();
         for e in events {
             let Some(kv) = e.kv() else { continue };
             top = top.max(kv.mod_revision());
+            if kv.key().starts_with(control.as_bytes()) {
+                control_changed = kv.mod_revision().max(control_changed);
+            }
             if let Some(change) = self.change(e) {
                 changes.push(change);
             }
@@ -271,6 +299,9 @@ impl Cache {
         // progress request at once with its current revision, even while the watch is still
         // sending older events, so a watcher told "complete up to R" could miss them.
         self.changes.push(changes, 0);
+        if control_changed > 0 {
+            self.control.send_replace(control_changed);
+        }
     }
 
     /// The change a metadata event made (`None` for other keys, deletions of metadata,
