@@ -96,6 +96,7 @@ pub(crate) fn spawn(
                 () = reloads.applied.notified() => {}
             }
             let r = record(&id, &address, &started, &reloads, &audit);
+
             let bytes = match serde_json::to_vec(&r) {
                 Ok(b) => b,
                 Err(e) => {

@@ -23,8 +23,7 @@ use crate::{
     proto::{
         FILE_DESCRIPTOR_SET,
         v1::{
-            admin_server::AdminServer, control_server::ControlServer,
-            secrets_server::SecretsServer,
+            admin_server::AdminServer, control_server::ControlServer, secrets_server::SecretsServer,
         },
     },
     reload::Reloadable,

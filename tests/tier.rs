@@ -146,3 +146,39 @@ async fn secretgate_status_shows_the_tier_and_exits_1_when_replicas_disagree() {
     assert_eq!(code, Some(1), "{stdout}");
     assert!(stderr.contains("do not all enforce the same keyring, client trust"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_renews_one_lease_instead_of_taking_a_new_one_each_time() {
+    let cluster = EtcdCluster::start().await;
+    let _a = replica(&cluster, "replica-a", None).await;
+    let mut etcd = cluster.client(None).await;
+    let key = format!("{PREFIX}replicas/replica-a");
+    // (lease, mod_revision) of the record now.
+    let mut record = async || {
+        let resp = etcd.get(key.as_str(), None).await.unwrap();
+        resp.kvs().first().map(|kv| (kv.lease(), kv.mod_revision()))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        if let Some(r) = record().await {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the replica never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Two renewals later (a write of the record every second) the lease is the same one.
+    let mut renewals = 0;
+    let mut last = first.1;
+    while renewals < 2 {
+        let (lease, revision) = record().await.expect("the record stays while renewed");
+        assert_eq!(lease, first.0, "a renewal took a new lease");
+        if revision != last {
+            renewals += 1;
+            last = revision;
+        }
+        assert!(Instant::now() < deadline, "no two renewals within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leases = cluster.client(None).await.leases().await.unwrap();
+    assert_eq!(leases.leases().len(), 1, "one lease for one replica");
+}

@@ -175,11 +175,9 @@ impl Control for ControlService {
                             problem: parsed.err().map(|e| e.to_string()).unwrap_or_default(),
                         }
                     }
-                    Err(problem) => v1::PolicyVersionInfo {
-                        version: e.version,
-                        problem,
-                        ..Default::default()
-                    },
+                    Err(problem) => {
+                        v1::PolicyVersionInfo { version: e.version, problem, ..Default::default() }
+                    }
                 });
                 Ok(v1::PolicyHistoryResponse {
                     versions: versions.collect(),

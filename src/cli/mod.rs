@@ -291,7 +291,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::KekInit { path } => {
             crate::control::Kek::generate(&path)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
-            println!("created {} (mode 0600); copy it to every gateway host of the tier, and keep a backup apart from the store: without it the stored control state cannot be opened", path.display());
+            println!(
+                "created {} (mode 0600); copy it to every gateway host of the tier, and keep a backup apart from the store: without it the stored control state cannot be opened",
+                path.display()
+            );
             Ok(())
         }
     }

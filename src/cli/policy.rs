@@ -76,7 +76,9 @@ pub(super) async fn run(dir: &Path, command: PolicyCommand) -> anyhow::Result<()
     }
     let policy = Policy::load_untested(dir)?;
     match command {
-        PolicyCommand::Push { .. } | PolicyCommand::History { .. } | PolicyCommand::Rollback { .. } => {}
+        PolicyCommand::Push { .. }
+        | PolicyCommand::History { .. }
+        | PolicyCommand::Rollback { .. } => {}
         PolicyCommand::Check => {
             let csv = std::fs::read_to_string(dir.join("policy.csv"))?;
             reference::enforcer(&csv).await.map_err(|e| {

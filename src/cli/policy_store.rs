@@ -51,10 +51,18 @@ pub(super) async fn push(
     report(&pushed, &format!("{} pushed", policy.version()), conn)
 }
 
-pub(super) async fn rollback(version: u64, wait_secs: u32, conn: &ClientArgs) -> anyhow::Result<()> {
+pub(super) async fn rollback(
+    version: u64,
+    wait_secs: u32,
+    conn: &ClientArgs,
+) -> anyhow::Result<()> {
     let request = v1::RollbackPolicyRequest { version, wait_ms: wait_secs.saturating_mul(1000) };
-    let pushed =
-        control(conn).await?.rollback_policy(request).await.map_err(client::rpc_error)?.into_inner();
+    let pushed = control(conn)
+        .await?
+        .rollback_policy(request)
+        .await
+        .map_err(client::rpc_error)?
+        .into_inner();
     report(&pushed, &format!("the content of version {version} stored again"), conn)
 }
 
@@ -84,10 +92,14 @@ fn report(pushed: &v1::PushPolicyResponse, what: &str, conn: &ClientArgs) -> any
 
 pub(super) async fn history(limit: u32, conn: &ClientArgs) -> anyhow::Result<()> {
     let request = v1::PolicyHistoryRequest { limit };
-    let h = control(conn).await?.policy_history(request).await.map_err(client::rpc_error)?.into_inner();
+    let h =
+        control(conn).await?.policy_history(request).await.map_err(client::rpc_error)?.into_inner();
     match conn.output {
         Output::Human => {
-            println!("{:>7}  {:<20}  {:<20}  {:>6}  AUTHOR / NOTE", "VERSION", "CREATED", "FINGERPRINT", "RULES");
+            println!(
+                "{:>7}  {:<20}  {:<20}  {:>6}  AUTHOR / NOTE",
+                "VERSION", "CREATED", "FINGERPRINT", "RULES"
+            );
             for v in &h.versions {
                 let mark = if v.version == h.in_force { "*" } else { " " };
                 // Stored text: escaped before it reaches a terminal.

@@ -366,7 +366,8 @@ fn open(kek: &Kek, version: u64, bytes: &[u8]) -> Result<(Policy, PolicyVersion)
     if content.version != version {
         return Err(format!("its content says version {}", content.version));
     }
-    let files = PolicyFiles::from_map(content.files.clone().into_map()).map_err(|e| e.to_string())?;
+    let files =
+        PolicyFiles::from_map(content.files.clone().into_map()).map_err(|e| e.to_string())?;
     let policy = Policy::from_files(&files, &format!("policy version {version}"))
         .map_err(|e| e.to_string())?
         .numbered(version);

@@ -77,7 +77,12 @@ impl PolicyFiles {
             };
             match test {
                 Some(n) if safe(n) => tests += 1,
-                _ => return Err(bad(name, "not a policy file (model.conf, policy.csv, rate_limits.toml, tests/NAME.toml)")),
+                _ => {
+                    return Err(bad(
+                        name,
+                        "not a policy file (model.conf, policy.csv, rate_limits.toml, tests/NAME.toml)",
+                    ));
+                }
             }
         }
         if tests > MAX_TEST_FILES {
@@ -182,10 +187,7 @@ impl Policy {
     }
 }
 
-
-
-
-fn normalize(model: &str) -> String {
+pub(super) fn normalize(model: &str) -> String {
     model
         .lines()
         .map(|l| l.split('#').next().unwrap_or(""))

@@ -1,4 +1,4 @@
-use super::*;
+use super::{files::normalize, *};
 use crate::text_edits::{apply_edits, edit};
 use proptest::{prelude::*, test_runner::TestCaseError};
 

@@ -67,7 +67,8 @@ impl EmbeddedStore {
             };
             let end = below.unwrap_or(u64::MAX);
             let mut out = Vec::new();
-            for entry in table.range((kind.as_str(), 0)..(kind.as_str(), end)).map_err(backend)?.rev()
+            for entry in
+                table.range((kind.as_str(), 0)..(kind.as_str(), end)).map_err(backend)?.rev()
             {
                 if out.len() >= limit {
                     break;

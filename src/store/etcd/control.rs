@@ -56,7 +56,9 @@ impl EtcdStore {
         let (Some(TxnOpResponse::Get(newest)), Some(TxnOpResponse::Get(mine))) =
             (answers.next(), answers.next())
         else {
-            return Err(StoreError::Corrupt("put_control: an unexpected transaction answer".into()));
+            return Err(StoreError::Corrupt(
+                "put_control: an unexpected transaction answer".into(),
+            ));
         };
         // A retried try whose first one committed finds its own record there.
         if mine.kvs().first().is_some_and(|kv| kv.value() == record) {
@@ -103,8 +105,7 @@ impl EtcdStore {
 /// The version number a control key ends with.
 fn version_of(key: &[u8]) -> Result<u64, StoreError> {
     let digits = key.rsplit(|b| *b == b'/').next().unwrap_or_default();
-    std::str::from_utf8(digits)
-        .ok()
-        .and_then(|d| d.parse().ok())
-        .ok_or_else(|| StoreError::Corrupt(format!("control key {}", String::from_utf8_lossy(key).escape_debug())))
+    std::str::from_utf8(digits).ok().and_then(|d| d.parse().ok()).ok_or_else(|| {
+        StoreError::Corrupt(format!("control key {}", String::from_utf8_lossy(key).escape_debug()))
+    })
 }

@@ -76,16 +76,17 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// Renews lease `id`; false when it expired or the renewal failed.
+    /// Renews lease `id`; false when it expired or the renewal failed. etcd-client's
+    /// `keep_alive` sends one renewal and reads its answer itself (an error when the lease
+    /// is gone), so its success is the renewal: waiting on the stream for another answer
+    /// would wait for one that never comes (and did: every renewal timed out and took a new
+    /// lease, leaving the old one to expire).
     async fn renew(&self, id: i64, deadline: Instant) -> bool {
         let answer = self
             .members
-            .lease_attempt(deadline, |mut c| async move {
-                let (_keeper, mut stream) = c.keep_alive(id).await?;
-                stream.message().await
-            })
+            .lease_attempt(deadline, |mut c| async move { c.keep_alive(id).await.map(|_| ()) })
             .await;
-        matches!(answer, Ok(Some(r)) if r.ttl() > 0)
+        answer.is_ok()
     }
 
     /// Revokes this replica's lease, which removes its record.
