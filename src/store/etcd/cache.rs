@@ -42,11 +42,14 @@ use tokio::{
     time::Instant,
 };
 
+use self::listing::{list, newest_meta_at};
 use super::members::{Failure, Members};
 use crate::{
     path::SecretPath,
     store::{ChangeEvent, Changes, changes::derive},
 };
+
+mod listing;
 
 /// Keys one barrier transaction checks at most.
 pub(super) const MAX_BARRIER_KEYS: usize = 128;
@@ -101,7 +104,7 @@ pub(super) struct Cache {
     history: i64,
     /// The newest revision that changed a key under `P control/`, or at which the feed
     /// (re)started (see [`crate::store::Store::control_changes`]).
-    control: watch::Sender<i64>,
+    control: watch::Sender<u64>,
 }
 
 impl Cache {
@@ -149,18 +152,7 @@ impl Cache {
 
     /// See [`crate::store::Store::control_changes`].
     pub(super) fn control_changes(&self) -> watch::Receiver<u64> {
-        let mut rx = self.control.subscribe();
-        // u64 for the trait; revisions are never negative.
-        let (tx, out) = watch::channel(u64::try_from(*rx.borrow()).unwrap_or(0));
-        tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let r = u64::try_from(*rx.borrow_and_update()).unwrap_or(0);
-                if tx.send(r).is_err() {
-                    return;
-                }
-            }
-        });
-        out
+        self.control.subscribe()
     }
 
     /// Counts a read answered from memory.
@@ -241,12 +233,12 @@ impl Cache {
         let mut state = self.write();
         if state.over_budget || !self.caching {
             drop(state);
-            self.control.send_replace(revision);
+            self.control.send_replace(u64::try_from(revision).unwrap_or(0));
             self.applied.send_modify(|a| *a = (*a).max(revision));
             return;
         }
         // A (re)started feed may have missed control changes while it was down.
-        self.control.send_replace(revision);
+        self.control.send_replace(u64::try_from(revision).unwrap_or(0));
         let bytes = entries.iter().map(|(k, (v, _))| k.len() + v.len() + ENTRY_OVERHEAD).sum();
         (state.entries, state.bytes) = (entries, bytes);
         self.check_budget(&mut state);
@@ -300,7 +292,7 @@ impl Cache {
         // sending older events, so a watcher told "complete up to R" could miss them.
         self.changes.push(changes, 0);
         if control_changed > 0 {
-            self.control.send_replace(control_changed);
+            self.control.send_replace(u64::try_from(control_changed).unwrap_or(0));
         }
     }
 
@@ -385,54 +377,6 @@ async fn barrier_loop(
                     let _ = ask.reply.send(Err(Failure::Unknown(why.clone())));
                 }
             }
-        }
-    }
-}
-
-/// Lists the prefix at one revision, page by page.
-async fn list(
-    members: &Members,
-    prefix: &str,
-    timeout: Duration,
-) -> Result<(HashMap<Vec<u8>, Entry>, i64), Failure> {
-    let end = {
-        let mut e = prefix.as_bytes().to_vec();
-        // The prefix ends with '/', so the range end is the prefix with its last byte + 1.
-        if let Some(last) = e.last_mut() {
-            *last += 1;
-        }
-        e
-    };
-    let mut entries = HashMap::new();
-    let mut start = prefix.as_bytes().to_vec();
-    let mut revision = 0;
-    loop {
-        let mut options = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
-        if revision > 0 {
-            options = options.with_revision(revision);
-        }
-        let from = start.clone();
-        let deadline = Instant::now() + timeout;
-        let mut resp = members
-            .attempt(deadline, |mut kv| async move { kv.get(from, Some(options)).await })
-            .await?;
-        if revision == 0 {
-            revision = resp.header().map_or(0, |h| h.revision());
-        }
-        let more = resp.more();
-        let mut last = None;
-        for kv in resp.take_kvs() {
-            let rev = kv.mod_revision();
-            let (key, value) = kv.into_key_value();
-            last = Some(key.clone());
-            entries.insert(key, (value, rev));
-        }
-        match (more, last) {
-            (true, Some(mut key)) => {
-                key.push(0);
-                start = key;
-            }
-            _ => return Ok((entries, revision)),
         }
     }
 }
@@ -539,30 +483,6 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
         drop(c);
         members.cool(&url);
     }
-}
-
-/// The newest `mod_revision` of the metadata under `prefix` as of `revision` (0: none), or
-/// `None` when that cannot be read (compacted away, or unreachable: either way the history
-/// from there is not to be relied on).
-async fn newest_meta_at(
-    members: &Members,
-    prefix: &str,
-    revision: i64,
-    timeout: Duration,
-) -> Option<u64> {
-    let options = GetOptions::new()
-        .with_prefix()
-        .with_revision(revision)
-        .with_keys_only()
-        .with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::Descend)
-        .with_limit(1);
-    let key = format!("{prefix}meta");
-    let deadline = Instant::now() + timeout;
-    let resp = members
-        .attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await })
-        .await
-        .ok()?;
-    Some(resp.kvs().first().map_or(0, |kv| u64::try_from(kv.mod_revision()).unwrap_or(0)))
 }
 
 /// Applies the watch's responses until it ends; why it ended, and the compaction revision

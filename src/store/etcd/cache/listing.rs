@@ -1,0 +1,83 @@
+//! Reading the prefix for the feed: the whole of it at one revision (the cache's fill), and
+//! the newest metadata write as of an older revision (whether etcd still has history there,
+//! and whether anything changed in history it compacted).
+
+use std::{collections::HashMap, time::Duration};
+
+use etcd_client::GetOptions;
+use tokio::time::Instant;
+
+use super::{Entry, LIST_PAGE};
+use crate::store::etcd::members::{Failure, Members};
+
+/// Lists the prefix at one revision, page by page.
+pub(super) async fn list(
+    members: &Members,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<(HashMap<Vec<u8>, Entry>, i64), Failure> {
+    let end = {
+        let mut e = prefix.as_bytes().to_vec();
+        // The prefix ends with '/', so the range end is the prefix with its last byte + 1.
+        if let Some(last) = e.last_mut() {
+            *last += 1;
+        }
+        e
+    };
+    let mut entries = HashMap::new();
+    let mut start = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let from = start.clone();
+        let deadline = Instant::now() + timeout;
+        let mut resp = members
+            .attempt(deadline, |mut kv| async move { kv.get(from, Some(options)).await })
+            .await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        let more = resp.more();
+        let mut last = None;
+        for kv in resp.take_kvs() {
+            let rev = kv.mod_revision();
+            let (key, value) = kv.into_key_value();
+            last = Some(key.clone());
+            entries.insert(key, (value, rev));
+        }
+        match (more, last) {
+            (true, Some(mut key)) => {
+                key.push(0);
+                start = key;
+            }
+            _ => return Ok((entries, revision)),
+        }
+    }
+}
+
+/// The newest `mod_revision` of the metadata under `prefix` as of `revision` (0: none), or
+/// `None` when that cannot be read (compacted away, or unreachable: either way the history
+/// from there is not to be relied on).
+pub(super) async fn newest_meta_at(
+    members: &Members,
+    prefix: &str,
+    revision: i64,
+    timeout: Duration,
+) -> Option<u64> {
+    let options = GetOptions::new()
+        .with_prefix()
+        .with_revision(revision)
+        .with_keys_only()
+        .with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::Descend)
+        .with_limit(1);
+    let key = format!("{prefix}meta");
+    let deadline = Instant::now() + timeout;
+    let resp = members
+        .attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await })
+        .await
+        .ok()?;
+    Some(resp.kvs().first().map_or(0, |kv| u64::try_from(kv.mod_revision()).unwrap_or(0)))
+}
