@@ -18,6 +18,11 @@ struct DevGateway {
 
 impl DevGateway {
     fn start(dir: &Path) -> Self {
+        Self::start_env(dir, &[])
+    }
+
+    /// Like [`DevGateway::start`], with `SECRETGATE_*` overrides.
+    fn start_env(dir: &Path, env: &[(&str, &str)]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(BIN)
@@ -26,6 +31,7 @@ impl DevGateway {
             .env("SECRETGATE_AUDIT_CHECKPOINT_EVERY", "1")
             // Not the default port: these gateways run in parallel.
             .env("SECRETGATE_METRICS_LISTEN", "")
+            .envs(env.iter().copied())
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -239,4 +245,42 @@ fn broken_policies_are_reported_by_file_and_line() {
     std::fs::write(dir.path().join("model.conf"), "[request_definition]\nr = sub, obj\n").unwrap();
     let out = policy_cmd(dir.path(), &["check"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not the secretgate model"));
+}
+
+#[test]
+fn policy_push_history_and_rollback_against_the_dev_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = DevGateway::start_env(dir.path(), &[("SECRETGATE_AUTHZ_SOURCE", "store")]);
+    let policies = dir.path().join(".secretgate-dev/policies");
+    let p = policies.to_str().unwrap();
+    let history = stdout(&gw.cli(dir.path(), &["policy", "history"], None));
+    assert!(history.contains("import"), "the dev files seed version 1: {history}");
+
+    let csv = policies.join("policy.csv");
+    let original = std::fs::read_to_string(&csv).unwrap();
+    std::fs::write(&csv, format!("{original}p, role:reader, /pushed/**, read, allow\n")).unwrap();
+    let out = stdout(&gw.cli(dir.path(), &["policy", "--dir", p, "push"], None));
+    assert!(out.contains("as policy version 2; 1 live replica(s) enforcing it"), "{out}");
+
+    // A policy failing its own tests is refused before anything is sent.
+    let tests = policies.join("tests/example.toml");
+    let cases = std::fs::read_to_string(&tests).unwrap();
+    let failing = "[[case]]\nsubject = \"spiffe://dev.secretgate/app\"\npath = \"/x\"\naction = \"admin\"\nexpect = \"allow\"\n";
+    std::fs::write(&tests, format!("{cases}\n{failing}")).unwrap();
+    let refused = gw.cli(dir.path(), &["policy", "--dir", p, "push"], None);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("policy tests failed; nothing pushed"), "{stderr}");
+
+    let out = stdout(&gw.cli(dir.path(), &["policy", "rollback", "1"], None));
+    assert!(out.contains("the content of version 1 stored again as policy version 3"), "{out}");
+    let json = stdout(&gw.cli(dir.path(), &["policy", "history", "-o", "json"], None));
+    let h: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(h["in_force"], 3);
+    let versions: Vec<u64> =
+        h["versions"].as_array().unwrap().iter().map(|v| v["version"].as_u64().unwrap()).collect();
+    assert_eq!(versions, [3, 2, 1]);
+    assert_eq!(h["versions"][0]["note"], "rollback to version 1");
+    assert_eq!(h["versions"][0]["fingerprint"], h["versions"][2]["fingerprint"]);
+    assert_eq!(h["versions"][1]["author"], "spiffe://dev.secretgate/admin");
 }

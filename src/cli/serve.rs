@@ -40,6 +40,10 @@ pub(super) async fn dev(dir: &Path, listen: Option<SocketAddr>) -> anyhow::Resul
         ring.save(&config.crypto.keyring)?;
         tracing::info!(keyring = %config.crypto.keyring.display(), primary = %ring.primary().id, "wrote a new development keyring");
     }
+    if !config.crypto.kek.as_os_str().is_empty() && !config.crypto.kek.exists() {
+        crate::control::Kek::generate(&config.crypto.kek)?;
+        tracing::info!(kek = %config.crypto.kek.display(), "wrote a new development KEK");
+    }
     if config.audit.enabled && !config.audit.signing_key.exists() {
         crate::audit::SigningKey::generate()?.save(&config.audit.signing_key)?;
         tracing::info!(key = %config.audit.signing_key.display(), "wrote a new development audit signing key (and .pub)");
@@ -83,9 +87,13 @@ path = "store.redb"
 
 [crypto]
 keyring = "keyring.toml"
+# Authenticates control state kept in the store (authz.source = "store").
+kek = "kek"
 
 [authz]
 policies = "@POLICIES@"
+# "files" (here: edit policies/, reloaded at once) or "store" (`secretgate policy push`).
+source = "files"
 
 [audit]
 path = "audit/audit.log"
