@@ -23,6 +23,13 @@ pub struct ReplicaRecord {
     pub started: String,
     /// The keyring in force (its version and primary key).
     pub keyring: String,
+    /// The ids of the keys it holds (primary and active): a key may be promoted once every
+    /// live replica holds it.
+    #[serde(default)]
+    pub keyring_keys: Vec<String>,
+    /// The id of its primary key: a key may be retired once no live replica seals with it.
+    #[serde(default)]
+    pub keyring_primary: String,
     /// The policy version in force.
     pub policy: String,
     /// The client trust in force (CA bundle and CRLs).
@@ -64,7 +71,11 @@ fn record(
     let find = |what: &str| {
         versions.iter().find(|(w, ..)| *w == what).map(|(_, v, _)| v.clone()).unwrap_or_default()
     };
+    let ring = reloads.keys.current();
+    let held = ring.keys().iter().filter(|k| k.state != crate::crypto::KeyState::Retired);
     ReplicaRecord {
+        keyring_keys: held.map(|k| k.id.to_string()).collect(),
+        keyring_primary: ring.primary().id.to_string(),
         id: id.to_owned(),
         address: address.to_owned(),
         started: started.to_owned(),

@@ -15,8 +15,8 @@ use crate::{
     api::{AdminService, ControlService, SecretsService, Vault, Watchers},
     audit::{AuditError, AuditLog, SigningKey, signing::SigningError},
     authz::{Authorizer, Policy, PolicyError},
-    config::{PolicySource, StoreConfig, ValidConfig},
-    control::{ControlError, Kek, KekError, StoredPolicy},
+    config::{Source, StoreConfig, ValidConfig},
+    control::{ControlError, Kek, KekError, StoredKeyring, StoredPolicy, keyring::SealedKeyring},
     crypto::{Keyring, KeyringError, KeyringHandle},
     limits::{MemoryBudget, RateLimiter, RequestLayer},
     metrics::{MetricsServer, scrape::Sources},
@@ -142,10 +142,18 @@ impl Gateway {
         tracing::info!(cert = %config.tls.cert.display(), version = %server_cert.current().describe(), "server certificate loaded");
         let (trust, load_trust) = tls::client_trust(&config.tls, &server_cert)?;
         tracing::info!(client_ca = %config.tls.client_ca.display(), version = %trust.current().describe(), "client trust loaded");
-        let keys = load_keyring(config)?;
         let store: Arc<dyn Store> = Arc::new(Metered(open_store(config).await?));
         let applied = Arc::new(tokio::sync::Notify::new());
-        let (authz, stored_policy) = load_policy(config, &store, &applied).await?;
+        let kek = match config.crypto.kek.as_os_str().is_empty() {
+            true => None,
+            false => {
+                let kek = Arc::new(Kek::load(&config.crypto.kek)?);
+                tracing::info!(kek = %config.crypto.kek.display(), id = kek.id(), "KEK loaded");
+                Some(kek)
+            }
+        };
+        let (keys, stored_keyring) = load_keyring(config, &store, kek.as_ref(), &applied).await?;
+        let (authz, stored_policy) = load_policy(config, &store, kek.as_ref(), &applied).await?;
         tracing::info!(
             policies = %config.authz.policies.display(),
             source = ?config.authz.source,
@@ -210,7 +218,7 @@ impl Gateway {
             id => id.to_owned(),
         };
         let admin = AdminServer::new(AdminService::new(
-            vault,
+            vault.clone(),
             Arc::clone(&reloads),
             authz.clone(),
             audit.clone(),
@@ -220,6 +228,8 @@ impl Gateway {
         .max_decoding_message_size(SMALL_REQUEST_BYTES);
         let control = ControlServer::new(ControlService::new(
             stored_policy.clone(),
+            stored_keyring.clone(),
+            vault.clone(),
             authz.clone(),
             audit.clone(),
             limiter.clone(),
@@ -256,10 +266,12 @@ impl Gateway {
             .map_err(descriptors)?
             .max_decoding_message_size(SMALL_REQUEST_BYTES);
 
-        let keyring_watcher =
-            keys.watch(config.crypto.reload_interval(), Keyring::load, |r: &Keyring| {
+        let keyring_watcher = match &stored_keyring {
+            Some(stored) => stored.follow(),
+            None => keys.watch(config.crypto.reload_interval(), Keyring::load, |r: &Keyring| {
                 format!("{} (primary {})", r.version(), r.primary().id)
-            });
+            }),
+        };
         let policy_watcher = match &stored_policy {
             Some(stored) => stored.follow(),
             None => {
@@ -431,28 +443,59 @@ impl Gateway {
 async fn load_policy(
     config: &ValidConfig,
     store: &Arc<dyn Store>,
+    kek: Option<&Arc<Kek>>,
     applied: &Arc<tokio::sync::Notify>,
 ) -> Result<(Authorizer, Option<Arc<StoredPolicy>>), StartError> {
     let dir = &config.authz.policies;
-    if config.authz.source == PolicySource::Files {
+    let Some(kek) = kek.filter(|_| config.authz.source == Source::Store) else {
         return Ok((Authorizer::load(dir)?, None));
-    }
-    let kek = Arc::new(Kek::load(&config.crypto.kek)?);
-    tracing::info!(kek = %config.crypto.kek.display(), id = kek.id(), "KEK loaded");
-    let (policy, version, digest) = StoredPolicy::initial(store, &kek, dir).await?;
+    };
+    let seed = || {
+        let files = crate::authz::PolicyFiles::read_dir(dir)?;
+        Ok((files, format!("import from {}", dir.display())))
+    };
+    let (policy, version, digest) = StoredPolicy::initial(store, kek, seed).await?;
     let authz = Authorizer::with_policy(policy, dir);
     let handle = Arc::clone(authz.handle());
-    let stored =
-        StoredPolicy::new(Arc::clone(store), kek, handle, (version, digest), Arc::clone(applied));
+    let stored = StoredPolicy::new(
+        Arc::clone(store),
+        Arc::clone(kek),
+        handle,
+        (version, digest),
+        Arc::clone(applied),
+    );
     Ok((authz, Some(stored)))
 }
 
-/// Loads the keyring (watched for changes once the gateway is up).
-fn load_keyring(config: &ValidConfig) -> Result<KeyringHandle, StartError> {
+/// Loads the keyring: the file `crypto.keyring` (watched for changes once the gateway is
+/// up), or the newest usable version in the store (followed), seeded from that file once.
+async fn load_keyring(
+    config: &ValidConfig,
+    store: &Arc<dyn Store>,
+    kek: Option<&Arc<Kek>>,
+    applied: &Arc<tokio::sync::Notify>,
+) -> Result<(KeyringHandle, Option<Arc<StoredKeyring>>), StartError> {
     let path = &config.crypto.keyring;
-    let ring = Keyring::load(path)?;
-    tracing::info!(keyring = %path.display(), version = ring.version(), primary = %ring.primary().id, "keyring loaded");
-    Ok(Reloadable::new(ring, path, "keyring"))
+    let Some(kek) = kek.filter(|_| config.crypto.source == Source::Store) else {
+        let ring = Keyring::load(path)?;
+        tracing::info!(keyring = %path.display(), version = ring.version(), primary = %ring.primary().id, "keyring loaded");
+        return Ok((Reloadable::new(ring, path, "keyring"), None));
+    };
+    let seed = || {
+        let ring = Keyring::load(path).map_err(|e| ControlError::Keyring(e.to_string()))?;
+        Ok((SealedKeyring::seal(kek, 1, &ring)?, format!("import from {}", path.display())))
+    };
+    let (ring, version, digest) = StoredKeyring::initial(store, kek, seed).await?;
+    tracing::info!(version = ring.version(), primary = %ring.primary().id, "keyring loaded from the store");
+    let handle = Reloadable::new(ring, path, "keyring");
+    let stored = StoredKeyring::new(
+        Arc::clone(store),
+        Arc::clone(kek),
+        Arc::clone(&handle),
+        (version, digest),
+        Arc::clone(applied),
+    );
+    Ok((handle, Some(stored)))
 }
 
 /// Opens the configured backend (`store.backend`).

@@ -10,7 +10,7 @@ use std::{
 };
 
 use secretgate::{
-    config::{Config, PolicySource},
+    config::{Config, Source},
     control::Kek,
     proto::v1::{
         GetRequest, PolicyHistoryRequest, PushPolicyRequest, PutRequest, ReloadStatusRequest,
@@ -49,7 +49,7 @@ fn kek_file(dir: &Path) -> PathBuf {
 }
 
 fn stored_policy(c: &mut Config, kek: &Path) {
-    c.authz.source = PolicySource::Store;
+    c.authz.source = Source::Store;
     c.crypto.kek = kek.to_owned();
 }
 

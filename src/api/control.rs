@@ -1,95 +1,127 @@
-//! The `secretgate.v1.Control` service: the policy kept in the store (push, rollback,
-//! history). Every call needs `admin` on `/` and is audited; a push or rollback records its
-//! intent durably before it writes the store, and its outcome names the version stored and
-//! the replicas that did not enforce it in time.
+//! The `secretgate.v1.Control` service: the policy and the keyring kept in the store (push,
+//! rollback, history; add, promote, retire a key). Every call needs `admin` on `/` and is
+//! audited; a change records its intent durably before it writes the store, and its outcome
+//! names the version stored and the replicas that did not follow in time.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{ApiError, Call};
+use super::{ApiError, Call, Vault};
 use crate::{
     audit::AuditLog,
     authz::{Authorizer, Permit, PolicyFiles, WholeStore, act},
-    control::{ControlError, StoredPolicy, policy::Pushed},
+    control::{ControlError, Pushed, StoredKeyring, StoredPolicy},
     limits::{Class, RateLimiter},
     proto::v1::{self, control_server::Control},
 };
 
 /// Largest request this service decodes: a policy of about 100,000 rules with its tests.
 pub const MAX_CONTROL_REQUEST_BYTES: usize = 16 << 20;
-/// How long a push waits for the tier by default, and at most.
+/// How long a change waits for the tier by default, and at most.
 const DEFAULT_WAIT: Duration = Duration::from_secs(10);
+/// A promote waits longer by default: past a registry lease, so a dead replica drops out.
+const DEFAULT_PROMOTE_WAIT: Duration = Duration::from_secs(30);
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// The `Control` service.
 #[derive(Clone)]
 pub struct ControlService {
     policy: Option<Arc<StoredPolicy>>,
+    keyring: Option<Arc<StoredKeyring>>,
+    vault: Vault,
     authz: Authorizer,
     audit: AuditLog,
     limiter: RateLimiter,
 }
 
 impl ControlService {
-    /// The service over the stored policy (`None`: this gateway's policy comes from files).
+    /// The service over the stored policy and keyring (`None`: from files on this gateway).
     pub(crate) fn new(
         policy: Option<Arc<StoredPolicy>>,
+        keyring: Option<Arc<StoredKeyring>>,
+        vault: Vault,
         authz: Authorizer,
         audit: AuditLog,
         limiter: RateLimiter,
     ) -> Self {
-        Self { policy, authz, audit, limiter }
+        Self { policy, keyring, vault, authz, audit, limiter }
     }
 
-    fn call<T>(&self, method: &'static str, request: &Request<T>) -> Result<Call, Status> {
-        Call::admit(&self.limiter, Class::Admin, method, request, "/", &self.audit)
+    fn policy(&self) -> Result<&StoredPolicy, ApiError> {
+        let not = ControlError::NotInStore { what: "policy", setting: "authz.source" };
+        self.policy.as_deref().ok_or(ApiError::Control(not))
     }
 
-    fn stored(&self) -> Result<&StoredPolicy, ApiError> {
-        self.policy.as_deref().ok_or(ApiError::Control(ControlError::NotInStore))
+    fn keyring(&self) -> Result<&StoredKeyring, ApiError> {
+        let not = ControlError::NotInStore { what: "keyring", setting: "crypto.source" };
+        self.keyring.as_deref().ok_or(ApiError::Control(not))
     }
 
-    /// Authorizes the call, then (for a write) records its intent.
-    async fn admitted(
+    /// Runs one call: admitted past the rate limits, authorized (`admin` on `/`), `ready`
+    /// checked (the object is in the store), for a change its intent recorded, then `body`;
+    /// the outcome recorded.
+    async fn run<T, R, F>(
         &self,
-        call: &mut Call,
-        writes: bool,
-    ) -> Result<Permit<act::Admin>, ApiError> {
-        let permit = call.authorize::<act::Admin>(&self.authz, WholeStore)?;
-        self.stored()?;
-        if writes {
-            // The intent is recorded durably; the store write follows in this request.
-            let _intent = call.intent().await?;
+        method: &'static str,
+        request: Request<R>,
+        changes: bool,
+        ready: impl FnOnce(&Self) -> Result<(), ApiError>,
+        body: impl FnOnce(R, Permit<act::Admin>, String) -> F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: Future<Output = Result<(T, Option<Pushed>), ApiError>>,
+    {
+        let mut call =
+            Call::admit(&self.limiter, Class::Admin, method, &request, "/", &self.audit)?;
+        let span = call.span();
+        let request = request.into_inner();
+        async move {
+            let result = async {
+                let permit = call.authorize::<act::Admin>(&self.authz, WholeStore)?;
+                ready(self)?;
+                if changes {
+                    // Recorded durably; the store write follows in this request.
+                    let _intent = call.intent().await?;
+                }
+                let author = call.principal();
+                let (answer, pushed) = body(request, permit, author).await?;
+                if let Some(p) = pushed {
+                    call.version(p.version);
+                    call.summary(summary(&p));
+                }
+                Ok(answer)
+            }
+            .await;
+            call.finish(result).await
         }
-        Ok(permit)
+        .instrument(span)
+        .await
     }
 }
 
-fn wait(ms: u32) -> Duration {
+fn wait(ms: u32, default: Duration) -> Duration {
     match ms {
-        0 => DEFAULT_WAIT,
+        0 => default,
         ms => Duration::from_millis(u64::from(ms)).min(MAX_WAIT),
     }
 }
 
-fn answer(call: &mut Call, pushed: Pushed) -> v1::PushPolicyResponse {
-    call.version(pushed.version);
-    let behind = match pushed.behind.is_empty() {
+fn summary(p: &Pushed) -> String {
+    let behind = match p.behind.is_empty() {
         true => String::new(),
-        false => format!("; not enforcing it in time: {}", pushed.behind.join(", ")),
+        false => format!("; not following in time: {}", p.behind.join(", ")),
     };
-    call.summary(format!(
-        "policy version {} stored; {} live replicas enforcing it{behind}",
-        pushed.version,
-        pushed.enforcing.len()
-    ));
-    v1::PushPolicyResponse {
-        version: pushed.version,
-        enforcing: pushed.enforcing,
-        behind: pushed.behind,
-    }
+    format!("version {} stored; {} live replicas following{behind}", p.version, p.enforcing.len())
+}
+
+fn push_response(p: Pushed) -> v1::PushPolicyResponse {
+    v1::PushPolicyResponse { version: p.version, enforcing: p.enforcing, behind: p.behind }
+}
+
+fn key_response(id: String, p: Pushed) -> v1::KeyChangeResponse {
+    v1::KeyChangeResponse { id, version: p.version, enforcing: p.enforcing, behind: p.behind }
 }
 
 #[tonic::async_trait]
@@ -98,26 +130,21 @@ impl Control for ControlService {
         &self,
         request: Request<v1::PushPolicyRequest>,
     ) -> Result<Response<v1::PushPolicyResponse>, Status> {
-        let mut call = self.call("secretgate.v1.Control/PushPolicy", &request)?;
-        let span = call.span();
-        let request = request.into_inner();
-        async move {
-            let result = async {
-                let _permit = self.admitted(&mut call, true).await?;
-                let files = PolicyFiles::from_map(request.files.into_iter().collect())
+        let ready = |s: &Self| s.policy().map(|_| ());
+        self.run(
+            "secretgate.v1.Control/PushPolicy",
+            request,
+            true,
+            ready,
+            |r, _, author| async move {
+                let files = PolicyFiles::from_map(r.files.into_iter().collect())
                     .map_err(ControlError::Invalid)?;
-                let base = Some(request.base_version).filter(|b| *b > 0);
-                let author = call.principal();
-                let pushed = self
-                    .stored()?
-                    .push(files, base, &author, "push".into(), wait(request.wait_ms))
-                    .await?;
-                Ok(answer(&mut call, pushed))
-            }
-            .await;
-            call.finish(result).await
-        }
-        .instrument(span)
+                let base = Some(r.base_version).filter(|b| *b > 0);
+                let wait = wait(r.wait_ms, DEFAULT_WAIT);
+                let pushed = self.policy()?.push(files, base, &author, "push".into(), wait).await?;
+                Ok((push_response(pushed.clone()), Some(pushed)))
+            },
+        )
         .await
     }
 
@@ -125,23 +152,17 @@ impl Control for ControlService {
         &self,
         request: Request<v1::RollbackPolicyRequest>,
     ) -> Result<Response<v1::PushPolicyResponse>, Status> {
-        let mut call = self.call("secretgate.v1.Control/RollbackPolicy", &request)?;
-        let span = call.span();
-        let request = request.into_inner();
-        async move {
-            let result = async {
-                let _permit = self.admitted(&mut call, true).await?;
-                let author = call.principal();
-                let pushed = self
-                    .stored()?
-                    .rollback(request.version, &author, wait(request.wait_ms))
-                    .await?;
-                Ok(answer(&mut call, pushed))
-            }
-            .await;
-            call.finish(result).await
-        }
-        .instrument(span)
+        let ready = |s: &Self| s.policy().map(|_| ());
+        let method = "secretgate.v1.Control/RollbackPolicy";
+        self.run(method, request, true, ready, |r, _, author| async move {
+            let stored = self.policy()?;
+            let old = stored.version(r.version).await?;
+            let note = format!("rollback to version {}", r.version);
+            let pushed = stored
+                .push(old.content, None, &author, note, wait(r.wait_ms, DEFAULT_WAIT))
+                .await?;
+            Ok((push_response(pushed.clone()), Some(pushed)))
+        })
         .await
     }
 
@@ -149,45 +170,82 @@ impl Control for ControlService {
         &self,
         request: Request<v1::PolicyHistoryRequest>,
     ) -> Result<Response<v1::PolicyHistoryResponse>, Status> {
-        let mut call = self.call("secretgate.v1.Control/PolicyHistory", &request)?;
-        let span = call.span();
-        let limit = match request.get_ref().limit {
-            0 => 20,
-            n => n.min(1000) as usize,
-        };
-        async move {
-            let result = async {
-                let _permit = self.admitted(&mut call, false).await?;
-                let stored = self.stored()?;
-                let versions = stored.history(limit).await?.into_iter().map(|e| match e.content {
-                    Ok(body) => {
-                        let parsed = crate::authz::Policy::from_files_untested(&body.files, "");
-                        v1::PolicyVersionInfo {
-                            version: e.version,
-                            created: body.created,
-                            author: body.author,
-                            note: body.note,
-                            fingerprint: parsed
-                                .as_ref()
-                                .map(|p| p.version().to_owned())
-                                .unwrap_or_default(),
-                            rules: parsed.as_ref().map_or(0, |p| p.rule_count() as u64),
-                            problem: parsed.err().map(|e| e.to_string()).unwrap_or_default(),
-                        }
+        let ready = |s: &Self| s.policy().map(|_| ());
+        let method = "secretgate.v1.Control/PolicyHistory";
+        self.run(method, request, false, ready, |r, _, _| async move {
+            let limit = match r.limit {
+                0 => 20,
+                n => n.min(1000) as usize,
+            };
+            let stored = self.policy()?;
+            let versions = stored.history(limit).await?.into_iter().map(|e| match e.content {
+                Ok(body) => {
+                    let parsed = crate::authz::Policy::from_files_untested(&body.content, "");
+                    v1::PolicyVersionInfo {
+                        version: e.version,
+                        created: body.created,
+                        author: body.author,
+                        note: body.note,
+                        fingerprint: parsed
+                            .as_ref()
+                            .map(|p| p.version().to_owned())
+                            .unwrap_or_default(),
+                        rules: parsed.as_ref().map_or(0, |p| p.rule_count() as u64),
+                        problem: parsed.err().map(|e| e.to_string()).unwrap_or_default(),
                     }
-                    Err(problem) => {
-                        v1::PolicyVersionInfo { version: e.version, problem, ..Default::default() }
-                    }
-                });
-                Ok(v1::PolicyHistoryResponse {
-                    versions: versions.collect(),
-                    in_force: stored.accepted(),
-                })
-            }
-            .await;
-            call.finish(result).await
-        }
-        .instrument(span)
+                }
+                Err(problem) => {
+                    v1::PolicyVersionInfo { version: e.version, problem, ..Default::default() }
+                }
+            });
+            let answer = v1::PolicyHistoryResponse {
+                versions: versions.collect(),
+                in_force: stored.accepted(),
+            };
+            Ok((answer, None))
+        })
+        .await
+    }
+
+    async fn add_key(
+        &self,
+        request: Request<v1::AddKeyRequest>,
+    ) -> Result<Response<v1::KeyChangeResponse>, Status> {
+        let ready = |s: &Self| s.keyring().map(|_| ());
+        self.run("secretgate.v1.Control/AddKey", request, true, ready, |r, _, author| async move {
+            let (id, pushed) = self.keyring()?.add(&author, wait(r.wait_ms, DEFAULT_WAIT)).await?;
+            Ok((key_response(id, pushed.clone()), Some(pushed)))
+        })
+        .await
+    }
+
+    async fn promote_key(
+        &self,
+        request: Request<v1::KeyRequest>,
+    ) -> Result<Response<v1::KeyChangeResponse>, Status> {
+        let ready = |s: &Self| s.keyring().map(|_| ());
+        let method = "secretgate.v1.Control/PromoteKey";
+        self.run(method, request, true, ready, |r, _, author| async move {
+            let wait = wait(r.wait_ms, DEFAULT_PROMOTE_WAIT);
+            let pushed = self.keyring()?.promote(&r.id, &author, wait).await?;
+            Ok((key_response(r.id, pushed.clone()), Some(pushed)))
+        })
+        .await
+    }
+
+    async fn retire_key(
+        &self,
+        request: Request<v1::KeyRequest>,
+    ) -> Result<Response<v1::KeyChangeResponse>, Status> {
+        let ready = |s: &Self| s.keyring().map(|_| ());
+        let method = "secretgate.v1.Control/RetireKey";
+        self.run(method, request, true, ready, |r, permit, author| async move {
+            let usage = self.vault.key_status(&permit).await?.usage;
+            let records = usage.records.get(r.id.as_str()).copied().unwrap_or(0);
+            let wait = wait(r.wait_ms, DEFAULT_WAIT);
+            let pushed = self.keyring()?.retire(&r.id, records, &author, wait).await?;
+            Ok((key_response(r.id, pushed.clone()), Some(pushed)))
+        })
         .await
     }
 }

@@ -19,14 +19,14 @@ pub struct AuthzConfig {
     /// `"files"` (default): this replica's policy directory, reloaded when it changes.
     /// `"store"`: the policy version kept in the store (`secretgate policy push`), the same
     /// for every replica of the tier; needs `crypto.kek`.
-    pub source: PolicySource,
+    pub source: Source,
 }
 
-/// Where the policy in force comes from.
+/// Where a control object in force (the policy, the keyring) comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum PolicySource {
-    /// The local directory `authz.policies`.
+pub enum Source {
+    /// This replica's own files (`authz.policies`, `crypto.keyring`).
     #[default]
     Files,
     /// The store (sealed under the KEK, followed through the store's change feed).
@@ -38,7 +38,7 @@ impl Default for AuthzConfig {
         Self {
             policies: PathBuf::from("policies"),
             reload_interval_secs: Ranged::of::<2>(),
-            source: PolicySource::Files,
+            source: Source::Files,
         }
     }
 }

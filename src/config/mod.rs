@@ -120,8 +120,13 @@ pub struct CryptoConfig {
     pub reload_interval_secs: Ranged<1, 3600>,
     /// The key-encryption key (32 bytes, mode 0600; see `secretgate kek init`), which
     /// authenticates the control state kept in the store. Required by `authz.source =
-    /// "store"`; every replica of a tier holds the same one. Default: none.
+    /// "store"` and `crypto.source = "store"`; every replica of a tier holds the same one.
+    /// Default: none.
     pub kek: PathBuf,
+    /// `"files"` (default): the keyring file `crypto.keyring`, reloaded when it changes.
+    /// `"store"`: the keyring kept in the store, encrypted under the KEK, the same for every
+    /// replica, changed with `secretgate keys … --store`; `crypto.keyring` seeds it once.
+    pub source: Source,
 }
 
 /// `[audit]`
@@ -276,6 +281,7 @@ impl Default for CryptoConfig {
             keyring: PathBuf::from("keyring.toml"),
             reload_interval_secs: Ranged::of::<2>(),
             kek: PathBuf::new(),
+            source: Source::Files,
         }
     }
 }
@@ -410,8 +416,12 @@ impl Config {
         if self.authz.policies.as_os_str().is_empty() {
             return invalid("authz.policies", "is required (the policy directory)");
         }
-        if self.authz.source == PolicySource::Store && self.crypto.kek.as_os_str().is_empty() {
-            return invalid("crypto.kek", "is required with authz.source = \"store\"");
+        let stored = self.authz.source == Source::Store || self.crypto.source == Source::Store;
+        if stored && self.crypto.kek.as_os_str().is_empty() {
+            return invalid(
+                "crypto.kek",
+                "is required when authz.source or crypto.source is \"store\"",
+            );
         }
         if self.audit.enabled {
             self.audit.validate()?;
@@ -542,7 +552,7 @@ mod replica;
 mod store;
 mod watch;
 
-pub use authz::{AuthzConfig, PolicySource};
+pub use authz::{AuthzConfig, Source};
 pub use log::{LogConfig, LogFormat};
 pub use metrics::MetricsConfig;
 pub use net::IpNet;

@@ -6,11 +6,15 @@
 
 use std::path::Path;
 
-use ring::{hkdf, hmac};
-use zeroize::Zeroizing;
+use ring::{aead, hkdf, hmac};
+use zeroize::{Zeroize, Zeroizing};
 
 /// HKDF label of the control-state MAC key.
 const MAC_LABEL: &[u8] = b"secretgate control-state mac v1";
+/// HKDF label of the key that encrypts secret control state (the keyring's data keys).
+const ENC_LABEL: &[u8] = b"secretgate control-state encryption v1";
+/// ChaCha20-Poly1305 nonce bytes (random per encryption: keyring changes are rare).
+const NONCE_LEN: usize = 12;
 /// KEK length in bytes.
 pub const KEK_LEN: usize = 32;
 
@@ -18,6 +22,7 @@ pub const KEK_LEN: usize = 32;
 /// the keys are derived.
 pub struct Kek {
     mac: hmac::Key,
+    enc: aead::LessSafeKey,
     /// Identifies the KEK without revealing it (the first bytes of a MAC over a fixed
     /// label), for error messages and status.
     id: String,
@@ -81,13 +86,21 @@ impl Kek {
     /// The KEK from its 32 bytes.
     pub fn from_bytes(raw: &[u8]) -> Self {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"secretgate").extract(raw);
-        let mut mac_key = Zeroizing::new([0u8; 32]);
-        // Expanding 32 bytes of SHA-256 output cannot fail (the limit is 255 blocks).
-        let okm = prk.expand(&[MAC_LABEL], hkdf::HKDF_SHA256).expect("32 bytes from HKDF-SHA256");
-        okm.fill(&mut *mac_key).expect("32 bytes from HKDF-SHA256");
-        let mac = hmac::Key::new(hmac::HMAC_SHA256, &*mac_key);
+        let derive = |label: &[u8]| {
+            let mut key = Zeroizing::new([0u8; 32]);
+            // Expanding 32 bytes of SHA-256 output cannot fail (the limit is 255 blocks).
+            let info = [label];
+            let okm = prk.expand(&info, hkdf::HKDF_SHA256).expect("32 bytes from HKDF-SHA256");
+            okm.fill(&mut *key).expect("32 bytes from HKDF-SHA256");
+            key
+        };
+        let mac = hmac::Key::new(hmac::HMAC_SHA256, &*derive(MAC_LABEL));
+        // A 32-byte key is exactly what ChaCha20-Poly1305 takes.
+        let unbound = aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &*derive(ENC_LABEL))
+            .expect("a 32-byte ChaCha20-Poly1305 key");
+        let enc = aead::LessSafeKey::new(unbound);
         let id = hex::encode(&hmac::sign(&mac, b"secretgate kek id").as_ref()[..4]);
-        Self { mac, id }
+        Self { mac, enc, id }
     }
 
     /// A new random KEK written to `path` (mode 0600; an existing file is kept, not replaced).
@@ -113,6 +126,41 @@ impl Kek {
         let mut out = [0u8; 32];
         out.copy_from_slice(tag.as_ref());
         out
+    }
+
+    /// Encrypts `plain` bound to `context` (authenticated, not secret): nonce, ciphertext, tag.
+    pub fn encrypt(&self, context: &[u8], plain: &[u8]) -> std::io::Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut out = Vec::with_capacity(NONCE_LEN + plain.len() + aead::MAX_TAG_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let mut body = out.split_off(NONCE_LEN);
+        self.enc
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(context),
+                &mut body,
+            )
+            .map_err(|_| std::io::Error::other("encryption failed"))?;
+        out.extend_from_slice(&body);
+        body.zeroize();
+        Ok(out)
+    }
+
+    /// Decrypts what [`Kek::encrypt`] made with the same `context`; `None` when it does not
+    /// authenticate (another KEK, another context, altered).
+    pub fn decrypt(&self, context: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        if sealed.len() < NONCE_LEN + aead::MAX_TAG_LEN {
+            return None;
+        }
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        let nonce = aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = Zeroizing::new(body.to_vec());
+        let plain_len =
+            self.enc.open_in_place(nonce, aead::Aad::from(context), &mut buf).ok()?.len();
+        buf.truncate(plain_len);
+        Some(buf)
     }
 
     /// Whether `tag` is the MAC of `parts` (compared in constant time).
@@ -144,6 +192,11 @@ mod tests {
         assert_ne!(kek.id(), other.id());
         assert!(!format!("{kek:?}").contains(&hex::encode(tag)));
         assert!(Kek::generate(&path).is_err(), "an existing KEK is never replaced");
+        let sealed = kek.encrypt(b"keyring 3", b"key material").unwrap();
+        assert!(!sealed.windows(12).any(|w| w == b"key material"));
+        assert_eq!(&*kek.decrypt(b"keyring 3", &sealed).unwrap(), b"key material");
+        assert!(kek.decrypt(b"keyring 4", &sealed).is_none(), "bound to its context");
+        assert!(other.decrypt(b"keyring 3", &sealed).is_none(), "bound to its KEK");
     }
 
     #[test]

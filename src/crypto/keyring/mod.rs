@@ -305,8 +305,14 @@ impl Keyring {
         Ok(ring)
     }
 
+    /// The same keyring labelled as stored version `n`: its version becomes `n:FINGERPRINT`.
+    pub fn numbered(mut self, n: u64) -> Self {
+        self.version = format!("{n}:{}", self.version);
+        self
+    }
+
     /// A short fingerprint of the ring's ids and states (not of key material), so operators
-    /// can see which keyring each gateway runs.
+    /// can see which keyring each gateway runs (`N:FINGERPRINT` for stored version N).
     pub fn version(&self) -> &str {
         &self.version
     }
