@@ -5,12 +5,45 @@
 //! within that time. `Admin/TierStatus` (`secretgate status`) lists the live replicas and
 //! whether they agree.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::{audit::AuditLog, server::Reloads, store::Store};
+
+/// Whether this replica is in good standing in the tier: its record renewed within its
+/// lease. A replica whose lease lapsed (it was paused or cut off longer than
+/// `replica.lease_secs`) may have missed a keyring or policy change that the rest of the
+/// tier went ahead with (a promote waits only for live replicas), so it serves nothing until
+/// it has caught up with the store and registered again.
+#[derive(Debug)]
+pub struct Standing {
+    /// When the last renewal that succeeded began (`None`: not registered yet; the versions
+    /// loaded at start are current).
+    renewed: Mutex<Option<Instant>>,
+    lease: Duration,
+}
+
+impl Standing {
+    /// A replica registering under leases of `lease`.
+    pub fn new(lease: Duration) -> Arc<Self> {
+        Arc::new(Self { renewed: Mutex::new(None), lease })
+    }
+
+    /// Whether the lease lapsed: no renewal began within the last lease.
+    pub fn lapsed(&self) -> bool {
+        let renewed = *self.renewed.lock().unwrap_or_else(|e| e.into_inner());
+        renewed.is_some_and(|at| at.elapsed() >= self.lease)
+    }
+
+    fn renewed(&self, at: Instant) {
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+    }
+}
 
 /// One replica's record, as kept in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,14 +121,16 @@ fn record(
     }
 }
 
-/// Keeps this replica's record in the store until aborted.
+/// Keeps this replica's record in the store until aborted. After a lapse (see
+/// [`Standing`]) it first brings every control object kept in the store (`catch_up`) up to
+/// date, and registers again only once they are.
 pub(crate) fn spawn(
     store: Arc<dyn Store>,
     reloads: Arc<Reloads>,
     audit: AuditLog,
-    id: String,
-    address: String,
+    (id, address): (String, String),
     lease: Duration,
+    catch_up: Vec<Arc<dyn crate::control::stored::CatchUp>>,
 ) -> JoinHandle<()> {
     let started = crate::clock::now_rfc3339_secs();
     tokio::spawn(async move {
@@ -106,8 +141,22 @@ pub(crate) fn spawn(
                 _ = tick.tick() => {}
                 () = reloads.applied.notified() => {}
             }
+            if reloads.standing.lapsed() {
+                tracing::warn!(
+                    "this replica's registry lease lapsed (it was paused or cut off): it refuses requests until it has caught up with the store"
+                );
+                let mut caught_up = true;
+                for follower in &catch_up {
+                    if let Err(e) = follower.catch_up().await {
+                        tracing::warn!(error = %e, "cannot catch up with the store; retrying");
+                        caught_up = false;
+                    }
+                }
+                if !caught_up {
+                    continue;
+                }
+            }
             let r = record(&id, &address, &started, &reloads, &audit);
-
             let bytes = match serde_json::to_vec(&r) {
                 Ok(b) => b,
                 Err(e) => {
@@ -115,8 +164,12 @@ pub(crate) fn spawn(
                     continue;
                 }
             };
-            if let Err(e) = store.register_replica(&id, &bytes, lease).await {
-                tracing::warn!(error = %e, "replica registry: cannot renew this replica's record; retrying");
+            let began = Instant::now();
+            match store.register_replica(&id, &bytes, lease).await {
+                Ok(()) => reloads.standing.renewed(began),
+                Err(e) => {
+                    tracing::warn!(error = %e, "replica registry: cannot renew this replica's record; retrying")
+                }
             }
         }
     })

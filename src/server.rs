@@ -95,6 +95,8 @@ pub(crate) struct Reloads {
     /// Notified when a value from the store is put in force (the registry then writes this
     /// replica's record at once, so a push sees the tier follow without waiting a renewal).
     pub(crate) applied: Arc<tokio::sync::Notify>,
+    /// Whether this replica's registry lease is current (else it serves nothing).
+    pub(crate) standing: Arc<crate::registry::Standing>,
 }
 
 /// A running gateway.
@@ -191,7 +193,7 @@ impl Gateway {
         let max_message = config.limits.max_request_bytes() as usize;
         let store_for_health = Arc::clone(&store);
         let store_for_registry = Arc::clone(&store);
-        let vault = Vault::new(store, keys.clone());
+        let vault = Vault::new(store, keys.clone()).following(stored_keyring.clone());
         let limiter = RateLimiter::new(authz.clone(), audit.clone());
         let watch_streams = Watchers::new(&config.watch);
         let secrets = SecretsServer::new(SecretsService::new(
@@ -212,6 +214,7 @@ impl Gateway {
             server_cert: Arc::clone(&server_cert),
             trust: Arc::clone(&trust),
             applied,
+            standing: crate::registry::Standing::new(config.replica.lease_secs.secs()),
         });
         let replica_id = match config.replica.id.as_str() {
             "" => crate::registry::default_id(addr.port()),
@@ -296,7 +299,7 @@ impl Gateway {
             )
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(RequestLayer::new(request_memory))
+            .layer(RequestLayer::new(request_memory, Arc::clone(&reloads.standing)))
             .add_service(secrets)
             .add_service(admin)
             .add_service(control)
@@ -319,13 +322,20 @@ impl Gateway {
         ));
         watchers.push(trust.watch(config.tls.reload_interval(), load_trust, ClientTrust::describe));
         watchers.push(tls::warn_when_crls_are_due(Arc::clone(&trust)));
+        let mut catch_up: Vec<Arc<dyn crate::control::stored::CatchUp>> = Vec::new();
+        if let Some(k) = &stored_keyring {
+            catch_up.push(Arc::clone(k) as _);
+        }
+        if let Some(p) = &stored_policy {
+            catch_up.push(Arc::clone(p) as _);
+        }
         let registry = crate::registry::spawn(
             Arc::clone(&store_for_health),
             Arc::clone(&reloads),
             audit.clone(),
-            replica_id,
-            addr.to_string(),
+            (replica_id, addr.to_string()),
             config.replica.lease_secs.secs(),
+            catch_up,
         );
         let metrics = match config.metrics.addr() {
             None => None,

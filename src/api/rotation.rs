@@ -113,10 +113,12 @@ async fn rewrap_one(
         .and_then(|plain| envelope::seal(primary, path, version, &plain));
     match sealed {
         Ok(new) => {
-            if store.replace(path, version, &record.value, &new).await? {
-                p.rewrapped += 1;
-            } else {
-                p.skipped += 1;
+            match store.replace(path, version, &record.value, &new).await {
+                Ok(true) => p.rewrapped += 1,
+                // Changed concurrently, or the primary changed under the run (the write
+                // fence): left for the next run.
+                Ok(false) | Err(StoreError::Fenced { .. }) => p.skipped += 1,
+                Err(e) => return Err(e),
             }
         }
         Err(e) => {

@@ -133,12 +133,16 @@ use crate::{
 
 /// How often an unconditional write retries after losing a race to another writer.
 const PUT_RETRIES: usize = 16;
+/// How often a write refused by the write fence follows the keyring and tries again.
+const FENCED_RETRIES: usize = 3;
 
 /// Store and keyring, behind permits.
 #[derive(Clone)]
 pub struct Vault {
     store: Arc<dyn Store>,
     keys: KeyringHandle,
+    /// The keyring kept in the store, when it is (`crypto.source = "store"`).
+    stored_keyring: Option<Arc<crate::control::StoredKeyring>>,
 }
 
 /// A value read and opened.
@@ -164,7 +168,13 @@ pub struct KeyStatus {
 impl Vault {
     /// A vault over `store`, sealing with `keys`.
     pub fn new(store: Arc<dyn Store>, keys: KeyringHandle) -> Self {
-        Self { store, keys }
+        Self { store, keys, stored_keyring: None }
+    }
+
+    /// The same vault, following the keyring kept in the store when a write is fenced.
+    pub(crate) fn following(mut self, stored: Option<Arc<crate::control::StoredKeyring>>) -> Self {
+        self.stored_keyring = stored;
+        self
     }
 
     /// Reads and opens a version (`None`: current) of the permit's secret.
@@ -194,6 +204,8 @@ impl Vault {
 
     /// Seals and writes a new version of the permit's secret; `expected` makes it a
     /// compare-and-set. Returns the version written and the id of the key that sealed it.
+    /// When the write fence refuses it (the stored keyring moved on: another primary), the
+    /// vault follows the keyring and seals again.
     pub async fn write(
         &self,
         permit: &Permit<act::Write>,
@@ -202,26 +214,55 @@ impl Vault {
         value: &[u8],
     ) -> Result<(VersionMeta, String), ApiError> {
         let path = permit.path();
+        let mut fenced = 0;
+        loop {
+            match self.write_once(path, expected, value).await? {
+                Err(StoreError::Fenced { .. }) if fenced < FENCED_RETRIES => {
+                    fenced += 1;
+                    self.catch_up().await;
+                }
+                result => return result.map_err(|e| ApiError::from_store(e, path)),
+            }
+        }
+    }
+
+    /// One try of [`Vault::write`] under the keyring in force: the store's answer.
+    async fn write_once(
+        &self,
+        path: &SecretPath,
+        expected: Option<u64>,
+        value: &[u8],
+    ) -> Result<Result<(VersionMeta, String), StoreError>, ApiError> {
         let keys = self.keys.current();
         let key_id = keys.primary().id.to_string();
-        let store_err = |e| ApiError::from_store(e, path);
         if let Some(expected) = expected {
             let sealed = seal(&keys, path, expected.saturating_add(1), value)?;
-            let info = self.store.put(path, expected, &sealed).await.map_err(store_err)?;
-            return Ok((info, key_id));
+            let info = self.store.put(path, expected, &sealed).await;
+            return Ok(info.map(|info| (info, key_id)));
         }
         // Without a version guard the write is still compare-and-set underneath, so the
         // version (bound into the envelope) is known before the write; losing a race to
         // another writer just means trying again.
         for _ in 0..PUT_RETRIES {
-            let current = self.store.current_version(path).await.map_err(store_err)?;
+            let current = match self.store.current_version(path).await {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            };
             let sealed = seal(&keys, path, current.saturating_add(1), value)?;
             match self.store.put(path, current, &sealed).await {
                 Err(StoreError::Conflict { .. }) => continue,
-                other => return other.map(|info| (info, key_id)).map_err(store_err),
+                other => return Ok(other.map(|info| (info, key_id))),
             }
         }
         Err(ApiError::Contended(path.clone()))
+    }
+
+    /// Brings the keyring in force up to the store's (when it is kept there).
+    async fn catch_up(&self) {
+        let Some(stored) = &self.stored_keyring else { return };
+        if let Err(e) = stored.refresh().await {
+            tracing::warn!(error = %e, "cannot read the stored keyring");
+        }
     }
 
     /// Soft-deletes the current version of the permit's secret.

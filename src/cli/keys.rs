@@ -2,7 +2,9 @@
 //!
 //! `init`, `add` and `promote` edit the keyring file (running gateways reload it within
 //! `crypto.reload_interval_secs`, or at once on SIGHUP). `status`, `rewrap` and `retire`
-//! also ask a running gateway about the store, because only the gateway may touch it.
+//! also ask a running gateway about the store, because only the gateway may touch it. With
+//! `--store`, `add`, `promote`, `retire` and `status` work on the keyring kept in the store
+//! (`crypto.source = "store"`), through the gateway's Control service ([`super::keys_store`]).
 
 use std::path::Path;
 
@@ -23,14 +25,30 @@ pub(super) enum KeysCommand {
     /// Create a new keyring with one primary key (mode 0600). Refuses to overwrite.
     Init,
     /// Add a new active key (it opens, but does not yet seal new writes).
-    Add,
+    Add {
+        /// Change the keyring kept in the store (crypto.source = "store") through the
+        /// gateway, not the file.
+        #[arg(long)]
+        store: bool,
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
     /// Make a key primary: new writes are sealed with it; the old primary becomes active.
+    /// With --store: refused until every live replica holds the key.
     Promote {
         /// Key id.
         id: String,
+        /// Change the keyring kept in the store, through the gateway.
+        #[arg(long)]
+        store: bool,
+        #[command(flatten)]
+        conn: ClientArgs,
     },
     /// Show each key's state and how many stored records it seals (asks the gateway).
     Status {
+        /// The keyring is kept in the store: do not compare it with a file.
+        #[arg(long)]
+        store: bool,
         #[command(flatten)]
         conn: ClientArgs,
     },
@@ -39,10 +57,14 @@ pub(super) enum KeysCommand {
         #[command(flatten)]
         conn: ClientArgs,
     },
-    /// Retire a key: it is no longer loaded. Refused while any record still uses it.
+    /// Retire a key: it is no longer loaded. Refused while any record still uses it (and,
+    /// with --store, while a live replica still seals with it).
     Retire {
         /// Key id.
         id: String,
+        /// Change the keyring kept in the store, through the gateway.
+        #[arg(long)]
+        store: bool,
         #[command(flatten)]
         conn: ClientArgs,
     },
@@ -63,7 +85,15 @@ pub(super) async fn run(keyring: &Path, command: KeysCommand) -> anyhow::Result<
             println!("created {} with primary key {}", keyring.display(), ring.primary().id);
             println!("back this file up securely: losing a key loses every value sealed under it");
         }
-        KeysCommand::Add => {
+        KeysCommand::Add { store: true, conn } => super::keys_store::add(&conn).await?,
+        KeysCommand::Promote { id, store: true, conn } => {
+            super::keys_store::promote(&id, &conn).await?
+        }
+        KeysCommand::Retire { id, store: true, conn } => {
+            super::keys_store::retire(&id, &conn).await?
+        }
+        KeysCommand::Status { store: true, conn } => super::keys_store::status(&conn).await?,
+        KeysCommand::Add { .. } => {
             let mut ring = Keyring::load(keyring)?;
             let id = ring.add()?;
             ring.save(keyring)?;
@@ -71,7 +101,7 @@ pub(super) async fn run(keyring: &Path, command: KeysCommand) -> anyhow::Result<
                 "added active key {id}; once every gateway has reloaded, run: secretgate keys promote {id}"
             );
         }
-        KeysCommand::Promote { id } => {
+        KeysCommand::Promote { id, .. } => {
             let mut ring = Keyring::load(keyring)?;
             ring.promote(&id)?;
             ring.save(keyring)?;
@@ -79,14 +109,16 @@ pub(super) async fn run(keyring: &Path, command: KeysCommand) -> anyhow::Result<
                 "{id} is now primary; once every gateway has reloaded, run: secretgate keys rewrap"
             );
         }
-        KeysCommand::Status { conn } => status(keyring, &conn).await?,
+        KeysCommand::Status { conn, .. } => status(keyring, &conn).await?,
         KeysCommand::Rewrap { conn } => rewrap(&conn).await?,
-        KeysCommand::Retire { id, conn } => retire(keyring, &id, &conn).await?,
+        KeysCommand::Retire { id, conn, .. } => retire(keyring, &id, &conn).await?,
     }
     Ok(())
 }
 
-async fn admin(conn: &ClientArgs) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+pub(super) async fn admin(
+    conn: &ClientArgs,
+) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     Ok(AdminClient::new(client::channel(conn).await?))
 }
 

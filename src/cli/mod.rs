@@ -11,6 +11,7 @@ mod audit;
 mod client;
 mod dev;
 mod keys;
+mod keys_store;
 mod policy;
 mod policy_store;
 mod serve;

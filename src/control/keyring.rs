@@ -64,6 +64,7 @@ impl SealedKeyring {
 
 impl Kind for KeyringKind {
     const NAME: &'static str = "keyring";
+    const FENCES_WRITES: bool = true;
     type Value = Keyring;
     type Content = SealedKeyring;
 

@@ -42,6 +42,9 @@ pub trait Kind: Send + Sync + 'static {
     fn build(kek: &Kek, version: u64, content: &Self::Content) -> Result<Self::Value, String>;
     /// The version of this kind a replica's registry record says it enforces.
     fn reported(record: &ReplicaRecord) -> Option<u64>;
+    /// Whether sealed writes are fenced on this kind's next version (the keyring: see
+    /// [`Store::fence_writes`]).
+    const FENCES_WRITES: bool = false;
 }
 
 /// One stored version (the record's body, JSON).
@@ -165,6 +168,9 @@ impl<K: Kind> Stored<K> {
         (version, digest): (u64, [u8; 32]),
         applied: Arc<Notify>,
     ) -> Arc<Self> {
+        if K::FENCES_WRITES {
+            store.fence_writes(K::NAME, version + 1);
+        }
         Arc::new(Self {
             store,
             kek,
@@ -237,6 +243,9 @@ impl<K: Kind> Stored<K> {
                     }
                     *slot = (*version, digest(bytes));
                     self.handle.replace(value);
+                    if K::FENCES_WRITES {
+                        self.store.fence_writes(name, version + 1);
+                    }
                     drop(slot);
                     tracing::info!(kind = name, version, "stored version in force");
                     self.applied.notify_one();
@@ -344,6 +353,21 @@ impl<K: Kind> Stored<K> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// A control object a replica must bring up to date before it serves again after its
+/// registry lease lapsed (see [`crate::registry::Standing`]).
+#[async_trait::async_trait]
+pub trait CatchUp: Send + Sync {
+    /// Reads the store and puts the newest usable version in force.
+    async fn catch_up(&self) -> Result<(), StoreError>;
+}
+
+#[async_trait::async_trait]
+impl<K: Kind> CatchUp for Stored<K> {
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        self.refresh().await
     }
 }
 

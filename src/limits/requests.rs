@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::{Status, body::Body};
 
-use crate::tls::ConnInfo;
+use crate::{registry::Standing, tls::ConnInfo};
 
 /// The bytes of requests in flight, for the whole gateway.
 #[derive(Debug)]
@@ -120,24 +120,29 @@ impl Drop for StreamGuard {
     }
 }
 
-/// The tower layer that counts every request (see the module docs).
+/// The tower layer that counts every request (see the module docs), and refuses the API's
+/// requests while this replica's registry lease has lapsed (see [`Standing`]).
 #[derive(Clone)]
 pub struct RequestLayer {
     budget: Arc<MemoryBudget>,
+    standing: Arc<Standing>,
 }
 
 impl RequestLayer {
-    /// Counts request bytes against `budget`.
-    pub fn new(budget: Arc<MemoryBudget>) -> Self {
-        Self { budget }
+    /// Counts request bytes against `budget`; refuses while `standing` has lapsed.
+    pub fn new(budget: Arc<MemoryBudget>, standing: Arc<Standing>) -> Self {
+        Self { budget, standing }
     }
 }
+
+/// The API's services (health and reflection answer even while lapsed).
+const API_PATHS: &str = "/secretgate.v1.";
 
 impl<S> tower_layer::Layer<S> for RequestLayer {
     type Service = Counting<S>;
 
     fn layer(&self, inner: S) -> Counting<S> {
-        Counting { inner, budget: Arc::clone(&self.budget) }
+        Counting { inner, budget: Arc::clone(&self.budget), standing: Arc::clone(&self.standing) }
     }
 }
 
@@ -146,6 +151,7 @@ impl<S> tower_layer::Layer<S> for RequestLayer {
 pub struct Counting<S> {
     inner: S,
     budget: Arc<MemoryBudget>,
+    standing: Arc<Standing>,
 }
 
 impl<S, B> tower_service::Service<http::Request<Body>> for Counting<S>
@@ -161,6 +167,16 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        if self.standing.lapsed() && req.uri().path().starts_with(API_PATHS) {
+            // The request fails as its body is read, before any handler runs.
+            let refused = Status::unavailable(
+                "this gateway replica's registry lease lapsed (it was paused or cut off); it \
+                 serves nothing until it has caught up with the store: retry, or use another \
+                 replica",
+            );
+            let req = req.map(|_| Body::new(Refused(Some(refused))));
+            return Answer { inner: self.inner.call(req), reservation: None, stream: None };
+        }
         if !super::enforced() {
             return Answer { inner: self.inner.call(req), reservation: None, stream: None };
         }
@@ -225,6 +241,21 @@ impl<B: HttpBody> HttpBody for Guarded<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The body of a refused request: fails with its status when first read.
+struct Refused(Option<Status>);
+
+impl HttpBody for Refused {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        Poll::Ready(self.0.take().map(Err))
     }
 }
 

@@ -51,6 +51,8 @@ pub struct EmbeddedStore {
     replica: Arc<Mutex<Option<Entry>>>,
     /// Counts control-state writes (see [`Store::control_changes`]).
     control: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The write fence (see [`Store::fence_writes`]): a control version that must not exist.
+    fence: Arc<Mutex<Option<(String, u64)>>>,
 }
 
 /// A registry entry: replica id and record.
@@ -101,7 +103,9 @@ impl EmbeddedStore {
         let changes = Arc::new(load_changes(&db, history)?);
         let (writing, replica) = (Arc::default(), Arc::default());
         let control = Arc::new(tokio::sync::watch::channel(0).0);
-        Ok(Self { db: Arc::new(db), max_versions, changes, writing, history, replica, control })
+        let db = Arc::new(db);
+        let fence = Arc::default();
+        Ok(Self { db, max_versions, changes, writing, history, replica, control, fence })
     }
 
     /// Runs `f` in one write transaction; when it changed a secret's metadata, records the
@@ -201,7 +205,9 @@ impl Store for EmbeddedStore {
         let path = path.clone();
         let value = Zeroizing::new(value.to_vec());
         let keep = self.max_versions;
+        let fence = self.fence();
         self.write(move |txn| {
+            control::check_fence(txn, fence.as_ref())?;
             let key = path.as_str();
             let mut meta_table = txn.open_table(META).map_err(backend)?;
             let mut values = txn.open_table(VALUES).map_err(backend)?;
@@ -369,8 +375,10 @@ impl Store for EmbeddedStore {
         let key = path.as_str().to_owned();
         let old = Zeroizing::new(old.to_vec());
         let new = Zeroizing::new(new.to_vec());
+        let fence = self.fence();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
+            control::check_fence(&txn, fence.as_ref())?;
             {
                 let mut values = txn.open_table(VALUES).map_err(backend)?;
                 let same = values
@@ -427,6 +435,10 @@ impl Store for EmbeddedStore {
 
     fn control_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.control.subscribe()
+    }
+
+    fn fence_writes(&self, kind: &str, next: u64) {
+        *self.fence.lock().unwrap_or_else(|e| e.into_inner()) = Some((kind.to_owned(), next));
     }
 
     async fn put_audit_checkpoint(&self, log_id: &str, line: &[u8]) -> Result<(), StoreError> {

@@ -71,6 +71,9 @@ pub struct EtcdStore {
     cache: Arc<Cache>,
     /// The lease of this replica's record in the registry, once it has one.
     lease: Arc<tokio::sync::Mutex<Option<i64>>>,
+    /// The write fence: the control key (and its kind and version) that must not exist for
+    /// a sealed write to commit (see [`Store::fence_writes`]).
+    fence: Arc<std::sync::RwLock<Option<control::Fence>>>,
 }
 
 impl fmt::Debug for EtcdStore {
@@ -104,8 +107,8 @@ impl EtcdStore {
         let max = (config.cache_max_mib.get() << 20) as usize;
         let cache =
             Cache::start(Arc::clone(&members), prefix.clone(), config.cache, max, timeout, history);
-        let (hints, lease) = (Arc::default(), Arc::default());
-        Ok(Self { members, prefix, timeout, max_versions, hints, cache, lease })
+        let (hints, lease, fence) = (Arc::default(), Arc::default(), Arc::default());
+        Ok(Self { members, prefix, timeout, max_versions, hints, cache, lease, fence })
     }
 
     fn meta_key(&self, path: &str) -> String {
@@ -551,6 +554,10 @@ impl Store for EtcdStore {
 
     fn control_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.cache.control_changes()
+    }
+
+    fn fence_writes(&self, kind: &str, next: u64) {
+        self.set_fence(kind, next);
     }
 
     async fn register_replica(

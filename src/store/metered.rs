@@ -26,6 +26,7 @@ fn error_label(e: &StoreError) -> Option<&'static str> {
         StoreError::OutcomeUnknown(_) => Some("outcome_unknown"),
         StoreError::Corrupt(_) => Some("corrupt"),
         StoreError::Backend(_) => Some("backend"),
+        StoreError::Fenced { .. } => Some("fenced"),
     }
 }
 
@@ -137,6 +138,10 @@ impl Store for Metered {
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         timed("control_versions", self.0.control_versions(kind, below, limit)).await
+    }
+
+    fn fence_writes(&self, kind: &str, next: u64) {
+        self.0.fence_writes(kind, next)
     }
 
     fn control_changes(&self) -> tokio::sync::watch::Receiver<u64> {

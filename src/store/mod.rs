@@ -128,6 +128,16 @@ pub enum StoreError {
     /// must read before retrying, and must not report the write as failed.
     #[error("write outcome unknown: {0}")]
     OutcomeUnknown(String),
+    /// A write that stores a sealed value was refused by the write fence: the control object
+    /// `kind` has a newer version than this replica enforces (see [`Store::fence_writes`]).
+    /// Nothing was written; the caller reloads and seals again.
+    #[error("this replica's {kind} is behind the store's (version {version} exists); retry")]
+    Fenced {
+        /// The control object (`keyring`).
+        kind: String,
+        /// The version that exists.
+        version: u64,
+    },
     /// Stored data does not decode: the store was altered outside the gateway, or a bug.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -234,6 +244,13 @@ pub trait Store: Send + Sync + 'static {
         below: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+
+    /// From now on, every write that stores a sealed value (`put`, `replace`) commits only
+    /// while version `next` of the control object `kind` does not exist, in the same
+    /// transaction; else it fails with `Fenced`, changing nothing. The keyring follower sets
+    /// it to the version after the one in force, so no replica commits a value sealed under
+    /// a key that is no longer primary in the store.
+    fn fence_writes(&self, kind: &str, next: u64);
 
     /// Changes whenever a control object may have changed (on etcd: an event under
     /// `P control/` on the replica's one watch feed, or the feed starting again, so also a

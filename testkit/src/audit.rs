@@ -192,6 +192,7 @@ pub struct ServedGateway {
     audit: String,
     store: String,
     extra: String,
+    env: Vec<(String, String)>,
     addr: SocketAddr,
     child: Option<Child>,
 }
@@ -210,12 +211,19 @@ impl ServedGateway {
         super::write_policy(&dir.path().join("policies"), super::TEST_POLICY);
         let addr = "127.0.0.1:0".parse().unwrap();
         let store = "backend = \"embedded\"\npath = \"store/secretgate.redb\"\n".to_owned();
-        Self { ca, dir, audit: audit.to_owned(), store, extra: String::new(), addr, child: None }
+        let (extra, env) = (String::new(), Vec::new());
+        Self { ca, dir, audit: audit.to_owned(), store, extra, env, addr, child: None }
     }
 
     /// Adds `toml` (whole sections) at the end of the configuration file.
     pub fn with_config(mut self, toml: &str) -> Self {
         toml.clone_into(&mut self.extra);
+        self
+    }
+
+    /// Sets a `SECRETGATE_*` override for the gateway process.
+    pub fn with_env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -267,6 +275,7 @@ impl ServedGateway {
             .arg("--config")
             .arg(&config_path)
             .env("SECRETGATE_LOG", log)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

@@ -8,7 +8,26 @@ use crate::store::StoreError;
 
 const CONTROL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("control");
 
+/// `Fenced` if the control version `fence` names exists (see
+/// [`crate::store::Store::fence_writes`]); read in the write's own transaction.
+pub(super) fn check_fence(
+    txn: &redb::WriteTransaction,
+    fence: Option<&(String, u64)>,
+) -> Result<(), StoreError> {
+    let Some((kind, version)) = fence else { return Ok(()) };
+    let table = txn.open_table(CONTROL).map_err(backend)?;
+    match table.get((kind.as_str(), *version)).map_err(backend)? {
+        Some(_) => Err(StoreError::Fenced { kind: kind.clone(), version: *version }),
+        None => Ok(()),
+    }
+}
+
 impl EmbeddedStore {
+    /// The write fence in force.
+    pub(super) fn fence(&self) -> Option<(String, u64)> {
+        self.fence.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// See [`crate::store::Store::put_control`].
     pub(super) async fn create_control(
         &self,

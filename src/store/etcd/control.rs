@@ -11,7 +11,48 @@ use etcd_client::{
 use super::EtcdStore;
 use crate::store::StoreError;
 
+/// A write fence (see [`crate::store::Store::fence_writes`]).
+#[derive(Debug, Clone)]
+pub(super) struct Fence {
+    /// The control key that must not exist.
+    pub(super) key: String,
+    kind: String,
+    version: u64,
+}
+
+impl Fence {
+    /// The compare a fenced transaction adds.
+    pub(super) fn compare(&self) -> Compare {
+        Compare::create_revision(self.key.as_str(), CompareOp::Equal, 0)
+    }
+
+    /// The get a fenced transaction's else-branch adds, to tell a fenced failure.
+    pub(super) fn probe(&self) -> TxnOp {
+        TxnOp::get(self.key.as_str(), Some(GetOptions::new().with_keys_only()))
+    }
+
+    /// `Fenced`, if the else-branch's probe found the key.
+    pub(super) fn check(&self, probe: Option<&etcd_client::GetResponse>) -> Result<(), StoreError> {
+        match probe.is_some_and(|g| !g.kvs().is_empty()) {
+            true => Err(StoreError::Fenced { kind: self.kind.clone(), version: self.version }),
+            false => Ok(()),
+        }
+    }
+}
+
 impl EtcdStore {
+    /// Sets the write fence.
+    pub(super) fn set_fence(&self, kind: &str, next: u64) {
+        let fence =
+            Fence { key: self.control_key(kind, next), kind: kind.to_owned(), version: next };
+        *self.fence.write().unwrap_or_else(|e| e.into_inner()) = Some(fence);
+    }
+
+    /// The write fence in force, if any.
+    pub(super) fn fence(&self) -> Option<Fence> {
+        self.fence.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn control_key(&self, kind: &str, version: u64) -> String {
         format!("{}control/{kind}/{version:020}", self.prefix)
     }

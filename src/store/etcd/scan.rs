@@ -55,21 +55,28 @@ impl EtcdStore {
         new: &[u8],
         deadline: Instant,
     ) -> Result<bool, Failure> {
-        let txn = Txn::new()
-            .when([Compare::value(key, CompareOp::Equal, old)])
-            .and_then([TxnOp::put(key, new, None)])
-            .or_else([TxnOp::get(key, None)]);
+        let mut when = vec![Compare::value(key, CompareOp::Equal, old)];
+        let mut or_else = vec![TxnOp::get(key, None)];
+        let fence = self.fence();
+        if let Some(f) = &fence {
+            when.push(f.compare());
+            or_else.push(f.probe());
+        }
+        let txn = Txn::new().when(when).and_then([TxnOp::put(key, new, None)]).or_else(or_else);
         let resp =
             self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await?;
         if resp.succeeded() {
             return Ok(true);
         }
-        let current = resp.op_responses().into_iter().find_map(|op| match op {
-            etcd_client::TxnOpResponse::Get(get) => {
-                get.kvs().first().map(|kv| Zeroizing::new(kv.value().to_vec()))
-            }
+        let mut gets = resp.op_responses().into_iter().filter_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => Some(get),
             _ => None,
         });
+        let current =
+            gets.next().and_then(|g| g.kvs().first().map(|kv| Zeroizing::new(kv.value().to_vec())));
+        if let Some(f) = &fence {
+            f.check(gets.next().as_ref()).map_err(Failure::Done)?;
+        }
         Ok(current.is_some_and(|v| v.as_slice() == new))
     }
 }

@@ -119,10 +119,16 @@ impl EtcdStore {
         }
         ops.push(TxnOp::put(data_key.as_str(), value, None));
         ops.push(TxnOp::put(meta_key.as_str(), encode_meta(&new).map_err(|f| (f, false))?, None));
-        let txn = Txn::new()
-            .when([Compare::mod_revision(meta_key.as_str(), CompareOp::Equal, mod_revision)])
-            .and_then(ops)
-            .or_else([TxnOp::get(meta_key.as_str(), None), TxnOp::get(data_key.as_str(), None)]);
+        let mut when =
+            vec![Compare::mod_revision(meta_key.as_str(), CompareOp::Equal, mod_revision)];
+        let mut or_else =
+            vec![TxnOp::get(meta_key.as_str(), None), TxnOp::get(data_key.as_str(), None)];
+        let fence = self.fence();
+        if let Some(f) = &fence {
+            when.push(f.compare());
+            or_else.push(f.probe());
+        }
+        let txn = Txn::new().when(when).and_then(ops).or_else(or_else);
         let resp =
             match self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await {
                 Ok(resp) => resp,
@@ -145,6 +151,9 @@ impl EtcdStore {
         let (Some(meta_now), Some(data_now)) = (gets.next(), gets.next()) else {
             return Err((corrupt(format!("a write of {path} got no answer to its gets")), false));
         };
+        if let Some(f) = &fence {
+            f.check(gets.next().as_ref()).map_err(|e| (Failure::Done(e), false))?;
+        }
         let (current, rev) = decode_first(path.as_str(), &meta_now).map_err(|f| (f, false))?;
         let current = current.unwrap_or_else(empty);
         self.hints.remember(path, current.clone(), rev);

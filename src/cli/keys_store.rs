@@ -1,0 +1,103 @@
+//! `secretgate keys add|promote|retire|status --store`: the keyring kept in the store
+//! (`crypto.source = "store"`), changed through the gateway's Control service, each step a
+//! new keyring version that every replica follows.
+
+use anyhow::bail;
+use serde_json::json;
+
+use super::{ClientArgs, Output, client, keys::admin};
+use crate::{
+    proto::v1::{self, control_client::ControlClient},
+    text::escaped,
+};
+
+async fn control(conn: &ClientArgs) -> anyhow::Result<ControlClient<tonic::transport::Channel>> {
+    Ok(ControlClient::new(client::channel(conn).await?))
+}
+
+fn report(what: &str, r: &v1::KeyChangeResponse, conn: &ClientArgs) -> anyhow::Result<()> {
+    match conn.output {
+        Output::Human => println!(
+            "{what} {} in keyring version {}; {} live replica(s) follow it",
+            escaped(&r.id),
+            r.version,
+            r.enforcing.len()
+        ),
+        Output::Json => client::print_json(&json!({
+            "id": r.id, "version": r.version, "enforcing": r.enforcing, "behind": r.behind,
+        })),
+    }
+    if !r.behind.is_empty() {
+        let behind: Vec<_> = r.behind.iter().map(|b| escaped(b).into_owned()).collect();
+        bail!(
+            "keyring version {} is stored, but these replicas did not follow it in time: {}",
+            r.version,
+            behind.join(", ")
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn add(conn: &ClientArgs) -> anyhow::Result<()> {
+    let request = v1::AddKeyRequest { wait_ms: 0 };
+    let r = control(conn).await?.add_key(request).await.map_err(client::rpc_error)?.into_inner();
+    report("added active key", &r, conn)?;
+    if conn.output == Output::Human {
+        println!("next: secretgate keys promote {} --store", escaped(&r.id));
+    }
+    Ok(())
+}
+
+pub(super) async fn promote(id: &str, conn: &ClientArgs) -> anyhow::Result<()> {
+    let request = v1::KeyRequest { id: id.to_owned(), wait_ms: 0 };
+    let r =
+        control(conn).await?.promote_key(request).await.map_err(client::rpc_error)?.into_inner();
+    report("promoted", &r, conn)?;
+    if conn.output == Output::Human {
+        println!("next: secretgate keys rewrap");
+    }
+    Ok(())
+}
+
+pub(super) async fn retire(id: &str, conn: &ClientArgs) -> anyhow::Result<()> {
+    let request = v1::KeyRequest { id: id.to_owned(), wait_ms: 0 };
+    let r = control(conn).await?.retire_key(request).await.map_err(client::rpc_error)?.into_inner();
+    report("retired", &r, conn)
+}
+
+pub(super) async fn status(conn: &ClientArgs) -> anyhow::Result<()> {
+    let resp = admin(conn)
+        .await?
+        .key_status(v1::KeyStatusRequest {})
+        .await
+        .map_err(client::rpc_error)?
+        .into_inner();
+    match conn.output {
+        Output::Human => {
+            println!("{:<24} {:<8} {:<22} RECORDS", "KEY", "STATE", "CREATED");
+            for k in &resp.keys {
+                println!("{:<24} {:<8} {:<22} {}", k.id, k.state, k.created, k.records);
+            }
+            println!(
+                "records: {} total, {} unreadable; keyring version {} (kept in the store)",
+                resp.total_records, resp.unreadable_records, resp.keyring_version
+            );
+            if !resp.reload_error.is_empty() {
+                println!("REFUSED a newer stored version: {}", escaped(&resp.reload_error));
+            }
+        }
+        Output::Json => {
+            let keys: Vec<_> = resp
+                .keys
+                .iter()
+                .map(|k| json!({"id": k.id, "state": k.state, "created": k.created, "records": k.records}))
+                .collect();
+            client::print_json(&json!({
+                "keyring_version": resp.keyring_version, "keys": keys,
+                "total_records": resp.total_records, "unreadable_records": resp.unreadable_records,
+                "reload_error": resp.reload_error,
+            }));
+        }
+    }
+    Ok(())
+}
