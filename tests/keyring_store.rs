@@ -305,3 +305,63 @@ async fn a_paused_replica_does_not_hold_up_a_promote_and_catches_up_before_it_an
     live_replicas(&a, 3).await;
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_etcd_writes_of_the_keyring_are_refused_by_every_replica() {
+    let cluster = EtcdCluster::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let kek = kek_file(keys.path());
+    let a = replica(&cluster, "replica-a", &kek).await;
+    let b = replica(&cluster, "replica-b", &kek).await;
+    let added = control(&a).await.add_key(AddKeyRequest { wait_ms: 0 }).await.unwrap();
+    assert_eq!(added.get_ref().version, 2);
+    let in_force = key_status(&a).await.keyring_version;
+    assert!(in_force.starts_with("2:"));
+    let mut etcd = cluster.client(None).await;
+    let key = |v: u64| format!("{PREFIX}control/keyring/{v:020}");
+    let genuine_v1 = etcd.get(key(1), None).await.unwrap().kvs()[0].value().to_vec();
+    // The imported key's material (base64 in the file) is nowhere in etcd in the clear.
+    let file = std::fs::read_to_string(&a.config.crypto.keyring).unwrap();
+    let secret = file.lines().find_map(|l| l.strip_prefix("secret = \"")).unwrap();
+    let secret = secret.trim_end_matches('"');
+    let all = etcd.get(PREFIX, Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert!(all.kvs().iter().all(|kv| !String::from_utf8_lossy(kv.value()).contains(secret)));
+    // Each raw write, then: both replicas refuse it, keep version 2 and say why.
+    let refused_everywhere = async |expected: &str| {
+        for gw in [&a, &b] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let s = key_status(gw).await;
+                assert_eq!(s.keyring_version, in_force);
+                if s.reload_error.contains(expected) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "not refused with {expected:?}: {s:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // A forged keyring (sealed under another KEK, with a key of the attacker's).
+    let other = Kek::from_bytes(&[9u8; 32]);
+    let ring = secretgate::testing::Keyring::generate().unwrap();
+    let content = secretgate::control::keyring::SealedKeyring::seal(&other, 3, &ring).unwrap();
+    let body = serde_json::json!({
+        "version": 3, "created": "2026-12-04T00:00:00Z", "author": ADMIN, "note": "forged",
+        "content": content,
+    });
+    let forged =
+        secretgate::control::record::seal(&other, "keyring", 3, body.to_string().as_bytes());
+    etcd.put(key(3), forged, None).await.unwrap();
+    refused_everywhere("not authenticated").await;
+    // The genuine version 1 replayed as version 3.
+    etcd.put(key(3), genuine_v1, None).await.unwrap();
+    refused_everywhere("stored as another").await;
+    // Version 2 deleted: version 1 is the newest again.
+    etcd.delete(key(3), None).await.unwrap();
+    etcd.delete(key(2), None).await.unwrap();
+    refused_everywhere("older than version 2 in force").await;
+    // Writes and reads go on under the keyring in force.
+    let mut client = b.client(ADMIN).await;
+    client.put(put("/k/x", "v")).await.unwrap();
+    assert_eq!(a.client(ADMIN).await.get(get("/k/x")).await.unwrap().into_inner().value, b"v");
+}
