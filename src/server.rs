@@ -11,12 +11,15 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+mod load;
+
+use self::load::{load_keyring, load_policy, load_trust};
 use crate::{
     api::{AdminService, ControlService, SecretsService, Vault, Watchers},
     audit::{AuditError, AuditLog, SigningKey, signing::SigningError},
-    authz::{Authorizer, Policy, PolicyError},
-    config::{Source, StoreConfig, ValidConfig},
-    control::{ControlError, Kek, KekError, StoredKeyring, StoredPolicy, keyring::SealedKeyring},
+    authz::{Policy, PolicyError},
+    config::{StoreConfig, ValidConfig},
+    control::{ControlError, Kek, KekError},
     crypto::{Keyring, KeyringError, KeyringHandle},
     limits::{MemoryBudget, RateLimiter, RequestLayer},
     metrics::{MetricsServer, scrape::Sources},
@@ -26,7 +29,6 @@ use crate::{
             admin_server::AdminServer, control_server::ControlServer, secrets_server::SecretsServer,
         },
     },
-    reload::Reloadable,
     store::{EmbeddedStore, EtcdStore, Metered, Store, StoreError},
     tls::{self, ClientTrust, HandshakeLimits, ServerCert, TlsError, TlsIncoming},
 };
@@ -142,8 +144,6 @@ impl Gateway {
     pub async fn start(config: &ValidConfig) -> Result<Self, StartError> {
         let (server_cert, load_server_cert) = tls::server_cert(&config.tls)?;
         tracing::info!(cert = %config.tls.cert.display(), version = %server_cert.current().describe(), "server certificate loaded");
-        let (trust, load_trust) = tls::client_trust(&config.tls, &server_cert)?;
-        tracing::info!(client_ca = %config.tls.client_ca.display(), version = %trust.current().describe(), "client trust loaded");
         let store: Arc<dyn Store> = Arc::new(Metered(open_store(config).await?));
         let applied = Arc::new(tokio::sync::Notify::new());
         let kek = match config.crypto.kek.as_os_str().is_empty() {
@@ -154,6 +154,9 @@ impl Gateway {
                 Some(kek)
             }
         };
+        let (trust, load_trust, stored_trust) =
+            load_trust(config, &server_cert, &store, kek.as_ref(), &applied).await?;
+        tracing::info!(client_ca = %config.tls.client_ca.display(), source = ?config.tls.client_trust_source, version = %trust.current().describe(), "client trust loaded");
         let (keys, stored_keyring) = load_keyring(config, &store, kek.as_ref(), &applied).await?;
         let (authz, stored_policy) = load_policy(config, &store, kek.as_ref(), &applied).await?;
         tracing::info!(
@@ -230,8 +233,7 @@ impl Gateway {
         ))
         .max_decoding_message_size(SMALL_REQUEST_BYTES);
         let control = ControlServer::new(ControlService::new(
-            stored_policy.clone(),
-            stored_keyring.clone(),
+            (stored_policy.clone(), stored_keyring.clone(), stored_trust.clone()),
             vault.clone(),
             authz.clone(),
             audit.clone(),
@@ -320,7 +322,13 @@ impl Gateway {
             load_server_cert,
             ServerCert::describe,
         ));
-        watchers.push(trust.watch(config.tls.reload_interval(), load_trust, ClientTrust::describe));
+        watchers.push(match (load_trust, &stored_trust) {
+            (Some(load), _) => {
+                trust.watch(config.tls.reload_interval(), load, ClientTrust::describe)
+            }
+            (None, Some(stored)) => stored.follow(),
+            (None, None) => unreachable!("client trust comes from files or the store"),
+        });
         watchers.push(tls::warn_when_crls_are_due(Arc::clone(&trust)));
         let mut catch_up: Vec<Arc<dyn crate::control::stored::CatchUp>> = Vec::new();
         if let Some(k) = &stored_keyring {
@@ -328,6 +336,9 @@ impl Gateway {
         }
         if let Some(p) = &stored_policy {
             catch_up.push(Arc::clone(p) as _);
+        }
+        if let Some(t) = &stored_trust {
+            catch_up.push(Arc::clone(t) as _);
         }
         let registry = crate::registry::spawn(
             Arc::clone(&store_for_health),
@@ -446,66 +457,6 @@ impl Gateway {
         self.shutdown().await;
         Ok(())
     }
-}
-
-/// The policy in force at start: from `authz.policies` (`authz.source = "files"`), or the
-/// newest usable version in the store, followed from then on.
-async fn load_policy(
-    config: &ValidConfig,
-    store: &Arc<dyn Store>,
-    kek: Option<&Arc<Kek>>,
-    applied: &Arc<tokio::sync::Notify>,
-) -> Result<(Authorizer, Option<Arc<StoredPolicy>>), StartError> {
-    let dir = &config.authz.policies;
-    let Some(kek) = kek.filter(|_| config.authz.source == Source::Store) else {
-        return Ok((Authorizer::load(dir)?, None));
-    };
-    let seed = || {
-        let files = crate::authz::PolicyFiles::read_dir(dir)?;
-        Ok((files, format!("import from {}", dir.display())))
-    };
-    let (policy, version, digest) = StoredPolicy::initial(store, kek, seed).await?;
-    let authz = Authorizer::with_policy(policy, dir);
-    let handle = Arc::clone(authz.handle());
-    let stored = StoredPolicy::new(
-        Arc::clone(store),
-        Arc::clone(kek),
-        handle,
-        (version, digest),
-        Arc::clone(applied),
-    );
-    Ok((authz, Some(stored)))
-}
-
-/// Loads the keyring: the file `crypto.keyring` (watched for changes once the gateway is
-/// up), or the newest usable version in the store (followed), seeded from that file once.
-async fn load_keyring(
-    config: &ValidConfig,
-    store: &Arc<dyn Store>,
-    kek: Option<&Arc<Kek>>,
-    applied: &Arc<tokio::sync::Notify>,
-) -> Result<(KeyringHandle, Option<Arc<StoredKeyring>>), StartError> {
-    let path = &config.crypto.keyring;
-    let Some(kek) = kek.filter(|_| config.crypto.source == Source::Store) else {
-        let ring = Keyring::load(path)?;
-        tracing::info!(keyring = %path.display(), version = ring.version(), primary = %ring.primary().id, "keyring loaded");
-        return Ok((Reloadable::new(ring, path, "keyring"), None));
-    };
-    let seed = || {
-        let ring = Keyring::load(path).map_err(|e| ControlError::Keyring(e.to_string()))?;
-        Ok((SealedKeyring::seal(kek, 1, &ring)?, format!("import from {}", path.display())))
-    };
-    let (ring, version, digest) = StoredKeyring::initial(store, kek, seed).await?;
-    tracing::info!(version = ring.version(), primary = %ring.primary().id, "keyring loaded from the store");
-    let handle = Reloadable::new(ring, path, "keyring");
-    let stored = StoredKeyring::new(
-        Arc::clone(store),
-        Arc::clone(kek),
-        Arc::clone(&handle),
-        (version, digest),
-        Arc::clone(applied),
-    );
-    Ok((handle, Some(stored)))
 }
 
 /// Opens the configured backend (`store.backend`).

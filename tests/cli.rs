@@ -260,7 +260,7 @@ fn policy_push_history_and_rollback_against_the_dev_gateway() {
     let original = std::fs::read_to_string(&csv).unwrap();
     std::fs::write(&csv, format!("{original}p, role:reader, /pushed/**, read, allow\n")).unwrap();
     let out = stdout(&gw.cli(dir.path(), &["policy", "--dir", p, "push"], None));
-    assert!(out.contains("as policy version 2; 1 live replica(s) enforcing it"), "{out}");
+    assert!(out.contains("stored as version 2; 1 live replica(s) enforcing it"), "{out}");
 
     // A policy failing its own tests is refused before anything is sent.
     let tests = policies.join("tests/example.toml");
@@ -273,7 +273,7 @@ fn policy_push_history_and_rollback_against_the_dev_gateway() {
     assert!(stderr.contains("policy tests failed; nothing pushed"), "{stderr}");
 
     let out = stdout(&gw.cli(dir.path(), &["policy", "rollback", "1"], None));
-    assert!(out.contains("the content of version 1 stored again as policy version 3"), "{out}");
+    assert!(out.contains("the content of version 1 stored again as version 3"), "{out}");
     let json = stdout(&gw.cli(dir.path(), &["policy", "history", "-o", "json"], None));
     let h: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(h["in_force"], 3);

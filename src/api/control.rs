@@ -12,7 +12,7 @@ use super::{ApiError, Call, Vault};
 use crate::{
     audit::AuditLog,
     authz::{Authorizer, Permit, PolicyFiles, WholeStore, act},
-    control::{ControlError, Pushed, StoredKeyring, StoredPolicy},
+    control::{ControlError, Pushed, StoredKeyring, StoredPolicy, StoredTrust, trust::TrustFiles},
     limits::{Class, RateLimiter},
     proto::v1::{self, control_server::Control},
 };
@@ -25,11 +25,16 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 const DEFAULT_PROMOTE_WAIT: Duration = Duration::from_secs(30);
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// The control objects a gateway keeps in the store (each `None` when from files).
+pub(crate) type Stored =
+    (Option<Arc<StoredPolicy>>, Option<Arc<StoredKeyring>>, Option<Arc<StoredTrust>>);
+
 /// The `Control` service.
 #[derive(Clone)]
 pub struct ControlService {
     policy: Option<Arc<StoredPolicy>>,
     keyring: Option<Arc<StoredKeyring>>,
+    trust: Option<Arc<StoredTrust>>,
     vault: Vault,
     authz: Authorizer,
     audit: AuditLog,
@@ -37,16 +42,22 @@ pub struct ControlService {
 }
 
 impl ControlService {
-    /// The service over the stored policy and keyring (`None`: from files on this gateway).
+    /// The service over the stored policy, keyring and client trust (`None`: from files on
+    /// this gateway).
     pub(crate) fn new(
-        policy: Option<Arc<StoredPolicy>>,
-        keyring: Option<Arc<StoredKeyring>>,
+        (policy, keyring, trust): Stored,
         vault: Vault,
         authz: Authorizer,
         audit: AuditLog,
         limiter: RateLimiter,
     ) -> Self {
-        Self { policy, keyring, vault, authz, audit, limiter }
+        Self { policy, keyring, trust, vault, authz, audit, limiter }
+    }
+
+    fn trust(&self) -> Result<&StoredTrust, ApiError> {
+        let not =
+            ControlError::NotInStore { what: "client trust", setting: "tls.client_trust_source" };
+        self.trust.as_deref().ok_or(ApiError::Control(not))
     }
 
     fn policy(&self) -> Result<&StoredPolicy, ApiError> {
@@ -116,8 +127,8 @@ fn summary(p: &Pushed) -> String {
     format!("version {} stored; {} live replicas following{behind}", p.version, p.enforcing.len())
 }
 
-fn push_response(p: Pushed) -> v1::PushPolicyResponse {
-    v1::PushPolicyResponse { version: p.version, enforcing: p.enforcing, behind: p.behind }
+fn push_response(p: Pushed) -> v1::PushResponse {
+    v1::PushResponse { version: p.version, enforcing: p.enforcing, behind: p.behind }
 }
 
 fn key_response(id: String, p: Pushed) -> v1::KeyChangeResponse {
@@ -129,7 +140,7 @@ impl Control for ControlService {
     async fn push_policy(
         &self,
         request: Request<v1::PushPolicyRequest>,
-    ) -> Result<Response<v1::PushPolicyResponse>, Status> {
+    ) -> Result<Response<v1::PushResponse>, Status> {
         let ready = |s: &Self| s.policy().map(|_| ());
         self.run(
             "secretgate.v1.Control/PushPolicy",
@@ -151,7 +162,7 @@ impl Control for ControlService {
     async fn rollback_policy(
         &self,
         request: Request<v1::RollbackPolicyRequest>,
-    ) -> Result<Response<v1::PushPolicyResponse>, Status> {
+    ) -> Result<Response<v1::PushResponse>, Status> {
         let ready = |s: &Self| s.policy().map(|_| ());
         let method = "secretgate.v1.Control/RollbackPolicy";
         self.run(method, request, true, ready, |r, _, author| async move {
@@ -230,6 +241,26 @@ impl Control for ControlService {
             let pushed = self.keyring()?.promote(&r.id, &author, wait).await?;
             Ok((key_response(r.id, pushed.clone()), Some(pushed)))
         })
+        .await
+    }
+
+    async fn push_trust(
+        &self,
+        request: Request<v1::PushTrustRequest>,
+    ) -> Result<Response<v1::PushResponse>, Status> {
+        let ready = |s: &Self| s.trust().map(|_| ());
+        self.run(
+            "secretgate.v1.Control/PushTrust",
+            request,
+            true,
+            ready,
+            |r, _, author| async move {
+                let files = TrustFiles { client_ca: r.client_ca, client_crl: r.client_crl };
+                let wait = wait(r.wait_ms, DEFAULT_WAIT);
+                let pushed = self.trust()?.push(files, None, &author, "push".into(), wait).await?;
+                Ok((push_response(pushed.clone()), Some(pushed)))
+            },
+        )
         .await
     }
 

@@ -15,6 +15,7 @@ mod keys_store;
 mod policy;
 mod policy_store;
 mod serve;
+mod trust;
 mod watch;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
@@ -182,6 +183,11 @@ enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// The client trust (CA bundle and CRLs) kept in the store: `trust push`.
+    Trust {
+        #[command(subcommand)]
+        command: trust::TrustCommand,
+    },
     /// Make a key-encryption key (KEK): 32 random bytes in a new file of mode 0600. Every
     /// replica of a tier needs the same one (`crypto.kek`); it authenticates the control
     /// state in the store. An existing file is never replaced.
@@ -289,6 +295,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::ReloadStatus { conn } => client::reload_status(&conn).await,
         Command::Policy { dir, command } => policy::run(&dir, command).await,
         Command::Audit { command } => audit::run(command).await,
+        Command::Trust { command } => trust::run(command).await,
         Command::KekInit { path } => {
             crate::control::Kek::generate(&path)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;

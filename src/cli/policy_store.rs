@@ -48,7 +48,7 @@ pub(super) async fn push(
     };
     let pushed =
         control(conn).await?.push_policy(request).await.map_err(client::rpc_error)?.into_inner();
-    report(&pushed, &format!("{} pushed", policy.version()), conn)
+    report(&pushed, &format!("policy {} stored", policy.version()), conn)
 }
 
 pub(super) async fn rollback(
@@ -66,11 +66,15 @@ pub(super) async fn rollback(
     report(&pushed, &format!("the content of version {version} stored again"), conn)
 }
 
-fn report(pushed: &v1::PushPolicyResponse, what: &str, conn: &ClientArgs) -> anyhow::Result<()> {
+pub(super) fn report(
+    pushed: &v1::PushResponse,
+    what: &str,
+    conn: &ClientArgs,
+) -> anyhow::Result<()> {
     match conn.output {
         Output::Human => {
             println!(
-                "{what} as policy version {}; {} live replica(s) enforcing it",
+                "{what} as version {}; {} live replica(s) enforcing it",
                 pushed.version,
                 pushed.enforcing.len()
             );
@@ -82,7 +86,7 @@ fn report(pushed: &v1::PushPolicyResponse, what: &str, conn: &ClientArgs) -> any
     if !pushed.behind.is_empty() {
         let behind: Vec<_> = pushed.behind.iter().map(|b| escaped(b).into_owned()).collect();
         bail!(
-            "policy version {} is stored, but these replicas did not enforce it in time: {}",
+            "version {} is stored, but these replicas did not enforce it in time: {}",
             pushed.version,
             behind.join(", ")
         );

@@ -97,6 +97,10 @@ pub struct TlsConfig {
     /// Seconds between checks of `cert`, `key` and `client_crl` for changes. Default 10; 1
     /// to 3600.
     pub reload_interval_secs: Ranged<1, 3600>,
+    /// `"files"` (default): `client_ca` and `client_crl`, reloaded when they change.
+    /// `"store"`: the client trust kept in the store (`secretgate trust push`), the same for
+    /// every replica; the files seed it once. Needs `crypto.kek`.
+    pub client_trust_source: Source,
 }
 
 /// The lowest TLS version the gateway offers.
@@ -297,6 +301,7 @@ impl Default for TlsConfig {
             client_hello_timeout_secs: Ranged::of::<3>(),
             client_crl: PathBuf::new(),
             reload_interval_secs: Ranged::of::<10>(),
+            client_trust_source: Source::Files,
         }
     }
 }

@@ -68,7 +68,9 @@ impl Kind for KeyringKind {
     type Value = Keyring;
     type Content = SealedKeyring;
 
-    fn build(kek: &Kek, version: u64, content: &SealedKeyring) -> Result<Keyring, String> {
+    type Context = ();
+
+    fn build(_: &(), kek: &Kek, version: u64, content: &SealedKeyring) -> Result<Keyring, String> {
         let sealed = B64.decode(&content.sealed).map_err(|_| "not base64".to_owned())?;
         let plain = kek
             .decrypt(&context(version), &sealed)

@@ -1,5 +1,6 @@
 //! The gateway tier's control state kept in the store it guards: the policy
-//! (`authz.source = "store"`) and the keyring (`crypto.source = "store"`).
+//! (`authz.source = "store"`), the keyring (`crypto.source = "store"`) and the client trust
+//! (`tls.client_trust_source = "store"`).
 //!
 //! Every stored version is sealed (see [`record`]) with a MAC under a key derived from the
 //! KEK ([`Kek`]), which every replica holds locally and the store never sees; replicas
@@ -13,6 +14,7 @@ pub mod keyring;
 pub mod policy;
 pub mod record;
 pub mod stored;
+pub mod trust;
 
 use crate::{authz::PolicyError, store::StoreError};
 
@@ -20,6 +22,7 @@ pub use kek::{KEK_LEN, Kek, KekError};
 pub use keyring::StoredKeyring;
 pub use policy::StoredPolicy;
 pub use stored::{Pushed, Versioned};
+pub use trust::StoredTrust;
 
 /// Why a control operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -37,9 +37,16 @@ pub trait Kind: Send + Sync + 'static {
     type Value: Send + Sync + 'static;
     /// What a stored version holds.
     type Content: Serialize + DeserializeOwned + Clone + Send + Sync + 'static;
+    /// What building a value needs besides the content (the TLS settings, for client trust).
+    type Context: Send + Sync + 'static;
     /// The value of verified content stored as `version` (parsed, checked, labelled
     /// `version:FINGERPRINT`), or why it cannot be used.
-    fn build(kek: &Kek, version: u64, content: &Self::Content) -> Result<Self::Value, String>;
+    fn build(
+        ctx: &Self::Context,
+        kek: &Kek,
+        version: u64,
+        content: &Self::Content,
+    ) -> Result<Self::Value, String>;
     /// The version of this kind a replica's registry record says it enforces.
     fn reported(record: &ReplicaRecord) -> Option<u64>;
     /// Whether sealed writes are fenced on this kind's next version (the keyring: see
@@ -88,6 +95,7 @@ pub struct HistoryEntry<C> {
 pub struct Stored<K: Kind> {
     store: Arc<dyn Store>,
     kek: Arc<Kek>,
+    ctx: K::Context,
     handle: Arc<Reloadable<K::Value>>,
     /// The version in force and the digest of its record.
     accepted: Mutex<(u64, [u8; 32])>,
@@ -113,6 +121,7 @@ impl<K: Kind> Stored<K> {
     pub async fn initial(
         store: &Arc<dyn Store>,
         kek: &Kek,
+        ctx: &K::Context,
         seed: impl Fn() -> Result<(K::Content, String), ControlError>,
     ) -> Result<(K::Value, u64, [u8; 32]), ControlError> {
         loop {
@@ -126,7 +135,7 @@ impl<K: Kind> Stored<K> {
                     note: note.clone(),
                     content,
                 };
-                K::build(kek, 1, &body.content)
+                K::build(ctx, kek, 1, &body.content)
                     .map_err(|why| ControlError::Version { version: 1, why })?;
                 match store.put_control(K::NAME, 1, &seal::<K>(kek, &body)?).await {
                     Ok(()) => {
@@ -139,7 +148,7 @@ impl<K: Kind> Stored<K> {
             }
             let mut refused = Vec::new();
             for (version, bytes) in &stored {
-                match open::<K>(kek, *version, bytes) {
+                match open::<K>(ctx, kek, *version, bytes) {
                     Ok((value, _)) => {
                         for why in &refused {
                             tracing::error!(kind = K::NAME, %why, "stored version refused");
@@ -163,7 +172,7 @@ impl<K: Kind> Stored<K> {
     /// Follows the store from the version in force (`version`, its record's `digest`).
     pub fn new(
         store: Arc<dyn Store>,
-        kek: Arc<Kek>,
+        (kek, ctx): (Arc<Kek>, K::Context),
         handle: Arc<Reloadable<K::Value>>,
         (version, digest): (u64, [u8; 32]),
         applied: Arc<Notify>,
@@ -174,6 +183,7 @@ impl<K: Kind> Stored<K> {
         Arc::new(Self {
             store,
             kek,
+            ctx,
             handle,
             accepted: Mutex::new((version, digest)),
             applied,
@@ -234,7 +244,7 @@ impl<K: Kind> Stored<K> {
             ));
         }
         for (version, bytes) in stored.iter().filter(|(v, _)| *v > accepted) {
-            match open::<K>(&self.kek, *version, bytes) {
+            match open::<K>(&self.ctx, &self.kek, *version, bytes) {
                 Ok((value, _)) => {
                     let mut slot = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
                     // Another refresh may have got further meanwhile.
@@ -286,7 +296,8 @@ impl<K: Kind> Stored<K> {
             note,
             content,
         };
-        K::build(&self.kek, body.version, &body.content).map_err(ControlError::Refused)?;
+        K::build(&self.ctx, &self.kek, body.version, &body.content)
+            .map_err(ControlError::Refused)?;
         let sealed = seal::<K>(&self.kek, &body)?;
         match self.store.put_control(K::NAME, body.version, &sealed).await {
             Ok(()) => {}
@@ -310,7 +321,7 @@ impl<K: Kind> Stored<K> {
             Some((v, bytes)) if *v == version => bytes,
             _ => return Err(ControlError::Version { version, why: "not stored".into() }),
         };
-        open::<K>(&self.kek, version, bytes)
+        open::<K>(&self.ctx, &self.kek, version, bytes)
             .map(|(_, body)| body)
             .map_err(|why| ControlError::Version { version, why })
     }
@@ -418,12 +429,13 @@ fn open_body<K: Kind>(
 
 /// Verifies, parses and checks stored version `version`.
 fn open<K: Kind>(
+    ctx: &K::Context,
     kek: &Kek,
     version: u64,
     bytes: &[u8],
 ) -> Result<(K::Value, Versioned<K::Content>), String> {
     let body = open_body::<K>(kek, version, bytes)?;
-    Ok((K::build(kek, version, &body.content)?, body))
+    Ok((K::build(ctx, kek, version, &body.content)?, body))
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {

@@ -56,9 +56,13 @@ impl ClientCrl {
     /// Reads and checks the CRL file at `path` against the client CA bundle `cas` (see the
     /// module docs for the checks).
     pub fn load(path: &Path, cas: &ClientCas) -> Result<Self, TlsError> {
-        let pem = read(path, WHAT)?;
+        Self::from_pem(&read(path, WHAT)?, path, cas)
+    }
+
+    /// Checks the CRLs in PEM text `pem` (from `path`, named in errors) against `cas`.
+    pub fn from_pem(pem: &[u8], path: &Path, cas: &ClientCas) -> Result<Self, TlsError> {
         let fail = |reason: String| pem_error(path, WHAT, reason);
-        let ders = CertificateRevocationListDer::pem_slice_iter(&pem)
+        let ders = CertificateRevocationListDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| fail(e.to_string()))?;
         if ders.is_empty() {
@@ -126,7 +130,7 @@ impl ClientCrl {
         Ok(Self {
             verifier,
             revoked,
-            version: hex::encode(&Sha256::digest(&pem)[..6]),
+            version: hex::encode(&Sha256::digest(pem)[..6]),
             crls: issuers.len(),
             next_update: next_update.map(|t| t.to_string()),
             next_update_at: next_update.map(system_time),

@@ -92,6 +92,11 @@ impl ClientCas {
         Self::from_der(read_certs(path, "client CA bundle")?, path)
     }
 
+    /// The bundle in PEM text `pem` (from `origin`, named in errors).
+    pub fn from_pem(pem: &[u8], origin: &Path) -> Result<Self, TlsError> {
+        Self::from_der(parse_certs(pem, origin, "client CA bundle")?, origin)
+    }
+
     /// The bundle of `der` (read from `path`, named in errors).
     pub fn from_der(der: Vec<CertificateDer<'static>>, path: &Path) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
@@ -237,8 +242,16 @@ pub fn read_certs(
     path: &Path,
     what: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path, what)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    parse_certs(&read(path, what)?, path, what)
+}
+
+/// Every certificate in PEM text (read from `path`, named in errors); at least one.
+pub fn parse_certs(
+    pem: &[u8],
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(path, what, e.to_string()))?;
     if certs.is_empty() {

@@ -40,6 +40,8 @@ pub struct ClientTrust {
     verifier: Arc<dyn ClientCertVerifier>,
     config: Arc<ServerConfig>,
     bundle_version: String,
+    /// The stored version, when it came from the store.
+    stored: Option<u64>,
 }
 
 impl std::fmt::Debug for ClientTrust {
@@ -61,6 +63,35 @@ impl ClientTrust {
         } else {
             Some(ClientCrl::load(&tls.client_crl, &cas)?)
         };
+        Self::build(tls, cert, cas, crl)
+    }
+
+    /// The trust of a CA bundle and CRLs given as PEM text (`crl` empty: no CRLs), named in
+    /// errors after `origin` (the stored trust version).
+    pub fn from_pem(
+        tls: &TlsConfig,
+        cert: &ServerCertHandle,
+        ca: &str,
+        crl: &str,
+        origin: &str,
+    ) -> Result<Self, TlsError> {
+        let cas = ClientCas::from_pem(ca.as_bytes(), Path::new(&format!("{origin} client CA")))?;
+        let crl = match crl.trim().is_empty() {
+            true => None,
+            false => {
+                let named = format!("{origin} client CRL");
+                Some(ClientCrl::from_pem(crl.as_bytes(), Path::new(&named), &cas)?)
+            }
+        };
+        Self::build(tls, cert, cas, crl)
+    }
+
+    fn build(
+        tls: &TlsConfig,
+        cert: &ServerCertHandle,
+        cas: ClientCas,
+        crl: Option<ClientCrl>,
+    ) -> Result<Self, TlsError> {
         let verifier = match &crl {
             Some(crl) => Arc::clone(crl.verifier()),
             None => cas.verifier(Vec::new()).map_err(|e| TlsError::Rustls(e.to_string()))?,
@@ -72,7 +103,7 @@ impl ClientTrust {
             h.update(ca);
         }
         let bundle_version = hex::encode(&h.finalize()[..6]);
-        Ok(Self { cas, crl, verifier, config, bundle_version })
+        Ok(Self { cas, crl, verifier, config, bundle_version, stored: None })
     }
 
     /// The rustls configuration for handshakes under this trust.
@@ -107,11 +138,19 @@ impl ClientTrust {
         self.crl.as_ref()?.next_update()
     }
 
-    /// For the log: the bundle's digest and size, and the CRLs'.
+    /// The same trust labelled as stored version `n` (its description starts `n:`).
+    pub fn numbered(mut self, n: u64) -> Self {
+        self.stored = Some(n);
+        self
+    }
+
+    /// For the log: the bundle's digest and size, and the CRLs' (after `N:` for stored
+    /// version N).
     pub fn describe(&self) -> String {
         let crl = self.crl.as_ref().map_or_else(|| "no CRL".to_owned(), ClientCrl::describe);
+        let stored = self.stored.map(|n| format!("{n}:")).unwrap_or_default();
         format!(
-            "CA bundle sha256:{} ({} CAs); CRLs {crl}",
+            "{stored}CA bundle sha256:{} ({} CAs); CRLs {crl}",
             self.bundle_version,
             self.cas.certs().len()
         )

@@ -1,0 +1,117 @@
+//! Loading the control state a gateway starts with: the client trust, the keyring and the
+//! policy, each from this replica's files or (with a `"store"` source) the newest usable
+//! version kept in the store, which the replica then follows.
+
+use std::sync::Arc;
+
+use super::StartError;
+use crate::{
+    authz::Authorizer,
+    config::{Source, ValidConfig},
+    control::{
+        ControlError, Kek, StoredKeyring, StoredPolicy, StoredTrust, keyring::SealedKeyring, trust,
+    },
+    crypto::{Keyring, KeyringHandle},
+    reload::Reloadable,
+    store::Store,
+    tls::{self, ClientTrust, Loader, ServerCertHandle, TrustHandle},
+};
+
+/// Loads the client trust: `tls.client_ca` and `tls.client_crl` (with the loader that
+/// reloads them), or the newest usable version in the store, seeded from those files once.
+pub(super) async fn load_trust(
+    config: &ValidConfig,
+    cert: &ServerCertHandle,
+    store: &Arc<dyn Store>,
+    kek: Option<&Arc<Kek>>,
+    applied: &Arc<tokio::sync::Notify>,
+) -> Result<(TrustHandle, Option<Loader<ClientTrust>>, Option<Arc<StoredTrust>>), StartError> {
+    let tls = &config.tls;
+    let Some(kek) = kek.filter(|_| tls.client_trust_source == Source::Store) else {
+        let (handle, load) = tls::client_trust(tls, cert)?;
+        return Ok((handle, Some(load), None));
+    };
+    let read = |path: &std::path::Path| match path.as_os_str().is_empty() {
+        true => Ok(String::new()),
+        false => std::fs::read_to_string(path)
+            .map_err(|e| ControlError::Refused(format!("{}: {e}", path.display()))),
+    };
+    let seed = || {
+        let files = trust::TrustFiles {
+            client_ca: read(&tls.client_ca)?,
+            client_crl: read(&tls.client_crl)?,
+        };
+        Ok((files, format!("import from {}", tls.client_ca.display())))
+    };
+    let ctx = trust::context(tls, cert);
+    let (value, version, digest) = StoredTrust::initial(store, kek, &ctx, seed).await?;
+    let handle = Reloadable::new(value, &tls.client_ca, "client trust");
+    let stored = StoredTrust::new(
+        Arc::clone(store),
+        (Arc::clone(kek), ctx),
+        Arc::clone(&handle),
+        (version, digest),
+        Arc::clone(applied),
+    );
+    Ok((handle, None, Some(stored)))
+}
+
+/// The policy in force at start: from `authz.policies` (`authz.source = "files"`), or the
+/// newest usable version in the store, followed from then on.
+pub(super) async fn load_policy(
+    config: &ValidConfig,
+    store: &Arc<dyn Store>,
+    kek: Option<&Arc<Kek>>,
+    applied: &Arc<tokio::sync::Notify>,
+) -> Result<(Authorizer, Option<Arc<StoredPolicy>>), StartError> {
+    let dir = &config.authz.policies;
+    let Some(kek) = kek.filter(|_| config.authz.source == Source::Store) else {
+        return Ok((Authorizer::load(dir)?, None));
+    };
+    let seed = || {
+        let files = crate::authz::PolicyFiles::read_dir(dir)?;
+        Ok((files, format!("import from {}", dir.display())))
+    };
+    let (policy, version, digest) = StoredPolicy::initial(store, kek, &(), seed).await?;
+    let authz = Authorizer::with_policy(policy, dir);
+    let handle = Arc::clone(authz.handle());
+    let stored = StoredPolicy::new(
+        Arc::clone(store),
+        (Arc::clone(kek), ()),
+        handle,
+        (version, digest),
+        Arc::clone(applied),
+    );
+    Ok((authz, Some(stored)))
+}
+
+/// Loads the keyring: the file `crypto.keyring` (watched for changes once the gateway is
+/// up), or the newest usable version in the store (followed), seeded from that file once.
+pub(super) async fn load_keyring(
+    config: &ValidConfig,
+    store: &Arc<dyn Store>,
+    kek: Option<&Arc<Kek>>,
+    applied: &Arc<tokio::sync::Notify>,
+) -> Result<(KeyringHandle, Option<Arc<StoredKeyring>>), StartError> {
+    let path = &config.crypto.keyring;
+    let Some(kek) = kek.filter(|_| config.crypto.source == Source::Store) else {
+        let ring = Keyring::load(path)?;
+        tracing::info!(keyring = %path.display(), version = ring.version(), primary = %ring.primary().id, "keyring loaded");
+        return Ok((Reloadable::new(ring, path, "keyring"), None));
+    };
+    let seed = || {
+        let ring = Keyring::load(path).map_err(|e| ControlError::Keyring(e.to_string()))?;
+        Ok((SealedKeyring::seal(kek, 1, &ring)?, format!("import from {}", path.display())))
+    };
+    let (ring, version, digest) = StoredKeyring::initial(store, kek, &(), seed).await?;
+    tracing::info!(version = ring.version(), primary = %ring.primary().id, "keyring loaded from the store");
+    let handle = Reloadable::new(ring, path, "keyring");
+    let stored = StoredKeyring::new(
+        Arc::clone(store),
+        (Arc::clone(kek), ()),
+        Arc::clone(&handle),
+        (version, digest),
+        Arc::clone(applied),
+    );
+    Ok((handle, Some(stored)))
+}
