@@ -23,9 +23,10 @@ use crate::{
 
 /// Versions looked at, newest first, when following or starting.
 const SCAN: usize = 16;
-/// Largest sealed record: etcd refuses requests over `--max-request-bytes` (1.5 MiB by
-/// default), and a transaction carries a little more than the record.
-pub const MAX_RECORD_BYTES: usize = 1_400 * 1024;
+/// Largest sealed record: a policy of about 100,000 rules with its tests (the Control
+/// service decodes requests of up to 16 MiB). On etcd a record over 1 MiB is stored in
+/// parts (see the etcd backend).
+pub const MAX_RECORD_BYTES: usize = 20 << 20;
 /// How often the follower looks at the store even without a change event.
 const RECHECK: Duration = Duration::from_secs(30);
 
@@ -227,9 +228,15 @@ impl<K: Kind> Stored<K> {
     /// Reads the newest stored versions and puts the newest usable one above the version in
     /// force in force; reports what it refuses.
     pub async fn refresh(&self) -> Result<(), StoreError> {
-        let stored = self.store.control_versions(K::NAME, None, SCAN).await?;
         let (accepted, accepted_digest) = *self.accepted.lock().unwrap_or_else(|e| e.into_inner());
+        // The newest alone first: in the steady state it is the one in force, and records can
+        // be large (a policy of many rules).
+        let mut stored = self.store.control_versions(K::NAME, None, 1).await?;
         let newest = stored.first().map_or(0, |(v, _)| *v);
+        if newest > accepted + 1 {
+            let more = usize::try_from(newest - accepted).unwrap_or(SCAN).min(SCAN);
+            stored = self.store.control_versions(K::NAME, None, more).await?;
+        }
         let name = K::NAME;
         let mut refused: Option<String> = None;
         if newest < accepted {

@@ -39,6 +39,7 @@ const CASES: &[Case] = cases![
     changes_report_every_change_once_in_order,
     control_versions_are_created_once_each_in_order,
     sealed_writes_are_fenced_on_the_next_control_version,
+    large_control_records_round_trip,
 ];
 
 /// Runs every case, each on a fresh store from `make`.
@@ -425,4 +426,22 @@ async fn sealed_writes_are_fenced_on_the_next_control_version(s: Arc<dyn Store>)
     s.fence_writes("keyring", 3);
     assert_eq!(s.put(&p("/f"), 2, b"three").await.unwrap().version, 3);
     assert!(s.replace(&p("/f"), 3, b"three", b"rewrapped").await.unwrap());
+}
+
+async fn large_control_records_round_trip(s: Arc<dyn Store>) {
+    // Over etcd's default request limit (1.5 MiB): stored in parts there.
+    let big: Vec<u8> =
+        (0..3_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    s.put_control("policy", 1, &big).await.unwrap();
+    s.put_control("policy", 1, &big).await.expect("a retried create finds its own record");
+    assert!(matches!(
+        s.put_control("policy", 1, &big[1..]).await,
+        Err(StoreError::Conflict { expected: 0, current: 1 })
+    ));
+    s.put_control("policy", 2, b"small").await.unwrap();
+    let all = s.control_versions("policy", None, 10).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[0].0, all[0].1.as_slice()), (2, &b"small"[..]));
+    assert_eq!(all[1].0, 1);
+    assert!(all[1].1 == big, "the large record reads back whole");
 }
