@@ -149,9 +149,15 @@ impl Gateway {
         let kek = match config.crypto.kek.as_os_str().is_empty() {
             true => None,
             false => {
-                let kek = Arc::new(Kek::load(&config.crypto.kek)?);
+                let mut kek = Kek::load(&config.crypto.kek)?;
                 tracing::info!(kek = %config.crypto.kek.display(), id = kek.id(), "KEK loaded");
-                Some(kek)
+                let previous = &config.crypto.previous_kek;
+                if !previous.as_os_str().is_empty() {
+                    let old = Kek::load(previous)?;
+                    tracing::warn!(previous_kek = %previous.display(), id = old.id(), "KEK rotation in progress: control state sealed under the previous KEK is still accepted; run secretgate kek-reseal, then remove crypto.previous_kek");
+                    kek = kek.with_previous(old);
+                }
+                Some(Arc::new(kek))
             }
         };
         let (trust, load_trust, stored_trust) =

@@ -15,6 +15,7 @@ use std::{
 };
 
 use secretgate::{
+    Gateway,
     config::{Config, Source},
     control::Kek,
     proto::v1::{
@@ -364,4 +365,49 @@ async fn raw_etcd_writes_of_the_keyring_are_refused_by_every_replica() {
     let mut client = b.client(ADMIN).await;
     client.put(put("/k/x", "v")).await.unwrap();
     assert_eq!(a.client(ADMIN).await.get(get("/k/x")).await.unwrap().into_inner().value, b"v");
+}
+
+async fn reseal(gw: &TestGateway) -> Result<secretgate::proto::v1::ResealResponse, tonic::Status> {
+    let mut c = control(gw).await;
+    let request = secretgate::proto::v1::ResealRequest { wait_ms: 0 };
+    c.reseal_control_state(request).await.map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn kek_rotation_reseals_every_control_object_online() {
+    let keys = tempfile::tempdir().unwrap();
+    let old = kek_file(keys.path());
+    let new = keys.path().join("kek-new");
+    Kek::generate(&new).unwrap();
+    let mut gw = TestGateway::start_with(|c| {
+        stored_keyring(c, &old);
+        c.authz.source = Source::Store;
+        c.tls.client_trust_source = Source::Store;
+    })
+    .await;
+    let mut client = gw.client(ADMIN).await;
+    client.put(put("/k/x", "kept")).await.unwrap();
+    // Only the new KEK: nothing stored can be opened, and the gateway says so at start.
+    gw.stop().await;
+    gw.config.crypto.kek = new.clone();
+    let refused = Gateway::start(&gw.config.clone().check().unwrap()).await.err().unwrap();
+    assert!(refused.to_string().contains("not authenticated"), "{refused}");
+    // New KEK, previous still accepted: serves; the reseal stores each object again.
+    gw.config.crypto.previous_kek = old.clone();
+    gw.start_again().await;
+    let resealed = reseal(&gw).await.unwrap();
+    let kinds: Vec<(&str, u64)> =
+        resealed.objects.iter().map(|o| (o.kind.as_str(), o.version)).collect();
+    assert_eq!(kinds, [("keyring", 2), ("policy", 2), ("trust", 2)]);
+    assert_eq!(resealed.kek_id, Kek::load(&new).unwrap().id());
+    // The previous KEK removed: the resealed versions open; every value is still there.
+    gw.stop().await;
+    gw.config.crypto.previous_kek = PathBuf::new();
+    gw.start_again().await;
+    assert!(key_status(&gw).await.keyring_version.starts_with("2:"));
+    let mut client = gw.client(ADMIN).await;
+    assert_eq!(client.get(get("/k/x")).await.unwrap().into_inner().value, b"kept");
+    // A gateway whose policy and keyring come from files has nothing to reseal.
+    let files = TestGateway::start().await;
+    assert_eq!(reseal(&files).await.unwrap_err().code(), Code::FailedPrecondition);
 }

@@ -82,7 +82,7 @@ impl ControlService {
         body: impl FnOnce(R, Permit<act::Admin>, String) -> F,
     ) -> Result<Response<T>, Status>
     where
-        F: Future<Output = Result<(T, Option<Pushed>), ApiError>>,
+        F: Future<Output = Result<(T, Option<Outcome>), ApiError>>,
     {
         let mut call =
             Call::admit(&self.limiter, Class::Admin, method, &request, "/", &self.audit)?;
@@ -98,9 +98,11 @@ impl ControlService {
                 }
                 let author = call.principal();
                 let (answer, pushed) = body(request, permit, author).await?;
-                if let Some(p) = pushed {
-                    call.version(p.version);
-                    call.summary(summary(&p));
+                if let Some(o) = pushed {
+                    if let Some(v) = o.version {
+                        call.version(v);
+                    }
+                    call.summary(o.summary);
                 }
                 Ok(answer)
             }
@@ -119,12 +121,27 @@ fn wait(ms: u32, default: Duration) -> Duration {
     }
 }
 
-fn summary(p: &Pushed) -> String {
-    let behind = match p.behind.is_empty() {
+/// What a change did, for its outcome record.
+struct Outcome {
+    version: Option<u64>,
+    summary: String,
+}
+
+fn behind(p: &Pushed) -> String {
+    match p.behind.is_empty() {
         true => String::new(),
         false => format!("; not following in time: {}", p.behind.join(", ")),
-    };
-    format!("version {} stored; {} live replicas following{behind}", p.version, p.enforcing.len())
+    }
+}
+
+fn outcome(p: &Pushed) -> Option<Outcome> {
+    let summary = format!(
+        "version {} stored; {} live replicas following{}",
+        p.version,
+        p.enforcing.len(),
+        behind(p)
+    );
+    Some(Outcome { version: Some(p.version), summary })
 }
 
 fn push_response(p: Pushed) -> v1::PushResponse {
@@ -153,7 +170,7 @@ impl Control for ControlService {
                 let base = Some(r.base_version).filter(|b| *b > 0);
                 let wait = wait(r.wait_ms, DEFAULT_WAIT);
                 let pushed = self.policy()?.push(files, base, &author, "push".into(), wait).await?;
-                Ok((push_response(pushed.clone()), Some(pushed)))
+                Ok((push_response(pushed.clone()), outcome(&pushed)))
             },
         )
         .await
@@ -172,7 +189,7 @@ impl Control for ControlService {
             let pushed = stored
                 .push(old.content, None, &author, note, wait(r.wait_ms, DEFAULT_WAIT))
                 .await?;
-            Ok((push_response(pushed.clone()), Some(pushed)))
+            Ok((push_response(pushed.clone()), outcome(&pushed)))
         })
         .await
     }
@@ -225,7 +242,7 @@ impl Control for ControlService {
         let ready = |s: &Self| s.keyring().map(|_| ());
         self.run("secretgate.v1.Control/AddKey", request, true, ready, |r, _, author| async move {
             let (id, pushed) = self.keyring()?.add(&author, wait(r.wait_ms, DEFAULT_WAIT)).await?;
-            Ok((key_response(id, pushed.clone()), Some(pushed)))
+            Ok((key_response(id, pushed.clone()), outcome(&pushed)))
         })
         .await
     }
@@ -239,7 +256,7 @@ impl Control for ControlService {
         self.run(method, request, true, ready, |r, _, author| async move {
             let wait = wait(r.wait_ms, DEFAULT_PROMOTE_WAIT);
             let pushed = self.keyring()?.promote(&r.id, &author, wait).await?;
-            Ok((key_response(r.id, pushed.clone()), Some(pushed)))
+            Ok((key_response(r.id, pushed.clone()), outcome(&pushed)))
         })
         .await
     }
@@ -258,9 +275,53 @@ impl Control for ControlService {
                 let files = TrustFiles { client_ca: r.client_ca, client_crl: r.client_crl };
                 let wait = wait(r.wait_ms, DEFAULT_WAIT);
                 let pushed = self.trust()?.push(files, None, &author, "push".into(), wait).await?;
-                Ok((push_response(pushed.clone()), Some(pushed)))
+                Ok((push_response(pushed.clone()), outcome(&pushed)))
             },
         )
+        .await
+    }
+
+    async fn reseal_control_state(
+        &self,
+        request: Request<v1::ResealRequest>,
+    ) -> Result<Response<v1::ResealResponse>, Status> {
+        let ready = |s: &Self| match (&s.policy, &s.keyring, &s.trust) {
+            (None, None, None) => Err(ApiError::Control(ControlError::NotInStore {
+                what: "control state",
+                setting: "authz.source, crypto.source and tls.client_trust_source",
+            })),
+            _ => Ok(()),
+        };
+        let method = "secretgate.v1.Control/ResealControlState";
+        self.run(method, request, true, ready, |r, _, author| async move {
+            let wait = wait(r.wait_ms, DEFAULT_WAIT);
+            let mut objects = Vec::new();
+            let mut kek_id = String::new();
+            let object = |kind: &str, p: Pushed| v1::ResealedObject {
+                kind: kind.into(),
+                version: p.version,
+                enforcing: p.enforcing,
+                behind: p.behind,
+            };
+            // The keyring first: values stay readable whatever happens after.
+            if let Some(k) = &self.keyring {
+                objects.push(object("keyring", k.reseal(&author, wait).await?));
+                kek_id = k.kek_id().to_owned();
+            }
+            if let Some(p) = &self.policy {
+                objects.push(object("policy", p.reseal(&author, wait).await?));
+                kek_id = p.kek_id().to_owned();
+            }
+            if let Some(t) = &self.trust {
+                objects.push(object("trust", t.reseal(&author, wait).await?));
+                kek_id = t.kek_id().to_owned();
+            }
+            let done: Vec<String> =
+                objects.iter().map(|o| format!("{} version {}", o.kind, o.version)).collect();
+            let summary = format!("sealed again under KEK {kek_id}: {}", done.join(", "));
+            let outcome = Outcome { version: None, summary };
+            Ok((v1::ResealResponse { objects, kek_id }, Some(outcome)))
+        })
         .await
     }
 
@@ -275,7 +336,7 @@ impl Control for ControlService {
             let records = usage.records.get(r.id.as_str()).copied().unwrap_or(0);
             let wait = wait(r.wait_ms, DEFAULT_WAIT);
             let pushed = self.keyring()?.retire(&r.id, records, &author, wait).await?;
-            Ok((key_response(r.id, pushed.clone()), Some(pushed)))
+            Ok((key_response(r.id, pushed.clone()), outcome(&pushed)))
         })
         .await
     }

@@ -101,3 +101,42 @@ pub(super) async fn status(conn: &ClientArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `secretgate kek-reseal`: every control object kept in the store sealed again under the
+/// gateway's current KEK.
+pub(super) async fn reseal(conn: &ClientArgs) -> anyhow::Result<()> {
+    let request = v1::ResealRequest { wait_ms: 0 };
+    let r = control(conn)
+        .await?
+        .reseal_control_state(request)
+        .await
+        .map_err(client::rpc_error)?
+        .into_inner();
+    let mut behind = Vec::new();
+    for o in &r.objects {
+        if conn.output == Output::Human {
+            println!(
+                "{} sealed again as version {}; {} live replica(s) follow it",
+                o.kind,
+                o.version,
+                o.enforcing.len()
+            );
+        }
+        behind.extend(o.behind.iter().map(|b| escaped(b).into_owned()));
+    }
+    match conn.output {
+        Output::Human => println!("under KEK {}", escaped(&r.kek_id)),
+        Output::Json => {
+            let objects: Vec<_> = r
+                .objects
+                .iter()
+                .map(|o| json!({"kind": o.kind, "version": o.version, "enforcing": o.enforcing, "behind": o.behind}))
+                .collect();
+            client::print_json(&json!({ "objects": objects, "kek_id": r.kek_id }));
+        }
+    }
+    if !behind.is_empty() {
+        bail!("these replicas did not follow in time: {}", behind.join(", "));
+    }
+    Ok(())
+}

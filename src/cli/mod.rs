@@ -195,6 +195,13 @@ enum Command {
         /// The file to create.
         path: PathBuf,
     },
+    /// KEK rotation: store every control object kept in the store again, unchanged, sealed
+    /// under the gateway's current KEK (`crypto.kek`), so that `crypto.previous_kek` can be
+    /// removed (needs `admin` on `/`).
+    KekReseal {
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
     /// Audit log tools: make the signing key; verify, query and follow the log files
     /// (offline); fetch the gateway's stored checkpoint (`audit checkpoint`, online).
     Audit {
@@ -296,6 +303,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Policy { dir, command } => policy::run(&dir, command).await,
         Command::Audit { command } => audit::run(command).await,
         Command::Trust { command } => trust::run(command).await,
+        Command::KekReseal { conn } => keys_store::reseal(&conn).await,
         Command::KekInit { path } => {
             crate::control::Kek::generate(&path)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;

@@ -127,6 +127,10 @@ pub struct CryptoConfig {
     /// "store"` and `crypto.source = "store"`; every replica of a tier holds the same one.
     /// Default: none.
     pub kek: PathBuf,
+    /// During a KEK rotation: the KEK before `kek`, still accepted for reading the control
+    /// state it sealed until `secretgate kek-reseal` has sealed it again under `kek`.
+    /// Default: none.
+    pub previous_kek: PathBuf,
     /// `"files"` (default): the keyring file `crypto.keyring`, reloaded when it changes.
     /// `"store"`: the keyring kept in the store, encrypted under the KEK, the same for every
     /// replica, changed with `secretgate keys … --store`; `crypto.keyring` seeds it once.
@@ -285,6 +289,7 @@ impl Default for CryptoConfig {
             keyring: PathBuf::from("keyring.toml"),
             reload_interval_secs: Ranged::of::<2>(),
             kek: PathBuf::new(),
+            previous_kek: PathBuf::new(),
             source: Source::Files,
         }
     }
@@ -366,6 +371,7 @@ impl Config {
             &mut self.tls.client_crl,
             &mut self.crypto.keyring,
             &mut self.crypto.kek,
+            &mut self.crypto.previous_kek,
             &mut self.authz.policies,
             &mut self.audit.path,
             &mut self.audit.signing_key,

@@ -26,6 +26,9 @@ pub struct Kek {
     /// Identifies the KEK without revealing it (the first bytes of a MAC over a fixed
     /// label), for error messages and status.
     id: String,
+    /// The KEK before it, during a KEK rotation (`crypto.previous_kek`): still accepted for
+    /// verifying and decrypting, never used to seal.
+    previous: Option<Box<Kek>>,
 }
 
 impl std::fmt::Debug for Kek {
@@ -100,7 +103,13 @@ impl Kek {
             .expect("a 32-byte ChaCha20-Poly1305 key");
         let enc = aead::LessSafeKey::new(unbound);
         let id = hex::encode(&hmac::sign(&mac, b"secretgate kek id").as_ref()[..4]);
-        Self { mac, enc, id }
+        Self { mac, enc, id, previous: None }
+    }
+
+    /// This KEK, also accepting what `previous` sealed (a KEK rotation in progress).
+    pub fn with_previous(mut self, previous: Kek) -> Self {
+        self.previous = Some(Box::new(previous));
+        self
     }
 
     /// A new random KEK written to `path` (mode 0600; an existing file is kept, not replaced).
@@ -157,16 +166,21 @@ impl Kek {
         let (nonce, body) = sealed.split_at(NONCE_LEN);
         let nonce = aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut buf = Zeroizing::new(body.to_vec());
-        let plain_len =
-            self.enc.open_in_place(nonce, aead::Aad::from(context), &mut buf).ok()?.len();
-        buf.truncate(plain_len);
-        Some(buf)
+        match self.enc.open_in_place(nonce, aead::Aad::from(context), &mut buf) {
+            Ok(plain) => {
+                let plain_len = plain.len();
+                buf.truncate(plain_len);
+                Some(buf)
+            }
+            Err(_) => self.previous.as_ref()?.decrypt(context, sealed),
+        }
     }
 
     /// Whether `tag` is the MAC of `parts` (compared in constant time).
     pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
-        tag.len() == 32 && bool::from(self.mac(parts).as_slice().ct_eq(tag))
+        let mine = tag.len() == 32 && bool::from(self.mac(parts).as_slice().ct_eq(tag));
+        mine || self.previous.as_ref().is_some_and(|p| p.verify(parts, tag))
     }
 }
 
@@ -197,6 +211,14 @@ mod tests {
         assert_eq!(&*kek.decrypt(b"keyring 3", &sealed).unwrap(), b"key material");
         assert!(kek.decrypt(b"keyring 4", &sealed).is_none(), "bound to its context");
         assert!(other.decrypt(b"keyring 3", &sealed).is_none(), "bound to its KEK");
+        // During a KEK rotation the new KEK still accepts what the previous one sealed, and
+        // seals only under itself.
+        let rotated = Kek::from_bytes(&[9u8; 32]).with_previous(Kek::load(&path).unwrap());
+        assert!(rotated.verify(&[b"policy", b"7", b"body"], &tag));
+        assert_eq!(&*rotated.decrypt(b"keyring 3", &sealed).unwrap(), b"key material");
+        let new_tag = rotated.mac(&[b"policy", b"7", b"body"]);
+        assert!(!kek.verify(&[b"policy", b"7", b"body"], &new_tag));
+        assert!(kek.decrypt(b"k", &rotated.encrypt(b"k", b"x").unwrap()).is_none());
     }
 
     #[test]

@@ -82,6 +82,18 @@ impl Kind for KeyringKind {
     fn reported(record: &ReplicaRecord) -> Option<u64> {
         number(&record.keyring)
     }
+
+    fn rebind(
+        ctx: &(),
+        kek: &Kek,
+        content: &SealedKeyring,
+        from: u64,
+        to: u64,
+    ) -> Result<SealedKeyring, ControlError> {
+        // Encrypted bound to its version: opened (under either KEK) and sealed again.
+        let ring = Self::build(ctx, kek, from, content).map_err(ControlError::Keyring)?;
+        SealedKeyring::seal(kek, to, &ring)
+    }
 }
 
 impl StoredKeyring {

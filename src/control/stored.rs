@@ -53,6 +53,17 @@ pub trait Kind: Send + Sync + 'static {
     /// Whether sealed writes are fenced on this kind's next version (the keyring: see
     /// [`Store::fence_writes`]).
     const FENCES_WRITES: bool = false;
+    /// Stored version `from`'s content as content for version `to` (sealed under the KEK in
+    /// force): the same content, unless it is bound to its version or encrypted.
+    fn rebind(
+        _ctx: &Self::Context,
+        _kek: &Kek,
+        content: &Self::Content,
+        _from: u64,
+        _to: u64,
+    ) -> Result<Self::Content, ControlError> {
+        Ok(content.clone())
+    }
 }
 
 /// One stored version (the record's body, JSON).
@@ -207,6 +218,11 @@ impl<K: Kind> Stored<K> {
         &self.kek
     }
 
+    /// The id of the KEK new versions are sealed under.
+    pub fn kek_id(&self) -> &str {
+        self.kek.id()
+    }
+
     /// Spawns the follower: a new look at the store on each control change the store's feed
     /// reports (and every 30 s).
     pub fn follow(self: &Arc<Self>) -> JoinHandle<()> {
@@ -319,6 +335,18 @@ impl<K: Kind> Stored<K> {
             .wait_for_tier(wait, |r| K::reported(r).is_some_and(|n| n >= version))
             .await?
             .into_pushed(version))
+    }
+
+    /// Stores the version in force again, unchanged, as the next version sealed under the
+    /// KEK in force: the step of a KEK rotation after which the previous KEK can go.
+    pub async fn reseal(&self, author: &str, wait: Duration) -> Result<Pushed, ControlError> {
+        let _one = self.changing.lock().await;
+        self.refresh().await?;
+        let base = self.accepted();
+        let body = self.version(base).await?;
+        let content = K::rebind(&self.ctx, &self.kek, &body.content, base, base + 1)?;
+        let note = format!("version {base} sealed again under KEK {}", self.kek.id());
+        self.push(content, Some(base), author, note, wait).await
     }
 
     /// Stored version `version`, verified.
