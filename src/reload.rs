@@ -51,6 +51,11 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         })
     }
 
+    /// What it is (`keyring`, `policy`, `client trust`): in logs and metrics.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
     /// The value in force.
     pub fn current(&self) -> Arc<T> {
         // A poisoned lock only means a writer panicked mid-swap; the Arc inside is whole.

@@ -188,6 +188,13 @@ async fn raw_etcd_writes_of_control_state_are_refused_and_the_last_good_version_
     let gw = TestGateway::start_with(|c| {
         cluster.configure(c, PREFIX, 5000);
         stored_policy(c, &kek);
+        c.metrics.listen = "127.0.0.1:0".into();
+    })
+    .await;
+    // A second replica: every refusal below holds on both.
+    let other_replica = TestGateway::start_with(|c| {
+        cluster.configure(c, PREFIX, 5000);
+        stored_policy(c, &kek);
     })
     .await;
     let mut pusher = control(&gw, ADMIN).await;
@@ -220,18 +227,21 @@ async fn raw_etcd_writes_of_control_state_are_refused_and_the_last_good_version_
     etcd.put(key(3), forged, None).await.unwrap();
     let why = refused(&gw, "not authenticated").await;
     assert!(why.contains("version 3"), "{why}");
+    refused(&other_replica, "not authenticated").await;
     assert_eq!(mallory_admin().await, Err(Code::PermissionDenied));
     assert_eq!(policy_version(&gw).await, v2);
 
     // 2. Replayed: version 1's genuine record put back as a newer version.
     etcd.put(key(3), genuine_v1.clone(), None).await.unwrap();
     refused(&gw, "stored as another").await;
+    refused(&other_replica, "stored as another").await;
     assert_eq!(policy_version(&gw).await, v2);
 
     // 3. Rolled back: the newer versions deleted, so version 1 looks newest again.
     etcd.delete(key(3), None).await.unwrap();
     etcd.delete(key(2), None).await.unwrap();
     refused(&gw, "older than version 2 in force").await;
+    refused(&other_replica, "older than version 2 in force").await;
     assert_eq!(policy_version(&gw).await, v2);
 
     // 4. Altered in place: version 2's record with its body changed.
@@ -240,8 +250,18 @@ async fn raw_etcd_writes_of_control_state_are_refused_and_the_last_good_version_
     altered[at] ^= 0x20;
     etcd.put(key(2), altered, None).await.unwrap();
     refused(&gw, "changed in the store after this replica accepted it").await;
+    refused(&other_replica, "changed in the store after this replica accepted it").await;
     assert_eq!(policy_version(&gw).await, v2);
+    assert_eq!(policy_version(&other_replica).await, v2);
     assert_eq!(mallory_admin().await, Err(Code::PermissionDenied));
+    // Counted in the metrics too.
+    let scraped = secretgate_testkit::http_get(gw.metrics_addr().unwrap(), "/metrics", None).await;
+    let refusals = scraped
+        .lines()
+        .find_map(|l| l.strip_prefix("secretgate_reload_failures_total{what=\"policy\"} "))
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(refusals >= 4.0, "{refusals} refusals counted");
 
     // Put right, and a new push works again on top.
     etcd.put(key(2), genuine_v2, None).await.unwrap();

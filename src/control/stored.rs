@@ -290,7 +290,7 @@ impl<K: Kind> Stored<K> {
             }
         }
         if let Some(why) = refused {
-            crate::metrics::reload_failed(name);
+            crate::metrics::reload_failed(self.handle.what());
             tracing::error!(%why, "stored control state refused; the version in force stays");
             self.handle.refuse(why);
         }
