@@ -284,3 +284,27 @@ fn policy_push_history_and_rollback_against_the_dev_gateway() {
     assert_eq!(h["versions"][0]["fingerprint"], h["versions"][2]["fingerprint"]);
     assert_eq!(h["versions"][1]["author"], "spiffe://dev.secretgate/admin");
 }
+
+#[test]
+fn keys_on_the_keyring_kept_in_the_store_against_the_dev_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = DevGateway::start_env(dir.path(), &[("SECRETGATE_CRYPTO_SOURCE", "store")]);
+    let out = stdout(&gw.cli(dir.path(), &["put", "/demo/k", "v"], None));
+    assert!(out.contains("version 1"), "{out}");
+    let out = stdout(&gw.cli(dir.path(), &["keys", "add", "--store"], None));
+    assert!(out.contains("in keyring version 2; 1 live replica(s) follow it"), "{out}");
+    let id = out.split_whitespace().nth(3).unwrap().to_owned();
+    let out = stdout(&gw.cli(dir.path(), &["keys", "promote", &id, "--store"], None));
+    assert!(out.contains(&format!("promoted {id} in keyring version 3")), "{out}");
+    let out = stdout(&gw.cli(dir.path(), &["keys", "status", "--store"], None));
+    assert!(out.contains("(kept in the store)") && out.contains(&id), "{out}");
+    assert!(out.lines().any(|l| l.starts_with(&id) && l.contains("primary")), "{out}");
+    let out = stdout(&gw.cli(dir.path(), &["kek-reseal"], None));
+    assert!(out.contains("keyring sealed again as version 4"), "{out}");
+    let out = stdout(&gw.cli(dir.path(), &["get", "/demo/k"], None));
+    assert!(out.contains('v'), "{out}");
+    // The file mode's commands refuse to pretend: the gateway's keyring is not the file's.
+    let refused = gw.cli(dir.path(), &["keys", "retire", &id, "--store"], None);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains(&id));
+}

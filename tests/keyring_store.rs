@@ -106,6 +106,11 @@ async fn add_promote_rewrap_retire_on_the_keyring_kept_in_the_store() {
     let refused = c.retire_key(KeyRequest { id: k2.clone(), wait_ms: 0 }).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
 
+    // An unknown key is refused at once, not after waiting for the tier.
+    let started = Instant::now();
+    let unknown = c.promote_key(KeyRequest { id: "k-none".into(), wait_ms: 0 }).await;
+    assert_eq!(unknown.unwrap_err().code(), Code::FailedPrecondition);
+    assert!(started.elapsed() < Duration::from_secs(5));
     rewrap(&gw).await;
     let retired = c.retire_key(KeyRequest { id: k1.clone(), wait_ms: 0 }).await.unwrap();
     assert_eq!(retired.get_ref().version, 4);

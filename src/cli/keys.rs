@@ -92,7 +92,7 @@ pub(super) async fn run(keyring: &Path, command: KeysCommand) -> anyhow::Result<
         KeysCommand::Retire { id, store: true, conn } => {
             super::keys_store::retire(&id, &conn).await?
         }
-        KeysCommand::Status { store: true, conn } => super::keys_store::status(&conn).await?,
+        KeysCommand::Status { store: true, conn } => status(None, &conn).await?,
         KeysCommand::Add { .. } => {
             let mut ring = Keyring::load(keyring)?;
             let id = ring.add()?;
@@ -109,7 +109,7 @@ pub(super) async fn run(keyring: &Path, command: KeysCommand) -> anyhow::Result<
                 "{id} is now primary; once every gateway has reloaded, run: secretgate keys rewrap"
             );
         }
-        KeysCommand::Status { conn, .. } => status(keyring, &conn).await?,
+        KeysCommand::Status { conn, .. } => status(Some(keyring), &conn).await?,
         KeysCommand::Rewrap { conn } => rewrap(&conn).await?,
         KeysCommand::Retire { id, conn, .. } => retire(keyring, &id, &conn).await?,
     }
@@ -122,32 +122,36 @@ pub(super) async fn admin(
     Ok(AdminClient::new(client::channel(conn).await?))
 }
 
-async fn status(keyring: &Path, conn: &ClientArgs) -> anyhow::Result<()> {
-    let file = Keyring::load(keyring)?;
+/// Each key's state and record count, from the gateway; compared with the keyring file, or
+/// (`keyring` = `None`) the keyring kept in the store.
+async fn status(keyring: Option<&Path>, conn: &ClientArgs) -> anyhow::Result<()> {
+    let file = keyring.map(Keyring::load).transpose()?;
     let resp = admin(conn)
         .await?
         .key_status(v1::KeyStatusRequest {})
         .await
         .map_err(client::rpc_error)?
         .into_inner();
-    let in_sync = resp.keyring_version == file.version();
+    let in_sync = file.as_ref().is_none_or(|f| resp.keyring_version == f.version());
     match conn.output {
         Output::Human => {
             println!("{:<24} {:<8} {:<22} RECORDS", "KEY", "STATE", "CREATED");
             for k in &resp.keys {
                 println!("{:<24} {:<8} {:<22} {}", k.id, k.state, k.created, k.records);
             }
+            let compared = match (&file, in_sync) {
+                (None, _) => "kept in the store",
+                (Some(_), true) => "same as the file",
+                (Some(_), false) => "DIFFERS from the file: not reloaded yet",
+            };
             println!(
-                "records: {} total, {} unreadable; gateway keyring {} ({})",
-                resp.total_records,
-                resp.unreadable_records,
-                resp.keyring_version,
-                if in_sync {
-                    "same as the file"
-                } else {
-                    "DIFFERS from the file: not reloaded yet"
-                }
+                "records: {} total, {} unreadable; gateway keyring {} ({compared})",
+                resp.total_records, resp.unreadable_records, resp.keyring_version,
             );
+            if file.is_none() && !resp.reload_error.is_empty() {
+                let why = crate::text::escaped(&resp.reload_error);
+                println!("REFUSED a newer stored version: {why}");
+            }
         }
         Output::Json => {
             let keys: Vec<_> = resp
@@ -158,7 +162,8 @@ async fn status(keyring: &Path, conn: &ClientArgs) -> anyhow::Result<()> {
             println!(
                 "{}",
                 json!({
-                    "keyring_version": resp.keyring_version, "file_version": file.version(),
+                    "keyring_version": resp.keyring_version,
+                    "file_version": file.as_ref().map(|f| f.version()),
                     "in_sync": in_sync, "keys": keys, "total_records": resp.total_records,
                     "unreadable_records": resp.unreadable_records, "reload_error": resp.reload_error,
                 })

@@ -5,7 +5,7 @@
 use anyhow::bail;
 use serde_json::json;
 
-use super::{ClientArgs, Output, client, keys::admin};
+use super::{ClientArgs, Output, client};
 use crate::{
     proto::v1::{self, control_client::ControlClient},
     text::escaped,
@@ -63,43 +63,6 @@ pub(super) async fn retire(id: &str, conn: &ClientArgs) -> anyhow::Result<()> {
     let request = v1::KeyRequest { id: id.to_owned(), wait_ms: 0 };
     let r = control(conn).await?.retire_key(request).await.map_err(client::rpc_error)?.into_inner();
     report("retired", &r, conn)
-}
-
-pub(super) async fn status(conn: &ClientArgs) -> anyhow::Result<()> {
-    let resp = admin(conn)
-        .await?
-        .key_status(v1::KeyStatusRequest {})
-        .await
-        .map_err(client::rpc_error)?
-        .into_inner();
-    match conn.output {
-        Output::Human => {
-            println!("{:<24} {:<8} {:<22} RECORDS", "KEY", "STATE", "CREATED");
-            for k in &resp.keys {
-                println!("{:<24} {:<8} {:<22} {}", k.id, k.state, k.created, k.records);
-            }
-            println!(
-                "records: {} total, {} unreadable; keyring version {} (kept in the store)",
-                resp.total_records, resp.unreadable_records, resp.keyring_version
-            );
-            if !resp.reload_error.is_empty() {
-                println!("REFUSED a newer stored version: {}", escaped(&resp.reload_error));
-            }
-        }
-        Output::Json => {
-            let keys: Vec<_> = resp
-                .keys
-                .iter()
-                .map(|k| json!({"id": k.id, "state": k.state, "created": k.created, "records": k.records}))
-                .collect();
-            client::print_json(&json!({
-                "keyring_version": resp.keyring_version, "keys": keys,
-                "total_records": resp.total_records, "unreadable_records": resp.unreadable_records,
-                "reload_error": resp.reload_error,
-            }));
-        }
-    }
-    Ok(())
 }
 
 /// `secretgate kek-reseal`: every control object kept in the store sealed again under the

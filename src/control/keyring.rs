@@ -139,6 +139,10 @@ impl StoredKeyring {
         wait: Duration,
     ) -> Result<Pushed, ControlError> {
         let _one = self.changing.lock().await;
+        // What the keyring itself refuses (an unknown or retired key) is refused at once.
+        let mut trial = Keyring::parse(&self.current().to_toml())
+            .map_err(|e| ControlError::Keyring(e.to_string()))?;
+        trial.promote(id).map_err(|e| ControlError::Keyring(e.to_string()))?;
         let tier = self.wait_for_tier(wait, |r| r.keyring_keys.iter().any(|k| k == id)).await?;
         if !tier.waiting.is_empty() {
             return Err(ControlError::TierNotReady(format!(
@@ -170,6 +174,10 @@ impl StoredKeyring {
                  run `secretgate keys rewrap` first"
             )));
         }
+        // What the keyring itself refuses (an unknown key, the primary) is refused at once.
+        let mut trial = Keyring::parse(&self.current().to_toml())
+            .map_err(|e| ControlError::Keyring(e.to_string()))?;
+        trial.retire(id).map_err(|e| ControlError::Keyring(e.to_string()))?;
         let tier = self.wait_for_tier(wait, |r| r.keyring_primary != id).await?;
         if !tier.waiting.is_empty() {
             return Err(ControlError::TierNotReady(format!(
