@@ -160,11 +160,20 @@ impl Gateway {
                 Some(Arc::new(kek))
             }
         };
-        let (trust, load_trust, stored_trust) =
-            load_trust(config, &server_cert, &store, kek.as_ref(), &applied).await?;
+        // Only with control state in the store (else nothing is marked, and the file is not
+        // read).
+        let state_file = match kek {
+            Some(_) => config.replica.state_file.as_path(),
+            None => std::path::Path::new(""),
+        };
+        let marks =
+            Arc::new(crate::control::HighWater::load(state_file, &config.store.identity())?);
+        let follow =
+            load::Follow { store: &store, kek: kek.as_ref(), applied: &applied, marks: &marks };
+        let (trust, load_trust, stored_trust) = load_trust(config, &server_cert, &follow).await?;
         tracing::info!(client_ca = %config.tls.client_ca.display(), source = ?config.tls.client_trust_source, version = %trust.current().describe(), "client trust loaded");
-        let (keys, stored_keyring) = load_keyring(config, &store, kek.as_ref(), &applied).await?;
-        let (authz, stored_policy) = load_policy(config, &store, kek.as_ref(), &applied).await?;
+        let (keys, stored_keyring) = load_keyring(config, &follow).await?;
+        let (authz, stored_policy) = load_policy(config, &follow).await?;
         tracing::info!(
             policies = %config.authz.policies.display(),
             source = ?config.authz.source,

@@ -243,6 +243,19 @@ async fn raw_etcd_writes_of_control_state_are_refused_and_the_last_good_version_
     refused(&gw, "older than version 2 in force").await;
     refused(&other_replica, "older than version 2 in force").await;
     assert_eq!(policy_version(&gw).await, v2);
+    // A replica restarted now refuses to start on the older version (its state file).
+    let mut other_replica = other_replica;
+    other_replica.stop().await;
+    let config = other_replica.config.clone().check().unwrap();
+    let refused_start = secretgate::Gateway::start(&config).await.err().unwrap().to_string();
+    assert!(
+        refused_start.contains("older than version 2 this replica enforced before"),
+        "{refused_start}"
+    );
+    etcd.put(key(2), genuine_v2.clone(), None).await.unwrap();
+    other_replica.start_again().await;
+    assert_eq!(policy_version(&other_replica).await, v2);
+    etcd.delete(key(2), None).await.unwrap();
 
     // 4. Altered in place: version 2's record with its body changed.
     let mut altered = genuine_v2.clone();

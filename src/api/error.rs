@@ -289,9 +289,11 @@ fn control_code(e: &crate::control::ControlError) -> Code {
     use crate::control::ControlError as E;
     match e {
         E::Invalid(_) | E::Refused(_) | E::TooLarge { .. } => Code::InvalidArgument,
-        E::Raced { .. } | E::NotInStore { .. } | E::TierNotReady(_) | E::Keyring(_) => {
-            Code::FailedPrecondition
-        }
+        E::Raced { .. }
+        | E::NotInStore { .. }
+        | E::TierNotReady(_)
+        | E::Keyring(_)
+        | E::RolledBack { .. } => Code::FailedPrecondition,
         E::Version { .. } => Code::NotFound,
         E::Store(StoreError::NoQuorum(_) | StoreError::Unavailable(_)) => Code::Unavailable,
         E::Store(StoreError::OutcomeUnknown(_)) => Code::Unavailable,

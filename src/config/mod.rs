@@ -372,6 +372,7 @@ impl Config {
             &mut self.crypto.keyring,
             &mut self.crypto.kek,
             &mut self.crypto.previous_kek,
+            &mut self.replica.state_file,
             &mut self.authz.policies,
             &mut self.audit.path,
             &mut self.audit.signing_key,

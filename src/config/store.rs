@@ -87,6 +87,15 @@ impl Default for EtcdConfig {
 }
 
 impl StoreConfig {
+    /// What identifies the store's contents for `replica.state_file`: the etcd prefix, or
+    /// the embedded file (not the members, which may be replaced).
+    pub fn identity(&self) -> String {
+        match self {
+            Self::Etcd(e) => format!("etcd prefix {}", e.prefix),
+            Self::Embedded { path } => format!("embedded {}", path.display()),
+        }
+    }
+
     /// Where the store is, for the log: the file, or the etcd endpoints and prefix.
     pub fn describe(&self) -> String {
         match self {

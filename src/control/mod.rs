@@ -9,6 +9,7 @@
 //! version nor bring back an older genuine one. The keyring's data keys are also encrypted
 //! under the KEK.
 
+mod highwater;
 mod kek;
 pub mod keyring;
 pub mod policy;
@@ -18,6 +19,7 @@ pub mod trust;
 
 use crate::{authz::PolicyError, store::StoreError};
 
+pub use highwater::HighWater;
 pub use kek::{KEK_LEN, Kek, KekError};
 pub use keyring::StoredKeyring;
 pub use policy::StoredPolicy;
@@ -68,6 +70,21 @@ pub enum ControlError {
     /// A keyring step that does not apply (unknown key, wrong state, records still sealed).
     #[error("{0}")]
     Keyring(String),
+    /// The store's newest usable version is older than one this replica enforced before.
+    #[error(
+        "the store's newest usable {kind} version is {newest}, older than version {mark} this \
+         replica enforced before (replica.state_file): the store was rolled back or its newest \
+         versions deleted. Restore them; or, if the rollback is intended (a restored backup), \
+         remove replica.state_file on every replica"
+    )]
+    RolledBack {
+        /// `policy`, `keyring` or `trust`.
+        kind: &'static str,
+        /// The newest usable stored version.
+        newest: u64,
+        /// The highest version enforced before.
+        mark: u64,
+    },
     /// This gateway takes this control object from files.
     #[error("this gateway's {what} comes from its files ({setting} = \"files\"), not the store")]
     NotInStore {

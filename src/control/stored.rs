@@ -14,7 +14,7 @@ use std::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::{sync::Notify, task::JoinHandle, time::Instant};
 
-use super::{ControlError, Kek, record};
+use super::{ControlError, HighWater, Kek, record};
 use crate::{
     registry::ReplicaRecord,
     reload::Reloadable,
@@ -113,6 +113,8 @@ pub struct Stored<K: Kind> {
     accepted: Mutex<(u64, [u8; 32])>,
     /// Poked when a new version is in force (the registry then writes this replica's record).
     applied: Arc<Notify>,
+    /// The versions put in force, kept across restarts.
+    marks: Arc<HighWater>,
     /// Serializes this replica's read-modify-write changes (keyring steps).
     pub(super) changing: tokio::sync::Mutex<()>,
 }
@@ -132,7 +134,7 @@ impl<K: Kind> Stored<K> {
     /// note (once: of replicas starting together, one stores it and the others take it).
     pub async fn initial(
         store: &Arc<dyn Store>,
-        kek: &Kek,
+        (kek, marks): (&Kek, &HighWater),
         ctx: &K::Context,
         seed: impl Fn() -> Result<(K::Content, String), ControlError>,
     ) -> Result<(K::Value, u64, [u8; 32]), ControlError> {
@@ -165,6 +167,11 @@ impl<K: Kind> Stored<K> {
                         for why in &refused {
                             tracing::error!(kind = K::NAME, %why, "stored version refused");
                         }
+                        let mark = marks.mark(K::NAME);
+                        if *version < mark {
+                            let newest = *version;
+                            return Err(ControlError::RolledBack { kind: K::NAME, newest, mark });
+                        }
                         return Ok((value, *version, digest(bytes)));
                     }
                     Err(why) => refused.push(format!("version {version}: {why}")),
@@ -187,8 +194,9 @@ impl<K: Kind> Stored<K> {
         (kek, ctx): (Arc<Kek>, K::Context),
         handle: Arc<Reloadable<K::Value>>,
         (version, digest): (u64, [u8; 32]),
-        applied: Arc<Notify>,
+        (applied, marks): (Arc<Notify>, Arc<HighWater>),
     ) -> Arc<Self> {
+        marks.raise(K::NAME, version);
         if K::FENCES_WRITES {
             store.fence_writes(K::NAME, version + 1);
         }
@@ -199,6 +207,7 @@ impl<K: Kind> Stored<K> {
             handle,
             accepted: Mutex::new((version, digest)),
             applied,
+            marks,
             changing: tokio::sync::Mutex::new(()),
         })
     }
@@ -276,6 +285,7 @@ impl<K: Kind> Stored<K> {
                     }
                     *slot = (*version, digest(bytes));
                     self.handle.replace(value);
+                    self.marks.raise(name, *version);
                     if K::FENCES_WRITES {
                         self.store.fence_writes(name, version + 1);
                     }

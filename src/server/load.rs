@@ -9,7 +9,8 @@ use crate::{
     authz::Authorizer,
     config::{Source, ValidConfig},
     control::{
-        ControlError, Kek, StoredKeyring, StoredPolicy, StoredTrust, keyring::SealedKeyring, trust,
+        ControlError, HighWater, Kek, StoredKeyring, StoredPolicy, StoredTrust,
+        keyring::SealedKeyring, trust,
     },
     crypto::{Keyring, KeyringHandle},
     reload::Reloadable,
@@ -17,17 +18,30 @@ use crate::{
     tls::{self, ClientTrust, Loader, ServerCertHandle, TrustHandle},
 };
 
+/// What following control state in the store needs: the store, the KEK (none without a
+/// `"store"` source), the notice for the registry, and the versions enforced before.
+pub(super) struct Follow<'a> {
+    pub(super) store: &'a Arc<dyn Store>,
+    pub(super) kek: Option<&'a Arc<Kek>>,
+    pub(super) applied: &'a Arc<tokio::sync::Notify>,
+    pub(super) marks: &'a Arc<HighWater>,
+}
+
+impl Follow<'_> {
+    fn notices(&self) -> (Arc<tokio::sync::Notify>, Arc<HighWater>) {
+        (Arc::clone(self.applied), Arc::clone(self.marks))
+    }
+}
+
 /// Loads the client trust: `tls.client_ca` and `tls.client_crl` (with the loader that
 /// reloads them), or the newest usable version in the store, seeded from those files once.
 pub(super) async fn load_trust(
     config: &ValidConfig,
     cert: &ServerCertHandle,
-    store: &Arc<dyn Store>,
-    kek: Option<&Arc<Kek>>,
-    applied: &Arc<tokio::sync::Notify>,
+    f: &Follow<'_>,
 ) -> Result<(TrustHandle, Option<Loader<ClientTrust>>, Option<Arc<StoredTrust>>), StartError> {
     let tls = &config.tls;
-    let Some(kek) = kek.filter(|_| tls.client_trust_source == Source::Store) else {
+    let Some(kek) = f.kek.filter(|_| tls.client_trust_source == Source::Store) else {
         let (handle, load) = tls::client_trust(tls, cert)?;
         return Ok((handle, Some(load), None));
     };
@@ -44,14 +58,15 @@ pub(super) async fn load_trust(
         Ok((files, format!("import from {}", tls.client_ca.display())))
     };
     let ctx = trust::context(tls, cert);
-    let (value, version, digest) = StoredTrust::initial(store, kek, &ctx, seed).await?;
+    let (value, version, digest) =
+        StoredTrust::initial(f.store, (kek, f.marks), &ctx, seed).await?;
     let handle = Reloadable::new(value, &tls.client_ca, "client trust");
     let stored = StoredTrust::new(
-        Arc::clone(store),
+        Arc::clone(f.store),
         (Arc::clone(kek), ctx),
         Arc::clone(&handle),
         (version, digest),
-        Arc::clone(applied),
+        f.notices(),
     );
     Ok((handle, None, Some(stored)))
 }
@@ -60,27 +75,26 @@ pub(super) async fn load_trust(
 /// newest usable version in the store, followed from then on.
 pub(super) async fn load_policy(
     config: &ValidConfig,
-    store: &Arc<dyn Store>,
-    kek: Option<&Arc<Kek>>,
-    applied: &Arc<tokio::sync::Notify>,
+    f: &Follow<'_>,
 ) -> Result<(Authorizer, Option<Arc<StoredPolicy>>), StartError> {
     let dir = &config.authz.policies;
-    let Some(kek) = kek.filter(|_| config.authz.source == Source::Store) else {
+    let Some(kek) = f.kek.filter(|_| config.authz.source == Source::Store) else {
         return Ok((Authorizer::load(dir)?, None));
     };
     let seed = || {
         let files = crate::authz::PolicyFiles::read_dir(dir)?;
         Ok((files, format!("import from {}", dir.display())))
     };
-    let (policy, version, digest) = StoredPolicy::initial(store, kek, &(), seed).await?;
+    let (policy, version, digest) =
+        StoredPolicy::initial(f.store, (kek, f.marks), &(), seed).await?;
     let authz = Authorizer::with_policy(policy, dir);
     let handle = Arc::clone(authz.handle());
     let stored = StoredPolicy::new(
-        Arc::clone(store),
+        Arc::clone(f.store),
         (Arc::clone(kek), ()),
         handle,
         (version, digest),
-        Arc::clone(applied),
+        f.notices(),
     );
     Ok((authz, Some(stored)))
 }
@@ -89,12 +103,10 @@ pub(super) async fn load_policy(
 /// up), or the newest usable version in the store (followed), seeded from that file once.
 pub(super) async fn load_keyring(
     config: &ValidConfig,
-    store: &Arc<dyn Store>,
-    kek: Option<&Arc<Kek>>,
-    applied: &Arc<tokio::sync::Notify>,
+    f: &Follow<'_>,
 ) -> Result<(KeyringHandle, Option<Arc<StoredKeyring>>), StartError> {
     let path = &config.crypto.keyring;
-    let Some(kek) = kek.filter(|_| config.crypto.source == Source::Store) else {
+    let Some(kek) = f.kek.filter(|_| config.crypto.source == Source::Store) else {
         let ring = Keyring::load(path)?;
         tracing::info!(keyring = %path.display(), version = ring.version(), primary = %ring.primary().id, "keyring loaded");
         return Ok((Reloadable::new(ring, path, "keyring"), None));
@@ -103,15 +115,16 @@ pub(super) async fn load_keyring(
         let ring = Keyring::load(path).map_err(|e| ControlError::Keyring(e.to_string()))?;
         Ok((SealedKeyring::seal(kek, 1, &ring)?, format!("import from {}", path.display())))
     };
-    let (ring, version, digest) = StoredKeyring::initial(store, kek, &(), seed).await?;
+    let (ring, version, digest) =
+        StoredKeyring::initial(f.store, (kek, f.marks), &(), seed).await?;
     tracing::info!(version = ring.version(), primary = %ring.primary().id, "keyring loaded from the store");
     let handle = Reloadable::new(ring, path, "keyring");
     let stored = StoredKeyring::new(
-        Arc::clone(store),
+        Arc::clone(f.store),
         (Arc::clone(kek), ()),
         Arc::clone(&handle),
         (version, digest),
-        Arc::clone(applied),
+        f.notices(),
     );
     Ok((handle, Some(stored)))
 }

@@ -169,6 +169,7 @@ impl TestGateway {
         config.authz.policies = dir.path().join("policies");
         config.authz.reload_interval_secs = secretgate::config::Ranged::of::<1>();
         write_policy(&config.authz.policies, csv);
+        config.replica.state_file = dir.path().join("replica-state.json");
         config.audit.path = dir.path().join("audit/audit.log");
         config.audit.signing_key = dir.path().join("audit.key");
         secretgate::audit::SigningKey::generate().unwrap().save(&config.audit.signing_key).unwrap();
