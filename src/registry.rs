@@ -26,18 +26,22 @@ pub struct Standing {
     /// loaded at start are current).
     renewed: Mutex<Option<Instant>>,
     lease: Duration,
+    /// Only a replica that follows control state in the store can miss a change while cut
+    /// off; one whose control state comes from its own files never lapses.
+    follows_store: bool,
 }
 
 impl Standing {
-    /// A replica registering under leases of `lease`.
-    pub fn new(lease: Duration) -> Arc<Self> {
-        Arc::new(Self { renewed: Mutex::new(None), lease })
+    /// A replica registering under leases of `lease`, following control state in the store
+    /// or not.
+    pub fn new(lease: Duration, follows_store: bool) -> Arc<Self> {
+        Arc::new(Self { renewed: Mutex::new(None), lease, follows_store })
     }
 
     /// Whether the lease lapsed: no renewal began within the last lease.
     pub fn lapsed(&self) -> bool {
         let renewed = *self.renewed.lock().unwrap_or_else(|e| e.into_inner());
-        renewed.is_some_and(|at| at.elapsed() >= self.lease)
+        self.follows_store && renewed.is_some_and(|at| at.elapsed() >= self.lease)
     }
 
     fn renewed(&self, at: Instant) {

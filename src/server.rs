@@ -232,7 +232,10 @@ impl Gateway {
             server_cert: Arc::clone(&server_cert),
             trust: Arc::clone(&trust),
             applied,
-            standing: crate::registry::Standing::new(config.replica.lease_secs.secs()),
+            standing: crate::registry::Standing::new(
+                config.replica.lease_secs.secs(),
+                stored_policy.is_some() || stored_keyring.is_some() || stored_trust.is_some(),
+            ),
         });
         let replica_id = match config.replica.id.as_str() {
             "" => crate::registry::default_id(addr.port()),

@@ -210,6 +210,11 @@ impl Members {
     }
 
     /// The next member in turn that is not cooling down; if all are, the next in turn.
+    /// How many members there are.
+    pub(super) fn len(&self) -> usize {
+        self.members.len()
+    }
+
     fn pick(&self) -> &Member {
         let now = Instant::now();
         let n = self.members.len();

@@ -45,7 +45,9 @@ impl EtcdStore {
     }
 
     /// Writes this replica's record, renewing its lease (or taking a new one when it
-    /// lapsed: the replica was paused or cut off longer than `ttl`).
+    /// lapsed: the replica was paused or cut off longer than `ttl`). Each step is tried on
+    /// the members in turn until one answers or the store timeout passes, so one slow or
+    /// dead member does not make the replica miss a renewal.
     pub(super) async fn register(
         &self,
         id: &str,
@@ -61,32 +63,68 @@ impl EtcdStore {
         if !renewed {
             let secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
             let granted = self
-                .members
-                .lease_attempt(deadline, |mut c| async move { c.grant(secs, None).await })
-                .await
-                .map_err(unavailable)?;
+                .on_any_member(deadline, || async move {
+                    self.members
+                        .lease_attempt(deadline, |mut c| async move { c.grant(secs, None).await })
+                        .await
+                })
+                .await?;
             *lease = Some(granted.id());
         }
         let (key, value) = (format!("{}replicas/{id}", self.prefix), record.to_vec());
         let options = PutOptions::new().with_lease(lease.unwrap_or_default());
-        self.members
-            .attempt(deadline, |mut kv| async move { kv.put(key, value, Some(options)).await })
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.retry("register_replica", true, |deadline| {
+            let (key, value, options) = (key.clone(), value.clone(), options.clone());
+            async move {
+                let put = |mut kv: etcd_client::KvClient| async move {
+                    kv.put(key, value, Some(options)).await
+                };
+                self.members.attempt(deadline, put).await.map(|_| ())
+            }
+        })
+        .await
     }
 
-    /// Renews lease `id`; false when it expired or the renewal failed. etcd-client's
-    /// `keep_alive` sends one renewal and reads its answer itself (an error when the lease
-    /// is gone), so its success is the renewal: waiting on the stream for another answer
-    /// would wait for one that never comes (and did: every renewal timed out and took a new
-    /// lease, leaving the old one to expire).
+    /// Renews lease `id` on the first member that answers; false when none renews it before
+    /// `deadline` (every member tried says it expired, or none answers).
     async fn renew(&self, id: i64, deadline: Instant) -> bool {
-        let answer = self
-            .members
-            .lease_attempt(deadline, |mut c| async move { c.keep_alive(id).await.map(|_| ()) })
-            .await;
-        answer.is_ok()
+        let tries = self.members.len();
+        for _ in 0..tries {
+            // etcd-client's `keep_alive` sends one renewal and reads its answer itself (an
+            // error when the lease is gone), so its success is the renewal: waiting on the
+            // stream for another answer would wait for one that never comes (and did: every
+            // renewal timed out and took a new lease, leaving the old one to expire).
+            let answer = self
+                .members
+                .lease_attempt(deadline, |mut c| async move { c.keep_alive(id).await.map(|_| ()) })
+                .await;
+            if answer.is_ok() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        false
+    }
+
+    /// Runs `once` (one try on the next member) until it succeeds or `deadline` passes.
+    async fn on_any_member<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        mut once: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        loop {
+            match once().await {
+                Ok(v) => return Ok(v),
+                Err(f) if Instant::now() >= deadline => return Err(unavailable(f)),
+                Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+            }
+        }
     }
 
     /// Revokes this replica's lease, which removes its record.
