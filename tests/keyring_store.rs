@@ -370,6 +370,14 @@ async fn raw_etcd_writes_of_the_keyring_are_refused_by_every_replica() {
     let mut client = b.client(ADMIN).await;
     client.put(put("/k/x", "v")).await.unwrap();
     assert_eq!(a.client(ADMIN).await.get(get("/k/x")).await.unwrap().into_inner().value, b"v");
+    // A forged next version blocks sealed writes (the write fence: no replica may seal under
+    // a keyring the store has moved past), as UNAVAILABLE; reads go on; removing it lifts it.
+    etcd.put(key(3), b"forged".to_vec(), None).await.unwrap();
+    let blocked = client.put(put("/k/x", "w")).await.unwrap_err();
+    assert_eq!(blocked.code(), Code::Unavailable, "{blocked:?}");
+    assert_eq!(a.client(ADMIN).await.get(get("/k/x")).await.unwrap().into_inner().value, b"v");
+    etcd.delete(key(3), None).await.unwrap();
+    client.put(put("/k/x", "w")).await.unwrap();
 }
 
 async fn reseal(gw: &TestGateway) -> Result<secretgate::proto::v1::ResealResponse, tonic::Status> {

@@ -245,6 +245,12 @@ impl ApiError {
                 tracing::warn!(%detail, "store write outcome unknown");
                 Self::OutcomeUnknown
             }
+            StoreError::Fenced { kind, version } => {
+                // Still fenced after following the store: its newer version cannot be used
+                // (refused: see reload-status), so no write may be sealed under the old one.
+                tracing::error!(%kind, version, "write refused: the store holds a newer keyring version this replica cannot use; see secretgate keys status --store");
+                Self::Unavailable
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 Self::Internal
