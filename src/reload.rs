@@ -95,6 +95,11 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         value
     }
 
+    /// Forgets a refusal that no longer holds (the refused version is gone).
+    pub fn clear_error(&self) {
+        *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Records why a newer version was refused; the value in force stays.
     pub fn refuse(&self, why: String) {
         *self.last_error.write().unwrap_or_else(|e| e.into_inner()) = Some(why);

@@ -115,6 +115,9 @@ pub struct Stored<K: Kind> {
     applied: Arc<Notify>,
     /// The versions put in force, kept across restarts.
     marks: Arc<HighWater>,
+    /// The last refusal reported: the same one found again (each change event, every 30 s)
+    /// is not logged and counted again.
+    reported: Mutex<Option<String>>,
     /// Serializes this replica's read-modify-write changes (keyring steps).
     pub(super) changing: tokio::sync::Mutex<()>,
 }
@@ -208,6 +211,7 @@ impl<K: Kind> Stored<K> {
             accepted: Mutex::new((version, digest)),
             applied,
             marks,
+            reported: Mutex::new(None),
             changing: tokio::sync::Mutex::new(()),
         })
     }
@@ -299,10 +303,21 @@ impl<K: Kind> Stored<K> {
                 }
             }
         }
-        if let Some(why) = refused {
-            crate::metrics::reload_failed(self.handle.what());
-            tracing::error!(%why, "stored control state refused; the version in force stays");
-            self.handle.refuse(why);
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        match refused {
+            Some(why) => {
+                if reported.as_ref() != Some(&why) {
+                    crate::metrics::reload_failed(self.handle.what());
+                    tracing::error!(%why, "stored control state refused; the version in force stays");
+                    *reported = Some(why.clone());
+                }
+                self.handle.refuse(why);
+            }
+            None => {
+                if reported.take().is_some() {
+                    self.handle.clear_error();
+                }
+            }
         }
         Ok(())
     }
