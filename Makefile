@@ -105,7 +105,8 @@ deploy-check: deps build
 # they cannot drift from the API).
 python-client: deps
 	@$(VENV)/bin/python -m grpc_tools.protoc -I proto --python_out=clients/python \
-	  --grpc_python_out=clients/python proto/secretgate/v1/secrets.proto proto/secretgate/v1/admin.proto
+	  --grpc_python_out=clients/python proto/secretgate/v1/secrets.proto proto/secretgate/v1/admin.proto \
+	  proto/secretgate/v1/control.proto
 
 # The Python client against a real `secretgate dev` gateway (and grpcio-reflection's client).
 python-test: python-client build
