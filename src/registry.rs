@@ -6,7 +6,10 @@
 //! whether they agree.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -22,9 +25,11 @@ use crate::{audit::AuditLog, server::Reloads, store::Store};
 /// it has caught up with the store and registered again.
 #[derive(Debug)]
 pub struct Standing {
-    /// When the last renewal that succeeded began (`None`: not registered yet; the versions
-    /// loaded at start are current).
-    renewed: Mutex<Option<Instant>>,
+    /// When the last renewal that succeeded began, in milliseconds after `base` (0: not
+    /// registered yet; the versions loaded at start are current). Read by every request,
+    /// so an atomic rather than a lock.
+    renewed_ms: AtomicU64,
+    base: Instant,
     lease: Duration,
     /// Only a replica that follows control state in the store can miss a change while cut
     /// off; one whose control state comes from its own files never lapses.
@@ -35,17 +40,27 @@ impl Standing {
     /// A replica registering under leases of `lease`, following control state in the store
     /// or not.
     pub fn new(lease: Duration, follows_store: bool) -> Arc<Self> {
-        Arc::new(Self { renewed: Mutex::new(None), lease, follows_store })
+        // One millisecond before now, so that a renewal at once stores a value above 0.
+        let base =
+            Instant::now().checked_sub(Duration::from_millis(1)).unwrap_or_else(Instant::now);
+        Arc::new(Self { renewed_ms: AtomicU64::new(0), base, lease, follows_store })
     }
 
     /// Whether the lease lapsed: no renewal began within the last lease.
     pub fn lapsed(&self) -> bool {
-        let renewed = *self.renewed.lock().unwrap_or_else(|e| e.into_inner());
-        self.follows_store && renewed.is_some_and(|at| at.elapsed() >= self.lease)
+        if !self.follows_store {
+            return false;
+        }
+        match self.renewed_ms.load(Ordering::Acquire) {
+            0 => false,
+            ms => self.base.elapsed() >= Duration::from_millis(ms) + self.lease,
+        }
     }
 
     fn renewed(&self, at: Instant) {
-        *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+        let ms =
+            u64::try_from(at.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX);
+        self.renewed_ms.fetch_max(ms.max(1), Ordering::AcqRel);
     }
 }
 

@@ -52,7 +52,7 @@ pub struct EmbeddedStore {
     /// Counts control-state writes (see [`Store::control_changes`]).
     control: Arc<tokio::sync::watch::Sender<u64>>,
     /// The write fence (see [`Store::fence_writes`]): a control version that must not exist.
-    fence: Arc<Mutex<Option<(String, u64)>>>,
+    fence: Arc<Mutex<Option<Arc<(String, u64)>>>>,
 }
 
 /// A registry entry: replica id and record.
@@ -207,7 +207,7 @@ impl Store for EmbeddedStore {
         let keep = self.max_versions;
         let fence = self.fence();
         self.write(move |txn| {
-            control::check_fence(txn, fence.as_ref())?;
+            control::check_fence(txn, fence.as_deref())?;
             let key = path.as_str();
             let mut meta_table = txn.open_table(META).map_err(backend)?;
             let mut values = txn.open_table(VALUES).map_err(backend)?;
@@ -378,7 +378,7 @@ impl Store for EmbeddedStore {
         let fence = self.fence();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
-            control::check_fence(&txn, fence.as_ref())?;
+            control::check_fence(&txn, fence.as_deref())?;
             {
                 let mut values = txn.open_table(VALUES).map_err(backend)?;
                 let same = values
@@ -438,7 +438,8 @@ impl Store for EmbeddedStore {
     }
 
     fn fence_writes(&self, kind: &str, next: u64) {
-        *self.fence.lock().unwrap_or_else(|e| e.into_inner()) = Some((kind.to_owned(), next));
+        *self.fence.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Arc::new((kind.to_owned(), next)));
     }
 
     async fn put_audit_checkpoint(&self, log_id: &str, line: &[u8]) -> Result<(), StoreError> {

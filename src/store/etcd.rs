@@ -73,7 +73,7 @@ pub struct EtcdStore {
     lease: Arc<tokio::sync::Mutex<Option<i64>>>,
     /// The write fence: the control key (and its kind and version) that must not exist for
     /// a sealed write to commit (see [`Store::fence_writes`]).
-    fence: Arc<std::sync::RwLock<Option<control::Fence>>>,
+    fence: Arc<std::sync::RwLock<Option<Arc<control::Fence>>>>,
 }
 
 impl fmt::Debug for EtcdStore {

@@ -24,7 +24,7 @@ pub(super) fn check_fence(
 
 impl EmbeddedStore {
     /// The write fence in force.
-    pub(super) fn fence(&self) -> Option<(String, u64)> {
+    pub(super) fn fence(&self) -> Option<std::sync::Arc<(String, u64)>> {
         self.fence.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 

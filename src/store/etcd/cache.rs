@@ -105,6 +105,8 @@ pub(super) struct Cache {
     /// The newest revision that changed a key under `P control/`, or at which the feed
     /// (re)started (see [`crate::store::Store::control_changes`]).
     control: watch::Sender<u64>,
+    /// `P control/`, the keys whose events go to `control`.
+    control_prefix: String,
 }
 
 impl Cache {
@@ -119,6 +121,7 @@ impl Cache {
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let capacity = usize::try_from(history).unwrap_or(usize::MAX);
+        let control_prefix = format!("{prefix}control/");
         let cache = Arc::new(Self {
             state: RwLock::default(),
             applied: watch::channel(0).0,
@@ -130,6 +133,7 @@ impl Cache {
             changes: Arc::new(Changes::starting(capacity)),
             history: i64::try_from(history).unwrap_or(i64::MAX),
             control: watch::channel(0).0,
+            control_prefix,
         });
         tokio::spawn(barrier_loop(Arc::clone(&members), timeout, rx));
         tokio::spawn(feed_loop(Arc::downgrade(&cache), members, timeout));
@@ -252,13 +256,12 @@ impl Cache {
     fn apply(&self, events: &[etcd_client::Event], progress: i64, listed: i64) {
         let mut top = progress;
         let mut changes = Vec::new();
-        let control = format!("{}control/", self.prefix);
         let mut control_changed = 0;
         let mut state = self.write();
         for e in events {
             let Some(kv) = e.kv() else { continue };
             top = top.max(kv.mod_revision());
-            if kv.key().starts_with(control.as_bytes()) {
+            if kv.key().starts_with(self.control_prefix.as_bytes()) {
                 control_changed = kv.mod_revision().max(control_changed);
             }
             if let Some(change) = self.change(e) {

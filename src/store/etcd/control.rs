@@ -27,7 +27,7 @@ pub(super) const PART_BYTES: usize = 1 << 20;
 const MANIFEST: &str = "secretgate-control-parts 1";
 
 /// A write fence (see [`crate::store::Store::fence_writes`]).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct Fence {
     /// The control key that must not exist.
     pub(super) key: String,
@@ -60,11 +60,11 @@ impl EtcdStore {
     pub(super) fn set_fence(&self, kind: &str, next: u64) {
         let fence =
             Fence { key: self.control_key(kind, next), kind: kind.to_owned(), version: next };
-        *self.fence.write().unwrap_or_else(|e| e.into_inner()) = Some(fence);
+        *self.fence.write().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(fence));
     }
 
-    /// The write fence in force, if any.
-    pub(super) fn fence(&self) -> Option<Fence> {
+    /// The write fence in force, if any (shared: taken by every sealed write).
+    pub(super) fn fence(&self) -> Option<std::sync::Arc<Fence>> {
         self.fence.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
