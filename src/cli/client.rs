@@ -244,6 +244,36 @@ pub(super) async fn versions(args: &ClientArgs, path: String) -> anyhow::Result<
     Ok(())
 }
 
+/// A `Control` client (requests up to the service's limit: a whole policy).
+pub(super) async fn control(
+    args: &ClientArgs,
+) -> anyhow::Result<crate::proto::v1::control_client::ControlClient<Channel>> {
+    Ok(crate::proto::v1::control_client::ControlClient::new(channel(args).await?)
+        .max_encoding_message_size(crate::api::MAX_CONTROL_REQUEST_BYTES))
+}
+
+/// Reports a stored control-state version: `human` or `json`, then an error naming the live
+/// replicas that did not follow it within the wait (`behind`), if any.
+pub(super) fn followed(
+    args: &ClientArgs,
+    (human, json): (String, serde_json::Value),
+    version: u64,
+    behind: &[String],
+) -> anyhow::Result<()> {
+    match args.output {
+        Output::Human => println!("{human}"),
+        Output::Json => print_json(&json),
+    }
+    if !behind.is_empty() {
+        let behind: Vec<_> = behind.iter().map(|b| escaped(b).into_owned()).collect();
+        anyhow::bail!(
+            "version {version} is stored, but these replicas did not follow it in time: {}",
+            behind.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub(super) fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }

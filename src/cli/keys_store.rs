@@ -6,41 +6,29 @@ use anyhow::bail;
 use serde_json::json;
 
 use super::{ClientArgs, Output, client};
-use crate::{
-    proto::v1::{self, control_client::ControlClient},
-    text::escaped,
-};
-
-async fn control(conn: &ClientArgs) -> anyhow::Result<ControlClient<tonic::transport::Channel>> {
-    Ok(ControlClient::new(client::channel(conn).await?))
-}
+use crate::{proto::v1, text::escaped};
 
 fn report(what: &str, r: &v1::KeyChangeResponse, conn: &ClientArgs) -> anyhow::Result<()> {
-    match conn.output {
-        Output::Human => println!(
-            "{what} {} in keyring version {}; {} live replica(s) follow it",
-            escaped(&r.id),
-            r.version,
-            r.enforcing.len()
-        ),
-        Output::Json => client::print_json(&json!({
-            "id": r.id, "version": r.version, "enforcing": r.enforcing, "behind": r.behind,
-        })),
-    }
-    if !r.behind.is_empty() {
-        let behind: Vec<_> = r.behind.iter().map(|b| escaped(b).into_owned()).collect();
-        bail!(
-            "keyring version {} is stored, but these replicas did not follow it in time: {}",
-            r.version,
-            behind.join(", ")
-        );
-    }
-    Ok(())
+    let human = format!(
+        "{what} {} in keyring version {}; {} live replica(s) follow it",
+        escaped(&r.id),
+        r.version,
+        r.enforcing.len()
+    );
+    let json = json!({
+        "id": r.id, "version": r.version, "enforcing": r.enforcing, "behind": r.behind,
+    });
+    client::followed(conn, (human, json), r.version, &r.behind)
 }
 
 pub(super) async fn add(conn: &ClientArgs) -> anyhow::Result<()> {
     let request = v1::AddKeyRequest { wait_ms: 0 };
-    let r = control(conn).await?.add_key(request).await.map_err(client::rpc_error)?.into_inner();
+    let r = client::control(conn)
+        .await?
+        .add_key(request)
+        .await
+        .map_err(client::rpc_error)?
+        .into_inner();
     report("added active key", &r, conn)?;
     if conn.output == Output::Human {
         println!("next: secretgate keys promote {} --store", escaped(&r.id));
@@ -50,8 +38,12 @@ pub(super) async fn add(conn: &ClientArgs) -> anyhow::Result<()> {
 
 pub(super) async fn promote(id: &str, conn: &ClientArgs) -> anyhow::Result<()> {
     let request = v1::KeyRequest { id: id.to_owned(), wait_ms: 0 };
-    let r =
-        control(conn).await?.promote_key(request).await.map_err(client::rpc_error)?.into_inner();
+    let r = client::control(conn)
+        .await?
+        .promote_key(request)
+        .await
+        .map_err(client::rpc_error)?
+        .into_inner();
     report("promoted", &r, conn)?;
     if conn.output == Output::Human {
         println!("next: secretgate keys rewrap");
@@ -61,7 +53,12 @@ pub(super) async fn promote(id: &str, conn: &ClientArgs) -> anyhow::Result<()> {
 
 pub(super) async fn retire(id: &str, conn: &ClientArgs) -> anyhow::Result<()> {
     let request = v1::KeyRequest { id: id.to_owned(), wait_ms: 0 };
-    let r = control(conn).await?.retire_key(request).await.map_err(client::rpc_error)?.into_inner();
+    let r = client::control(conn)
+        .await?
+        .retire_key(request)
+        .await
+        .map_err(client::rpc_error)?
+        .into_inner();
     report("retired", &r, conn)
 }
 
@@ -69,7 +66,7 @@ pub(super) async fn retire(id: &str, conn: &ClientArgs) -> anyhow::Result<()> {
 /// gateway's current KEK.
 pub(super) async fn reseal(conn: &ClientArgs) -> anyhow::Result<()> {
     let request = v1::ResealRequest { wait_ms: 0 };
-    let r = control(conn)
+    let r = client::control(conn)
         .await?
         .reseal_control_state(request)
         .await

@@ -9,14 +9,9 @@ use serde_json::json;
 use super::{ClientArgs, Output, client};
 use crate::{
     authz::{Policy, PolicyFiles, reference},
-    proto::v1::{self, control_client::ControlClient},
+    proto::v1,
     text::escaped,
 };
-
-async fn control(conn: &ClientArgs) -> anyhow::Result<ControlClient<tonic::transport::Channel>> {
-    Ok(ControlClient::new(client::channel(conn).await?)
-        .max_encoding_message_size(crate::api::MAX_CONTROL_REQUEST_BYTES))
-}
 
 /// Checks `dir` as `policy check` and `policy test` do, then sends it.
 pub(super) async fn push(
@@ -46,8 +41,12 @@ pub(super) async fn push(
         base_version,
         wait_ms: wait_secs.saturating_mul(1000),
     };
-    let pushed =
-        control(conn).await?.push_policy(request).await.map_err(client::rpc_error)?.into_inner();
+    let pushed = client::control(conn)
+        .await?
+        .push_policy(request)
+        .await
+        .map_err(client::rpc_error)?
+        .into_inner();
     report(&pushed, &format!("policy {} stored", policy.version()), conn)
 }
 
@@ -57,7 +56,7 @@ pub(super) async fn rollback(
     conn: &ClientArgs,
 ) -> anyhow::Result<()> {
     let request = v1::RollbackPolicyRequest { version, wait_ms: wait_secs.saturating_mul(1000) };
-    let pushed = control(conn)
+    let pushed = client::control(conn)
         .await?
         .rollback_policy(request)
         .await
@@ -71,33 +70,25 @@ pub(super) fn report(
     what: &str,
     conn: &ClientArgs,
 ) -> anyhow::Result<()> {
-    match conn.output {
-        Output::Human => {
-            println!(
-                "{what} as version {}; {} live replica(s) enforcing it",
-                pushed.version,
-                pushed.enforcing.len()
-            );
-        }
-        Output::Json => client::print_json(&json!({
-            "version": pushed.version, "enforcing": pushed.enforcing, "behind": pushed.behind,
-        })),
-    }
-    if !pushed.behind.is_empty() {
-        let behind: Vec<_> = pushed.behind.iter().map(|b| escaped(b).into_owned()).collect();
-        bail!(
-            "version {} is stored, but these replicas did not enforce it in time: {}",
-            pushed.version,
-            behind.join(", ")
-        );
-    }
-    Ok(())
+    let human = format!(
+        "{what} as version {}; {} live replica(s) enforcing it",
+        pushed.version,
+        pushed.enforcing.len()
+    );
+    let json = json!({
+        "version": pushed.version, "enforcing": pushed.enforcing, "behind": pushed.behind,
+    });
+    client::followed(conn, (human, json), pushed.version, &pushed.behind)
 }
 
 pub(super) async fn history(limit: u32, conn: &ClientArgs) -> anyhow::Result<()> {
     let request = v1::PolicyHistoryRequest { limit };
-    let h =
-        control(conn).await?.policy_history(request).await.map_err(client::rpc_error)?.into_inner();
+    let h = client::control(conn)
+        .await?
+        .policy_history(request)
+        .await
+        .map_err(client::rpc_error)?
+        .into_inner();
     match conn.output {
         Output::Human => {
             println!(

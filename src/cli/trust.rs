@@ -8,7 +8,7 @@ use clap::Subcommand;
 
 use super::{ClientArgs, client, policy_store};
 use crate::{
-    proto::v1::{self, control_client::ControlClient},
+    proto::v1,
     tls::{ClientCas, ClientCrl},
 };
 
@@ -48,7 +48,7 @@ pub(super) async fn run(command: TrustCommand) -> anyhow::Result<()> {
         client_crl: crl.as_ref().map(read).transpose()?.unwrap_or_default(),
         wait_ms: wait_secs.saturating_mul(1000),
     };
-    let mut control = ControlClient::new(client::channel(&conn).await?);
+    let mut control = client::control(&conn).await?;
     let pushed = control.push_trust(request).await.map_err(client::rpc_error)?.into_inner();
     policy_store::report(&pushed, "client trust stored", &conn)
 }

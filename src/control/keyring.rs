@@ -96,7 +96,16 @@ impl Kind for KeyringKind {
     }
 }
 
+fn keyring_error(e: crate::crypto::KeyringError) -> ControlError {
+    ControlError::Keyring(e.to_string())
+}
+
 impl StoredKeyring {
+    /// A copy of the keyring in force, to change (the ring itself is shared and immutable).
+    fn copy(&self) -> Result<Keyring, ControlError> {
+        Keyring::parse(&self.current().to_toml()).map_err(keyring_error)
+    }
+
     /// Stores the keyring in force changed by `change` as the next version.
     async fn change(
         &self,
@@ -107,8 +116,7 @@ impl StoredKeyring {
     ) -> Result<Pushed, ControlError> {
         self.refresh().await?;
         let base = self.accepted();
-        let mut ring = Keyring::parse(&self.current().to_toml())
-            .map_err(|e| ControlError::Keyring(e.to_string()))?;
+        let mut ring = self.copy()?;
         change(&mut ring)?;
         let content = SealedKeyring::seal(self.kek(), base + 1, &ring)?;
         self.push(content, Some(base), author, note, wait).await
@@ -124,7 +132,7 @@ impl StoredKeyring {
         let mut id = String::new();
         let pushed = self
             .change(author, "add a key".into(), wait, |ring| {
-                id = ring.add().map_err(|e| ControlError::Keyring(e.to_string()))?.to_string();
+                id = ring.add().map_err(keyring_error)?.to_string();
                 Ok(())
             })
             .await?;
@@ -140,9 +148,7 @@ impl StoredKeyring {
     ) -> Result<Pushed, ControlError> {
         let _one = self.changing.lock().await;
         // What the keyring itself refuses (an unknown or retired key) is refused at once.
-        let mut trial = Keyring::parse(&self.current().to_toml())
-            .map_err(|e| ControlError::Keyring(e.to_string()))?;
-        trial.promote(id).map_err(|e| ControlError::Keyring(e.to_string()))?;
+        self.copy()?.promote(id).map_err(keyring_error)?;
         let tier = self.wait_for_tier(wait, |r| r.keyring_keys.iter().any(|k| k == id)).await?;
         if !tier.waiting.is_empty() {
             return Err(ControlError::TierNotReady(format!(
@@ -152,10 +158,7 @@ impl StoredKeyring {
             )));
         }
         let note = format!("promote {id}");
-        self.change(author, note, wait, |ring| {
-            ring.promote(id).map_err(|e| ControlError::Keyring(e.to_string()))
-        })
-        .await
+        self.change(author, note, wait, |ring| ring.promote(id).map_err(keyring_error)).await
     }
 
     /// Retires `id` once no record is sealed under it (`records`, from a scan) and no live
@@ -175,9 +178,7 @@ impl StoredKeyring {
             )));
         }
         // What the keyring itself refuses (an unknown key, the primary) is refused at once.
-        let mut trial = Keyring::parse(&self.current().to_toml())
-            .map_err(|e| ControlError::Keyring(e.to_string()))?;
-        trial.retire(id).map_err(|e| ControlError::Keyring(e.to_string()))?;
+        self.copy()?.retire(id).map_err(keyring_error)?;
         let tier = self.wait_for_tier(wait, |r| r.keyring_primary != id).await?;
         if !tier.waiting.is_empty() {
             return Err(ControlError::TierNotReady(format!(
@@ -186,9 +187,6 @@ impl StoredKeyring {
             )));
         }
         let note = format!("retire {id}");
-        self.change(author, note, wait, |ring| {
-            ring.retire(id).map_err(|e| ControlError::Keyring(e.to_string()))
-        })
-        .await
+        self.change(author, note, wait, |ring| ring.retire(id).map_err(keyring_error)).await
     }
 }

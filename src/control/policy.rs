@@ -27,8 +27,8 @@ impl Kind for PolicyKind {
     type Context = ();
 
     fn build(_: &(), _kek: &Kek, version: u64, files: &PolicyFiles) -> Result<Policy, String> {
-        let files = PolicyFiles::from_map(files.clone().into_map()).map_err(|e| e.to_string())?;
-        Policy::from_files(&files, &format!("policy version {version}"))
+        files.check().map_err(|e| e.to_string())?;
+        Policy::from_files(files, &format!("policy version {version}"))
             .map(|p| p.numbered(version))
             .map_err(|e| e.to_string())
     }

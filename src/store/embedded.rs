@@ -52,8 +52,11 @@ pub struct EmbeddedStore {
     /// Counts control-state writes (see [`Store::control_changes`]).
     control: Arc<tokio::sync::watch::Sender<u64>>,
     /// The write fence (see [`Store::fence_writes`]): a control version that must not exist.
-    fence: Arc<Mutex<Option<Arc<(String, u64)>>>>,
+    fence: Arc<Mutex<Option<Fence>>>,
 }
+
+/// A write fence: the control kind and the version that must not exist.
+type Fence = Arc<(String, u64)>;
 
 /// A registry entry: replica id and record.
 type Entry = (String, Vec<u8>);

@@ -58,13 +58,21 @@ impl PolicyFiles {
     /// Files received from a client or read from the store: only the names a policy has,
     /// `model.conf` and `policy.csv` present.
     pub fn from_map(files: BTreeMap<String, String>) -> Result<Self, PolicyError> {
+        let files = Self(files);
+        files.check()?;
+        Ok(files)
+    }
+
+    /// Checks that only the names a policy has are here, `model.conf` and `policy.csv`
+    /// among them (files from a client or from the store).
+    pub fn check(&self) -> Result<(), PolicyError> {
         let bad = |name: &str, reason: &str| PolicyError::Syntax {
             file: crate::text::escaped(&name.chars().take(80).collect::<String>()).into_owned(),
             line: 0,
             reason: reason.to_owned(),
         };
         let mut tests = 0;
-        for name in files.keys() {
+        for name in self.0.keys() {
             if NAMES.contains(&name.as_str()) {
                 continue;
             }
@@ -89,11 +97,11 @@ impl PolicyFiles {
             return Err(bad("tests/", "more than 1000 test files"));
         }
         for name in ["model.conf", "policy.csv"] {
-            if !files.contains_key(name) {
+            if !self.0.contains_key(name) {
                 return Err(bad(name, "missing"));
             }
         }
-        Ok(Self(files))
+        Ok(())
     }
 
     /// Each file's name and text, in name order.
