@@ -111,9 +111,10 @@ impl Authorizer {
         Ok(Self { policy: Reloadable::new(policy, dir, "policy") })
     }
 
-    /// Decides with `policy` (from the store), reporting `dir` as its origin.
-    pub fn with_policy(policy: Policy, dir: &Path) -> Self {
-        Self { policy: Reloadable::new(policy, dir, "policy") }
+    /// Decides with the policy in force in `handle` (kept up to date by its owner: the
+    /// policy kept in the store).
+    pub fn from_handle(handle: PolicyHandle) -> Self {
+        Self { policy: handle }
     }
 
     /// The reloadable policy, for the watcher.

@@ -142,8 +142,10 @@ impl<K: Kind> Stored<K> {
         seed: impl Fn() -> Result<(K::Content, String), ControlError>,
     ) -> Result<(K::Value, u64, [u8; 32]), ControlError> {
         loop {
-            let stored = store.control_versions(K::NAME, None, SCAN).await?;
-            if stored.is_empty() {
+            // The newest alone first (records can be large); older ones only when it is
+            // unusable.
+            let newest = store.control_versions(K::NAME, None, 1).await?;
+            let Some((top, _)) = newest.first() else {
                 let (content, note) = seed()?;
                 let body = Versioned {
                     version: 1,
@@ -162,26 +164,26 @@ impl<K: Kind> Stored<K> {
                     Err(e) => return Err(e.into()),
                 }
                 continue;
-            }
+            };
+            let top = *top;
             let mut refused = Vec::new();
-            for (version, bytes) in &stored {
-                match open::<K>(ctx, kek, *version, bytes) {
-                    Ok((value, _)) => {
-                        for why in &refused {
-                            tracing::error!(kind = K::NAME, %why, "stored version refused");
-                        }
-                        let mark = marks.mark(K::NAME);
-                        if *version < mark {
-                            let newest = *version;
-                            return Err(ControlError::RolledBack { kind: K::NAME, newest, mark });
-                        }
-                        return Ok((value, *version, digest(bytes)));
-                    }
-                    Err(why) => refused.push(format!("version {version}: {why}")),
+            let mut found = first_usable::<K>(ctx, kek, newest, &mut refused);
+            if found.is_none() {
+                let older = store.control_versions(K::NAME, Some(top), SCAN - 1).await?;
+                found = first_usable::<K>(ctx, kek, older, &mut refused);
+            }
+            if let Some((value, version, digest)) = found {
+                for why in &refused {
+                    tracing::error!(kind = K::NAME, %why, "stored version refused");
                 }
+                let mark = marks.mark(K::NAME);
+                if version < mark {
+                    return Err(ControlError::RolledBack { kind: K::NAME, newest: version, mark });
+                }
+                return Ok((value, version, digest));
             }
             return Err(ControlError::Version {
-                version: stored[0].0,
+                version: top,
                 why: format!(
                     "no usable {} among the newest stored: {}",
                     K::NAME,
@@ -496,6 +498,23 @@ fn open<K: Kind>(
 ) -> Result<(K::Value, Versioned<K::Content>), String> {
     let body = open_body::<K>(kek, version, bytes)?;
     Ok((K::build(ctx, kek, version, &body.content)?, body))
+}
+
+/// The first of `versions` (newest first) that opens: its value, version and record digest;
+/// why each before it did not, in `refused`.
+fn first_usable<K: Kind>(
+    ctx: &K::Context,
+    kek: &Kek,
+    versions: Vec<(u64, Vec<u8>)>,
+    refused: &mut Vec<String>,
+) -> Option<(K::Value, u64, [u8; 32])> {
+    for (version, bytes) in versions {
+        match open::<K>(ctx, kek, version, &bytes) {
+            Ok((value, _)) => return Some((value, version, digest(&bytes))),
+            Err(why) => refused.push(format!("version {version}: {why}")),
+        }
+    }
+    None
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {

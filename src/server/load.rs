@@ -2,7 +2,7 @@
 //! policy, each from this replica's files or (with a `"store"` source) the newest usable
 //! version kept in the store, which the replica then follows.
 
-use std::sync::Arc;
+use std::{path::Path, sync::Arc};
 
 use super::StartError;
 use crate::{
@@ -10,7 +10,10 @@ use crate::{
     config::{Source, ValidConfig},
     control::{
         ControlError, HighWater, Kek, StoredKeyring, StoredPolicy, StoredTrust,
-        keyring::SealedKeyring, trust,
+        keyring::{KeyringKind, SealedKeyring},
+        policy::PolicyKind,
+        stored::{Kind, Stored},
+        trust,
     },
     crypto::{Keyring, KeyringHandle},
     reload::Reloadable,
@@ -28,8 +31,26 @@ pub(super) struct Follow<'a> {
 }
 
 impl Follow<'_> {
-    fn notices(&self) -> (Arc<tokio::sync::Notify>, Arc<HighWater>) {
-        (Arc::clone(self.applied), Arc::clone(self.marks))
+    /// Starts following `K` in the store: its newest usable version (`seed` fills an empty
+    /// store) in force in a handle named `what` after `path`, and the follower.
+    async fn start<K: Kind>(
+        &self,
+        kek: &Arc<Kek>,
+        ctx: K::Context,
+        (path, what): (&Path, &'static str),
+        seed: impl Fn() -> Result<(K::Content, String), ControlError>,
+    ) -> Result<(Arc<Reloadable<K::Value>>, Arc<Stored<K>>), StartError> {
+        let (value, version, digest) =
+            Stored::<K>::initial(self.store, (kek, self.marks), &ctx, seed).await?;
+        let handle = Reloadable::new(value, path, what);
+        let stored = Stored::new(
+            Arc::clone(self.store),
+            (Arc::clone(kek), ctx),
+            Arc::clone(&handle),
+            (version, digest),
+            (Arc::clone(self.applied), Arc::clone(self.marks)),
+        );
+        Ok((handle, stored))
     }
 }
 
@@ -58,16 +79,7 @@ pub(super) async fn load_trust(
         Ok((files, format!("import from {}", tls.client_ca.display())))
     };
     let ctx = trust::context(tls, cert);
-    let (value, version, digest) =
-        StoredTrust::initial(f.store, (kek, f.marks), &ctx, seed).await?;
-    let handle = Reloadable::new(value, &tls.client_ca, "client trust");
-    let stored = StoredTrust::new(
-        Arc::clone(f.store),
-        (Arc::clone(kek), ctx),
-        Arc::clone(&handle),
-        (version, digest),
-        f.notices(),
-    );
+    let (handle, stored) = f.start(kek, ctx, (&tls.client_ca, "client trust"), seed).await?;
     Ok((handle, None, Some(stored)))
 }
 
@@ -85,17 +97,8 @@ pub(super) async fn load_policy(
         let files = crate::authz::PolicyFiles::read_dir(dir)?;
         Ok((files, format!("import from {}", dir.display())))
     };
-    let (policy, version, digest) =
-        StoredPolicy::initial(f.store, (kek, f.marks), &(), seed).await?;
-    let authz = Authorizer::with_policy(policy, dir);
-    let handle = Arc::clone(authz.handle());
-    let stored = StoredPolicy::new(
-        Arc::clone(f.store),
-        (Arc::clone(kek), ()),
-        handle,
-        (version, digest),
-        f.notices(),
-    );
+    let (handle, stored) = f.start::<PolicyKind>(kek, (), (dir, "policy"), seed).await?;
+    let authz = Authorizer::from_handle(handle);
     Ok((authz, Some(stored)))
 }
 
@@ -115,16 +118,8 @@ pub(super) async fn load_keyring(
         let ring = Keyring::load(path).map_err(|e| ControlError::Keyring(e.to_string()))?;
         Ok((SealedKeyring::seal(kek, 1, &ring)?, format!("import from {}", path.display())))
     };
-    let (ring, version, digest) =
-        StoredKeyring::initial(f.store, (kek, f.marks), &(), seed).await?;
+    let (handle, stored) = f.start::<KeyringKind>(kek, (), (path, "keyring"), seed).await?;
+    let ring = handle.current();
     tracing::info!(version = ring.version(), primary = %ring.primary().id, "keyring loaded from the store");
-    let handle = Reloadable::new(ring, path, "keyring");
-    let stored = StoredKeyring::new(
-        Arc::clone(f.store),
-        (Arc::clone(kek), ()),
-        Arc::clone(&handle),
-        (version, digest),
-        f.notices(),
-    );
     Ok((handle, Some(stored)))
 }
