@@ -284,20 +284,7 @@ impl<K: Kind> Stored<K> {
         for (version, bytes) in stored.iter().filter(|(v, _)| *v > accepted) {
             match open::<K>(&self.ctx, &self.kek, *version, bytes) {
                 Ok((value, _)) => {
-                    let mut slot = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
-                    // Another refresh may have got further meanwhile.
-                    if slot.0 >= *version {
-                        break;
-                    }
-                    *slot = (*version, digest(bytes));
-                    self.handle.replace(value);
-                    self.marks.raise(name, *version);
-                    if K::FENCES_WRITES {
-                        self.store.fence_writes(name, version + 1);
-                    }
-                    drop(slot);
-                    tracing::info!(kind = name, version, "stored version in force");
-                    self.applied.notify_one();
+                    self.accept(*version, value, bytes);
                     break;
                 }
                 Err(why) => {
@@ -324,6 +311,24 @@ impl<K: Kind> Stored<K> {
         Ok(())
     }
 
+    /// Puts `value`, stored as `version` in the record `bytes`, in force, unless this replica
+    /// already got as far (another refresh, or a push).
+    fn accept(&self, version: u64, value: K::Value, bytes: &[u8]) {
+        let mut slot = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.0 >= version {
+            return;
+        }
+        *slot = (version, digest(bytes));
+        self.handle.replace(value);
+        self.marks.raise(K::NAME, version);
+        if K::FENCES_WRITES {
+            self.store.fence_writes(K::NAME, version + 1);
+        }
+        drop(slot);
+        tracing::info!(kind = K::NAME, version, "stored version in force");
+        self.applied.notify_one();
+    }
+
     /// Stores `content` as the version after `base` (the newest stored, when `None`) once
     /// `check` accepts it, puts it in force here, then waits up to `wait` until every live
     /// replica reports enforcing it.
@@ -346,7 +351,7 @@ impl<K: Kind> Stored<K> {
             note,
             content,
         };
-        K::build(&self.ctx, &self.kek, body.version, &body.content)
+        let value = K::build(&self.ctx, &self.kek, body.version, &body.content)
             .map_err(ControlError::Refused)?;
         let sealed = seal::<K>(&self.kek, &body)?;
         match self.store.put_control(K::NAME, body.version, &sealed).await {
@@ -356,8 +361,9 @@ impl<K: Kind> Stored<K> {
             }
             Err(e) => return Err(e.into()),
         }
-        self.refresh().await?;
+        // In force here at once, as built (not read back and built again).
         let version = body.version;
+        self.accept(version, value, &sealed);
         Ok(self
             .wait_for_tier(wait, |r| K::reported(r).is_some_and(|n| n >= version))
             .await?
