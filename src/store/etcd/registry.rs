@@ -45,8 +45,8 @@ impl EtcdStore {
     }
 
     /// Writes this replica's record, renewing its lease (or taking a new one when it
-    /// lapsed: the replica was paused or cut off longer than `ttl`). Each step is tried on
-    /// the members in turn until one answers or the store timeout passes, so one slow or
+    /// lapsed: the replica was paused or cut off longer than `ttl`). The lease steps are tried
+    /// on the members in turn until one answers or the store timeout passes, so one slow or
     /// dead member does not make the replica miss a renewal.
     pub(super) async fn register(
         &self,
@@ -73,16 +73,14 @@ impl EtcdStore {
         }
         let (key, value) = (format!("{}replicas/{id}", self.prefix), record.to_vec());
         let options = PutOptions::new().with_lease(lease.unwrap_or_default());
-        self.retry("register_replica", true, |deadline| {
-            let (key, value, options) = (key.clone(), value.clone(), options.clone());
-            async move {
-                let put = |mut kv: etcd_client::KvClient| async move {
-                    kv.put(key, value, Some(options)).await
-                };
-                self.members.attempt(deadline, put).await.map(|_| ())
-            }
-        })
-        .await
+        // One try: a failed one is the next renewal's to repeat. Not the store's retry loop,
+        // whose failed tries cool members down: from a background task that steers the
+        // requests in flight away from healthy members while one is down.
+        self.members
+            .attempt(deadline, |mut kv| async move { kv.put(key, value, Some(options)).await })
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
     }
 
     /// Renews lease `id` on the first member that answers; false when none renews it before
