@@ -29,7 +29,7 @@ use secretgate::proto::v1::{
 };
 use support::{
     audit::ServedGateway,
-    bench::{self, Caller, Op, Slice, env_usize, mean, median},
+    bench::{self, Caller, Op, Pids, Slice, env_usize, mean, median},
 };
 use tonic::transport::Channel;
 
@@ -72,7 +72,7 @@ impl Side {
     async fn slice(&self, op: Op, length: Duration) -> Slice {
         let callers = env_usize("AUDIT_BENCH_CLIENTS", 64);
         let clients = Caller::gateways(&self.clients);
-        bench::slice(&clients, callers, op, KEYS, length, self.gw.pid()).await
+        bench::slice(&clients, callers, op, KEYS, length, &Pids::gateway(self.gw.pid())).await
     }
 }
 

@@ -13,7 +13,8 @@
 //!
 //! Prints one row per workload, concurrency and side: ops/s (mean over rounds), latency
 //! p50/p99/p999 over every request of the rounds, the ratio to direct etcd (median of the
-//! per-round ratios) and, for the gateways, their CPU time per request. `--json` prints the
+//! per-round ratios) and the CPU time per request of the whole machine, of the etcd members and,
+//! for the gateways, of the gateway. `--json` prints the
 //! rows as one JSON array instead.
 //!
 //! Environment: `BENCH_OPS` (`get,put,mix`), `BENCH_CONCURRENCY` (`1,64,256`),
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use secretgate_testkit::{
     audit::ServedGateway,
-    bench::{self, Caller, Op, Slice, env_usize, mean, median, quantile_ms},
+    bench::{self, Caller, Op, Pids, Slice, env_usize, mean, median, quantile_ms},
     etcd::EtcdCluster,
 };
 
@@ -35,8 +36,8 @@ const DIRECT_PREFIX: &str = "/bench-direct/";
 struct Side {
     name: &'static str,
     callers: Vec<Caller>,
-    /// The gateway's process, for its CPU per request.
-    pid: Option<u32>,
+    /// The gateway's and etcd's processes, for their CPU per request.
+    pids: Pids,
     /// Only for gets (the audit-off gateway).
     gets_only: bool,
 }
@@ -53,6 +54,8 @@ struct Row {
     p999_ms: f64,
     ratio_to_direct: f64,
     cpu_us_per_request: Option<f64>,
+    etcd_cpu_us_per_request: f64,
+    machine_cpu_us_per_request: f64,
 }
 
 fn list(var: &str, default: &str) -> Vec<String> {
@@ -102,14 +105,20 @@ async fn main() {
     for caller in [&direct, &on_callers[0], &off_callers[0]] {
         bench::seed(caller, KEYS).await;
     }
+    let pids = |gateway| Pids { gateway, etcd: cluster.pids() };
     let mut sides = vec![
-        Side { name: "etcd direct", callers: vec![direct], pid: None, gets_only: false },
-        Side { name: "etcd grpc-proxy", callers: vec![via_proxy], pid: None, gets_only: false },
-        Side { name: "gateway", callers: on_callers, pid: gw_on.pid(), gets_only: false },
+        Side { name: "etcd direct", callers: vec![direct], pids: pids(None), gets_only: false },
+        Side {
+            name: "etcd grpc-proxy",
+            callers: vec![via_proxy],
+            pids: pids(None),
+            gets_only: false,
+        },
+        Side { name: "gateway", callers: on_callers, pids: pids(gw_on.pid()), gets_only: false },
         Side {
             name: "gateway, audit off",
             callers: off_callers,
-            pid: gw_off.pid(),
+            pids: pids(gw_off.pid()),
             gets_only: true,
         },
     ];
@@ -134,14 +143,15 @@ async fn main() {
             // Warm up every side for this workload.
             for &i in &active {
                 let s = &sides[i];
-                bench::slice(&s.callers, n, *op, KEYS, Duration::from_millis(300), s.pid).await;
+                bench::slice(&s.callers, n, *op, KEYS, Duration::from_millis(300), &s.pids).await;
             }
             let mut slices: Vec<Vec<Slice>> = vec![Vec::new(); sides.len()];
             for round in 0..rounds {
                 for k in 0..active.len() {
                     let i = active[(k + round) % active.len()];
                     let s = &sides[i];
-                    slices[i].push(bench::slice(&s.callers, n, *op, KEYS, slice_len, s.pid).await);
+                    slices[i]
+                        .push(bench::slice(&s.callers, n, *op, KEYS, slice_len, &s.pids).await);
                 }
             }
             for &i in &active {
@@ -192,13 +202,20 @@ fn row(workload: &'static str, n: usize, side: &Side, own: &[Slice], direct: &[S
         p999_ms: quantile_ms(&latencies, 0.999),
         ratio_to_direct: median(ratios),
         cpu_us_per_request: side
-            .pid
+            .pids
+            .gateway
             .map(|_| mean(&own.iter().map(|s| s.gateway_us).collect::<Vec<_>>())),
+        etcd_cpu_us_per_request: mean(&own.iter().map(|s| s.etcd_us).collect::<Vec<_>>()),
+        machine_cpu_us_per_request: mean(&own.iter().map(|s| s.cpu_us).collect::<Vec<_>>()),
     }
 }
 
 fn print_row(r: &Row) {
-    let cpu = r.cpu_us_per_request.map_or_else(String::new, |c| format!("  CPU {c:.0} µs/req"));
+    let gateway = r.cpu_us_per_request.map_or_else(String::new, |c| format!(" gateway {c:.0}"));
+    let cpu = format!(
+        "  CPU µs/req: machine {:.0} etcd {:.0}{gateway}",
+        r.machine_cpu_us_per_request, r.etcd_cpu_us_per_request
+    );
     println!(
         "{:<6} {:>4}  {:<19} {:>8.0} ops/s  p50 {:>6.2}  p99 {:>6.2}  p999 {:>6.2} ms  {:>5.2}× direct{cpu}",
         r.workload,

@@ -23,7 +23,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use secretgate_testkit::{
     TestGateway,
-    bench::{self, Caller, Op, env_usize, mean, median},
+    bench::{self, Caller, Op, Pids, env_usize, mean, median},
     http_get, write,
 };
 
@@ -132,7 +132,7 @@ async fn measure(
 ) {
     let run = |on: bool, length| async move {
         feature.set(on);
-        let slice = bench::slice(clients, callers, Op::Get, KEYS, length, None).await;
+        let slice = bench::slice(clients, callers, Op::Get, KEYS, length, &Pids::default()).await;
         // A scrape per slice, as a Prometheus server would do every few seconds.
         assert!(http_get(metrics, "/metrics", None).await.starts_with("HTTP/1.1 200"));
         slice

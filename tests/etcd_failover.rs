@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use secretgate::proto::v1::{GetRequest, PutRequest, secrets_client::SecretsClient};
+use secretgate::proto::v1::{
+    GetRequest, PutRequest, StoreStatusRequest, admin_client::AdminClient,
+    secrets_client::SecretsClient,
+};
 use support::{TestGateway, etcd::EtcdCluster};
 use tonic::{Code, Status, transport::Channel};
 
@@ -63,6 +66,20 @@ where
             }
             other => return other,
         }
+    }
+}
+
+/// The etcd leader the gateway reports (admin StoreStatus), once it knows one other than
+/// `not` (waits up to 10 s).
+async fn leader_seen(admin: &mut AdminClient<Channel>, not: Option<&str>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = admin.store_status(StoreStatusRequest {}).await.unwrap().into_inner();
+        if !s.etcd_leader.is_empty() && Some(s.etcd_leader.as_str()) != not {
+            return s.etcd_leader;
+        }
+        assert!(Instant::now() < deadline, "no etcd leader reported: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -287,6 +304,9 @@ async fn leader_killed_a_new_one_is_elected_and_the_gateway_follows() {
         put(&mut c, &format!("/l/{i}"), format!("value {i}").as_bytes(), Some(0)).await.unwrap();
     }
     let old = cluster.leader().await.expect("a leader");
+    // The gateway sends its requests to the leader, and says which member that is.
+    let mut admin = gw.admin("spiffe://test.example/admin").await;
+    assert_eq!(leader_seen(&mut admin, None).await, cluster.endpoints()[old]);
     cluster.kill(old);
     let killed_at = Instant::now();
 
@@ -301,6 +321,8 @@ async fn leader_killed_a_new_one_is_elected_and_the_gateway_follows() {
     eprintln!("leader m{old} killed; m{new} leads; gateway wrote again after {resumed:?}");
     assert_ne!(new, old);
     assert!(resumed < Duration::from_secs(10));
+    let followed = leader_seen(&mut admin, Some(&cluster.endpoints()[old])).await;
+    assert_eq!(followed, cluster.endpoints()[new], "the gateway follows the new leader");
     for i in 1..10u64 {
         let (version, value) = get(&mut c, &format!("/l/{i}"), None).await.unwrap();
         assert_eq!((version, value), (1, format!("value {i}").into_bytes()));
@@ -318,13 +340,13 @@ async fn writes_stuck_on_a_paused_member_are_retried_elsewhere_and_apply_once() 
     let cluster = EtcdCluster::start().await;
     let gw = cluster.gateway("/secretgate/", STORE_TIMEOUT.as_millis() as u64).await;
     let mut c = gw.client("spiffe://test.example/admin").await;
-    // Open the gateway's connection to every member, so requests to the paused one hang
-    // after being sent instead of failing to connect.
-    for _ in 0..6 {
-        assert_eq!(get(&mut c, "/p/none", None).await.unwrap_err().code(), Code::NotFound);
-    }
+    // The gateway sends its requests to the leader once it knows it; that is the member
+    // paused, on an open connection, so requests to it hang after being sent.
     let leader = cluster.leader().await.expect("a leader");
-    let paused = (leader + 1) % 3;
+    let mut admin = gw.admin("spiffe://test.example/admin").await;
+    assert_eq!(leader_seen(&mut admin, None).await, cluster.endpoints()[leader]);
+    assert_eq!(get(&mut c, "/p/none", None).await.unwrap_err().code(), Code::NotFound);
+    let paused = leader;
     cluster.pause(paused);
     // A try sent to the paused member hangs; the store retries it on another member with
     // the same compare, so at most one try can apply, and it recognizes its own write.

@@ -155,6 +155,7 @@ impl AdminService {
             cache_bytes: s.bytes,
             cache_max_bytes: s.max_bytes,
             cache_hits: s.hits,
+            etcd_leader: s.leader.unwrap_or_default(),
         }
     }
 }

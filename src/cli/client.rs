@@ -350,11 +350,15 @@ pub(super) async fn store_status(args: &ClientArgs) -> anyhow::Result<()> {
                     s.cache_entries, s.cache_bytes, s.cache_max_bytes, s.cache_hits
                 );
             }
+            if s.backend == "etcd" {
+                let leader = if s.etcd_leader.is_empty() { "not known" } else { &s.etcd_leader };
+                println!("etcd leader: {leader}");
+            }
         }
         Output::Json => print_json(&json!({
             "backend": s.backend, "cache": s.cache, "cache_entries": s.cache_entries,
             "cache_bytes": s.cache_bytes, "cache_max_bytes": s.cache_max_bytes,
-            "cache_hits": s.cache_hits,
+            "cache_hits": s.cache_hits, "etcd_leader": s.etcd_leader,
         })),
     }
     Ok(())

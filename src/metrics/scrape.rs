@@ -110,6 +110,16 @@ impl Sources {
             "1 if the gateway's last request to this etcd member answered",
             members,
         );
+        let leader: Family<Labels, Gauge> = Family::default();
+        for (url, _) in &status.members {
+            let leads = status.leader.as_ref() == Some(url);
+            leader.get_or_create(&vec![("member", url.clone())]).set(i64::from(leads));
+        }
+        r.register(
+            "etcd_member_leader",
+            "1 for the etcd member the gateway knows as the leader (its requests go there)",
+            leader,
+        );
 
         let reloads = &self.reloads;
         let keys = reloads.keys.current();

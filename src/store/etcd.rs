@@ -31,6 +31,7 @@
 
 mod cache;
 mod control;
+mod leader;
 mod members;
 mod registry;
 mod scan;
@@ -103,6 +104,7 @@ impl EtcdStore {
         history: u64,
     ) -> Result<Self, StoreError> {
         let members = Arc::new(Members::new(config)?);
+        leader::track(&members);
         let (prefix, timeout) = (config.prefix.clone(), config.timeout());
         let max = (config.cache_max_mib.get() << 20) as usize;
         let cache =
@@ -520,7 +522,7 @@ impl Store for EtcdStore {
     }
 
     fn status(&self) -> super::StoreStatus {
-        super::StoreStatus { members: self.members.health(), ..self.cache.status() }
+        self.members.status(self.cache.status())
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

@@ -303,6 +303,8 @@ pub struct StoreStatus {
     pub hits: u64,
     /// etcd: each member's URL, and whether the gateway's last try on it answered.
     pub members: Vec<(String, bool)>,
+    /// etcd: the URL of the member known to lead (where requests go), if one is.
+    pub leader: Option<String>,
 }
 
 impl UnixMillis {

@@ -89,6 +89,8 @@ pub struct Slice {
     pub cpu_us: f64,
     /// CPU µs per request in the gateway's process alone (0 without a pid).
     pub gateway_us: f64,
+    /// CPU µs per request in the etcd members' processes together (0 without their pids).
+    pub etcd_us: f64,
     /// How busy the machine was (0..1).
     pub busy: f64,
     /// Every counted request's latency in µs, sorted.
@@ -104,15 +106,15 @@ pub async fn seed(caller: &Caller, keys: usize) {
 }
 
 /// Runs `callers` concurrent callers (spread over `clients`, one per connection) for
-/// `length`, each doing `op` on `keys` secrets; `pid` is the gateway's process, if it has
-/// its own. Every request must succeed.
+/// `length`, each doing `op` on `keys` secrets; `pids` are the processes whose CPU is
+/// counted apart. Every request must succeed.
 pub async fn slice(
     clients: &[Caller],
     callers: usize,
     op: Op,
     keys: usize,
     length: Duration,
-    pid: Option<u32>,
+    pids: &Pids,
 ) -> Slice {
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -146,22 +148,45 @@ pub async fn slice(
     }
     tokio::time::sleep(Duration::from_millis(100)).await; // every caller under way
     counting.store(true, Ordering::Relaxed);
-    let (started, machine, gateway) = (Instant::now(), machine_ticks(), process_ticks(pid));
+    let ticks = || (machine_ticks(), process_ticks(pids.gateway), pids.etcd_ticks());
+    let (started, (machine, gateway, etcd)) = (Instant::now(), ticks());
     tokio::time::sleep(length).await;
-    let (machine_after, gateway_after) = (machine_ticks(), process_ticks(pid));
+    let (machine_after, gateway_after, etcd_after) = ticks();
     let busy = (machine_after.0 - machine.0) as f64 / (machine_after.1 - machine.1).max(1) as f64;
     let n = done.load(Ordering::Relaxed);
     let rate = n as f64 / started.elapsed().as_secs_f64();
     // Clock ticks are 10 ms of one CPU.
     let cpu_us = (machine_after.0 - machine.0) as f64 * 10_000.0 / n.max(1) as f64;
-    let gateway_us = gateway_after.saturating_sub(gateway) as f64 * 10_000.0 / n.max(1) as f64;
+    let per_request = |ticks: u64| ticks as f64 * 10_000.0 / n.max(1) as f64;
+    let gateway_us = per_request(gateway_after.saturating_sub(gateway));
+    let etcd_us = per_request(etcd_after.saturating_sub(etcd));
     stop.store(true, Ordering::Relaxed);
     let mut latencies_us = Vec::new();
     for t in tasks {
         latencies_us.extend(t.await.unwrap());
     }
     latencies_us.sort_unstable();
-    Slice { rate, cpu_us, gateway_us, busy, latencies_us }
+    Slice { rate, cpu_us, gateway_us, etcd_us, busy, latencies_us }
+}
+
+/// The processes whose CPU a slice counts apart from the machine's.
+#[derive(Clone, Debug, Default)]
+pub struct Pids {
+    /// The gateway's, when it has its own process.
+    pub gateway: Option<u32>,
+    /// The etcd members'.
+    pub etcd: Vec<u32>,
+}
+
+impl Pids {
+    /// Only the gateway's.
+    pub fn gateway(pid: Option<u32>) -> Self {
+        Self { gateway: pid, etcd: Vec::new() }
+    }
+
+    fn etcd_ticks(&self) -> u64 {
+        self.etcd.iter().map(|&p| process_ticks(Some(p))).sum()
+    }
 }
 
 /// Busy and total clock ticks of the whole machine, from `/proc/stat`.

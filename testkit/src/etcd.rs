@@ -285,6 +285,11 @@ impl EtcdCluster {
         }
     }
 
+    /// The running members' process ids (for their CPU time).
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().filter_map(|m| m.child.as_ref().map(Child::id)).collect()
+    }
+
     /// Pauses member `i` (SIGSTOP): its sockets stay open but it answers nothing.
     pub fn pause(&self, i: usize) {
         self.signal(i, "-STOP");

@@ -182,6 +182,7 @@ impl Cache {
             max_bytes: self.max_bytes as u64,
             hits: self.hits.load(std::sync::atomic::Ordering::Relaxed),
             members: Vec::new(),
+            leader: None,
         }
     }
 
