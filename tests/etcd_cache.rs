@@ -239,3 +239,50 @@ async fn past_its_budget_the_cache_empties_itself_and_reads_go_to_etcd() {
     }
     assert_eq!(EtcdStore::cache_hits(), hits, "a read came from an emptied cache");
 }
+
+/// A rewrap replaces a value key in place. The barrier checks only the metadata's revision,
+/// so the replace must move it too (same bytes): then a read on another replica that starts
+/// after the replace was acknowledged returns the new bytes, never the ones it had cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_value_moves_its_metadata_and_is_read_at_once_elsewhere() {
+    use secretgate::{SecretPath, testing::Store};
+    let _serial = SERIAL.lock().await;
+    let cluster = EtcdCluster::start().await;
+    let mut config = secretgate::Config::default();
+    cluster.configure(&mut config, PREFIX, 5000);
+    let secretgate::config::StoreConfig::Etcd(etcd) = &config.store else { unreachable!() };
+    let (a, b) = (EtcdStore::connect(etcd, 10).unwrap(), EtcdStore::connect(etcd, 10).unwrap());
+    let mut raw = cluster.client(None).await;
+    let meta_key = format!("{PREFIX}meta/r");
+    let meta = |raw: &mut etcd_client::Client| {
+        let mut raw = raw.clone();
+        let key = meta_key.clone();
+        async move {
+            let r = raw.get(key, None).await.unwrap();
+            let kv = &r.kvs()[0];
+            (kv.value().to_vec(), kv.mod_revision())
+        }
+    };
+    let path = SecretPath::parse("/r").unwrap();
+    a.put(&path, 0, b"sealed-0").await.unwrap();
+    let (bytes, mut revision) = meta(&mut raw).await;
+    let hits = EtcdStore::cache_hits();
+    for round in 1..=100u32 {
+        let (old, new) = (format!("sealed-{}", round - 1), format!("sealed-{round}"));
+        assert!(a.replace(&path, 1, old.as_bytes(), new.as_bytes()).await.unwrap());
+        let (now, moved) = meta(&mut raw).await;
+        assert_eq!(now, bytes, "a replace leaves the metadata's bytes alone");
+        assert!(moved > revision, "round {round}: the replace did not move the metadata");
+        revision = moved;
+        let read = b.get(&path, None).await.unwrap();
+        assert_eq!(
+            &read.value[..],
+            new.as_bytes(),
+            "round {round}: the other replica read old bytes"
+        );
+    }
+    assert!(EtcdStore::cache_hits() > hits, "no read came from memory");
+    // A replace whose metadata is gone (put straight into etcd that way) changes nothing.
+    raw.delete(meta_key.as_str(), None).await.unwrap();
+    assert!(!a.replace(&path, 1, b"sealed-100", b"sealed-x").await.unwrap());
+}

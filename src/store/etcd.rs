@@ -172,53 +172,31 @@ impl EtcdStore {
             return None;
         }
         let meta_key = self.meta_key(path.as_str()).into_bytes();
-        let mut keys = vec![meta_key.clone()];
-        let cached = cache
-            .entry(&meta_key)
-            .and_then(|(v, rev)| decode_meta(path.as_str(), &v).ok().map(|m| (m, rev)));
-        if let Some(info) = cached.as_ref().and_then(|(m, _)| m.readable(version).ok()) {
-            keys.push(self.data_key(path, info.version).into_bytes());
-        }
-        let revisions = cache.barrier(keys.clone()).await.ok()?;
-        let values = match cache.snapshot(&keys, &revisions) {
-            Some(values) => values,
-            None => {
-                let newest = revisions.iter().copied().max().unwrap_or(0);
-                if !cache.caught_up(newest).await {
-                    return None;
-                }
-                cache.snapshot(&keys, &revisions)?
-            }
+        let revision = cache.barrier(meta_key.clone()).await.ok()?;
+        // The metadata's revision vouches for the values it names (see [`cache`]). `None`:
+        // a value the metadata names is not cached (it was put into etcd without one).
+        let read = |meta: Option<&[u8]>, entries: &cache::Entries| {
+            let Some(meta) = meta else { return Some(Err(StoreError::NotFound)) };
+            let meta = decode_meta(path.as_str(), meta).ok()?;
+            let info = match meta.readable(version) {
+                Ok(info) => info,
+                Err(e) => return Some(Err(e)),
+            };
+            let (value, _) = entries.get(self.data_key(path, info.version).as_bytes())?;
+            Some(Ok(StoredValue {
+                version: info.version,
+                created: info.created,
+                current_version: meta.current_version,
+                value: Zeroizing::new(value.clone()),
+            }))
         };
-        let Some(meta) = values.first()?.as_deref() else {
-            cache.hit();
-            return Some(Err(StoreError::NotFound));
-        };
-        // Decoded once: the snapshot's metadata is the one planned with when its revision is.
-        let meta = match cached {
-            Some((m, rev)) if rev == revisions[0] => m,
-            _ => decode_meta(path.as_str(), meta).ok()?,
-        };
-        let info = match meta.readable(version) {
-            Ok(info) => info,
-            Err(e) => {
-                cache.hit();
-                return Some(Err(e));
-            }
-        };
-        // The value key checked must be the one this metadata names (the cached metadata
-        // may have moved on while waiting for the feed).
-        if keys.get(1) != Some(&self.data_key(path, info.version).into_bytes()) {
-            return None;
-        }
-        let value = values.get(1)?.clone()?;
+        let answer = match cache.read_at(&meta_key, revision, read) {
+            Some(answer) => answer,
+            None if cache.caught_up(revision).await => cache.read_at(&meta_key, revision, read)?,
+            None => return None,
+        }?;
         cache.hit();
-        Some(Ok(StoredValue {
-            version: info.version,
-            created: info.created,
-            current_version: meta.current_version,
-            value: Zeroizing::new(value),
-        }))
+        Some(answer)
     }
 
     /// One try of a read: one etcd transaction (one round trip, one linearizable snapshot)
@@ -480,8 +458,8 @@ impl Store for EtcdStore {
         old: &[u8],
         new: &[u8],
     ) -> Result<bool, StoreError> {
-        let key = self.data_key(path, version);
-        self.retry("replace", true, |deadline| self.replace_once(&key, old, new, deadline)).await
+        let keys = (self.data_key(path, version), self.meta_key(path.as_str()));
+        self.retry("replace", true, |deadline| self.replace_once(&keys, old, new, deadline)).await
     }
 
     async fn put_audit_checkpoint(&self, log_id: &str, line: &[u8]) -> Result<(), StoreError> {

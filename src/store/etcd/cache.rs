@@ -5,12 +5,15 @@
 //! silent, so a quiet watch is asked for progress and given up when it does not answer).
 //!
 //! **Reads are never served from memory on the feed's word alone.** Each read first passes a
-//! linearizability barrier: one linearizable, keys-only etcd transaction that returns the
-//! current `mod_revision` of the keys the read would use (the metadata key, and the value key
-//! of the version the cached metadata names). The read is answered from memory only if every
-//! one of them matches the cached entry (a `mod_revision` names one write of one key, so equal
-//! revisions mean equal bytes); otherwise it waits briefly for the feed to apply those
-//! revisions, and then reads etcd directly. So a read that starts after a write was
+//! linearizability barrier: one linearizable, keys-only etcd read that returns the current
+//! `mod_revision` of the secret's metadata key. The read is answered from memory only if it
+//! matches the cached entry (a `mod_revision` names one write of one key, so equal revisions
+//! mean equal bytes); otherwise it waits briefly for the feed to apply that revision, and
+//! then reads etcd directly. The metadata's revision vouches for the values too: every
+//! write that changes a value key (a put, a prune, a destroy, a rewrap) changes the
+//! metadata in the same transaction (a rewrap touches it with `ignore_value`), and the feed
+//! applies a transaction's events at once, so a cache whose metadata is current holds the
+//! values that metadata names as they are in etcd. So a read that starts after a write was
 //! acknowledged (by this replica, another one, or etcd directly) always sees it. Comparing
 //! per-key revisions, not "the watch reached etcd's revision", matters: etcd's revision is
 //! cluster-wide, and a write outside the prefix moves it without any event here.
@@ -27,7 +30,8 @@
 //! the compaction and watchers behind it are told to resync.
 //!
 //! One barrier is in flight at a time; every read that arrives meanwhile joins the next one
-//! (up to [`MAX_BARRIER_KEYS`] keys per transaction, etcd's default `--max-txn-ops`). Past
+//! (a plain range read for one key, else one transaction of up to [`MAX_BARRIER_KEYS`] keys,
+//! etcd's default `--max-txn-ops`). Past
 //! `store.cache_max_mib` the cache empties itself and reads go to etcd until a restart.
 
 use std::{
@@ -66,10 +70,12 @@ const LIST_PAGE: i64 = 1000;
 
 /// One cached key: its value and the revision that wrote it.
 type Entry = (Vec<u8>, i64);
+/// Every cached key.
+pub(super) type Entries = HashMap<Vec<u8>, Entry>;
 
 #[derive(Default)]
 struct State {
-    entries: HashMap<Vec<u8>, Entry>,
+    entries: Entries,
     bytes: usize,
     /// Filled and following a watch.
     serving: bool,
@@ -80,10 +86,10 @@ struct State {
 /// Reads answered from memory, for tests and (later) metrics.
 pub(super) static HITS: AtomicU64 = AtomicU64::new(0);
 
-/// One read's question to the barrier: the current `mod_revision` of these keys (0: absent).
+/// One read's question to the barrier: the current `mod_revision` of this key (0: absent).
 struct Ask {
-    keys: Vec<Vec<u8>>,
-    reply: oneshot::Sender<Result<Vec<i64>, Failure>>,
+    key: Vec<u8>,
+    reply: oneshot::Sender<Result<i64, Failure>>,
 }
 
 /// See the module docs.
@@ -196,26 +202,24 @@ impl Cache {
         self.read().entries.get(key).cloned()
     }
 
-    /// The cached values of `keys` (`None` for absent ones), if every key's cached revision
-    /// is the one in `revisions` (0 and absent alike): all taken under one lock.
-    pub(super) fn snapshot(
+    /// `read` of the cached value of `key` (`None`: absent) and of every cached entry, if
+    /// `key`'s cached revision is `revision` (0 and absent alike): all under one lock.
+    pub(super) fn read_at<T>(
         &self,
-        keys: &[Vec<u8>],
-        revisions: &[i64],
-    ) -> Option<Vec<Option<Vec<u8>>>> {
+        key: &[u8],
+        revision: i64,
+        read: impl FnOnce(Option<&[u8]>, &Entries) -> T,
+    ) -> Option<T> {
         let state = self.read();
-        let current = keys
-            .iter()
-            .zip(revisions)
-            .all(|(k, r)| state.entries.get(k).map_or(0, |(_, rev)| *rev) == *r);
-        (state.serving && current && keys.len() == revisions.len())
-            .then(|| keys.iter().map(|k| state.entries.get(k).map(|(v, _)| v.clone())).collect())
+        let entry = state.entries.get(key);
+        let current = entry.map_or(0, |(_, rev)| *rev) == revision;
+        (state.serving && current).then(|| read(entry.map(|(v, _)| v.as_slice()), &state.entries))
     }
 
-    /// The current `mod_revision` of `keys`, from the next barrier.
-    pub(super) async fn barrier(&self, keys: Vec<Vec<u8>>) -> Result<Vec<i64>, Failure> {
+    /// The current `mod_revision` of `key`, from the next barrier.
+    pub(super) async fn barrier(&self, key: Vec<u8>) -> Result<i64, Failure> {
         let (reply, answer) = oneshot::channel();
-        if self.barrier.send(Ask { keys, reply }).is_err() {
+        if self.barrier.send(Ask { key, reply }).is_err() {
             return Err(Failure::Unknown("the read barrier stopped".into()));
         }
         answer.await.unwrap_or_else(|_| Err(Failure::Unknown("the read barrier stopped".into())))
@@ -345,34 +349,37 @@ async fn barrier_loop(
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        let mut keys = batch[0].keys.len();
-        // A read asks about at most two keys, so this stays within the limit.
-        while keys + 2 <= MAX_BARRIER_KEYS {
+        while batch.len() < MAX_BARRIER_KEYS {
             match rx.try_recv() {
-                Ok(ask) => {
-                    keys += ask.keys.len();
-                    batch.push(ask);
-                }
+                Ok(ask) => batch.push(ask),
                 Err(_) => break,
             }
         }
-        let ops: Vec<TxnOp> = batch
-            .iter()
-            .flat_map(|a| a.keys.iter())
-            .map(|k| TxnOp::get(k.clone(), Some(GetOptions::new().with_keys_only())))
-            .collect();
-        let txn = Txn::new().and_then(ops);
+        let keys_only = || Some(GetOptions::new().with_keys_only());
         let deadline = Instant::now() + timeout;
-        let answer = members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await;
+        let revision =
+            |g: &etcd_client::GetResponse| g.kvs().first().map_or(0, |kv| kv.mod_revision());
+        let answer = if let [one] = batch.as_slice() {
+            // One key: a plain range read, cheaper for etcd than a transaction.
+            let key = one.key.clone();
+            let get = |mut kv: etcd_client::KvClient| async move { kv.get(key, keys_only()).await };
+            members.attempt(deadline, get).await.map(|g| vec![revision(&g)])
+        } else {
+            let ops: Vec<TxnOp> =
+                batch.iter().map(|a| TxnOp::get(a.key.clone(), keys_only())).collect();
+            let txn = Txn::new().and_then(ops);
+            let resp = members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await;
+            resp.map(|resp| {
+                let answers = resp.op_responses().into_iter();
+                answers
+                    .map(|r| if let TxnOpResponse::Get(g) = r { revision(&g) } else { -1 })
+                    .collect()
+            })
+        };
         match answer {
-            Ok(resp) => {
-                let mut revisions = resp.op_responses().into_iter().map(|r| match r {
-                    TxnOpResponse::Get(g) => g.kvs().first().map_or(0, |kv| kv.mod_revision()),
-                    _ => -1,
-                });
-                for ask in batch {
-                    let mine: Vec<i64> = revisions.by_ref().take(ask.keys.len()).collect();
-                    let _ = ask.reply.send(Ok(mine));
+            Ok(revisions) => {
+                for (ask, revision) in batch.into_iter().zip(revisions) {
+                    let _ = ask.reply.send(Ok(revision));
                 }
             }
             Err(f) => {

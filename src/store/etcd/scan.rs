@@ -1,6 +1,6 @@
 //! Scans and replaces of stored values, for rewrap.
 
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
@@ -45,24 +45,33 @@ impl EtcdStore {
         Ok(out)
     }
 
-    /// One try of a replace: a transaction comparing the stored value. A try that finds `new`
+    /// One try of a replace: a transaction comparing the stored value (and touching the
+    /// metadata, whose revision the read cache trusts for its values). A try that finds `new`
     /// already stored counts as done: an earlier, unanswered try applied it (the bytes of a
     /// fresh envelope never repeat, so nobody else wrote them).
     pub(super) async fn replace_once(
         &self,
-        key: &str,
+        (key, meta_key): &(String, String),
         old: &[u8],
         new: &[u8],
         deadline: Instant,
     ) -> Result<bool, Failure> {
-        let mut when = vec![Compare::value(key, CompareOp::Equal, old)];
+        let (key, meta_key) = (key.as_str(), meta_key.as_str());
+        let mut when = vec![
+            Compare::value(key, CompareOp::Equal, old),
+            Compare::create_revision(meta_key, CompareOp::Greater, 0),
+        ];
         let mut or_else = vec![TxnOp::get(key, None)];
         let fence = self.fence();
         if let Some(f) = &fence {
             when.push(f.compare());
             or_else.push(f.probe());
         }
-        let txn = Txn::new().when(when).and_then([TxnOp::put(key, new, None)]).or_else(or_else);
+        // The metadata is touched (same bytes, a new revision): the read cache's barrier
+        // checks the metadata's revision only, which must move with every value it names.
+        let touch = TxnOp::put(meta_key, [], Some(PutOptions::new().with_ignore_value()));
+        let txn =
+            Txn::new().when(when).and_then([TxnOp::put(key, new, None), touch]).or_else(or_else);
         let resp =
             self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await?;
         if resp.succeeded() {
