@@ -7,15 +7,16 @@
 //! commit as configured by default, one with it off, for the difference it makes to gets).
 //! Then each workload three ways in alternating slices, the order rotated every round:
 //! direct etcd (etcd-client over the three members, linearizable get, put), the
-//! grpc-proxy, and the gateway (mTLS, authorization, encryption, audit, etcd). 100-byte
-//! values over 1,000 keys; gateway callers share `BENCH_CONNECTIONS` (4) TLS connections,
-//! etcd callers one etcd-client channel (a connection per member).
+//! grpc-proxy, and the gateway (mTLS, authorization, encryption, audit, etcd). For puts a
+//! fourth side puts straight into etcd inside a compare-and-set transaction: the cheapest
+//! versioned write etcd offers, which every gateway put is. 100-byte values over 1,000 keys;
+//! gateway callers share `BENCH_CONNECTIONS` (4) TLS connections, etcd callers one
+//! etcd-client channel (a connection per member).
 //!
 //! Prints one row per workload, concurrency and side: ops/s (mean over rounds), latency
 //! p50/p99/p999 over every request of the rounds, the ratio to direct etcd (median of the
-//! per-round ratios) and the CPU time per request of the whole machine, of the etcd members and,
-//! for the gateways, of the gateway. `--json` prints the
-//! rows as one JSON array instead.
+//! per-round ratios) and the CPU time per request of the whole machine, of the etcd members
+//! and, for the gateways, of the gateway. `--json` prints the rows as one JSON array instead.
 //!
 //! Environment: `BENCH_OPS` (`get,put,mix`), `BENCH_CONCURRENCY` (`1,64,256`),
 //! `BENCH_ROUNDS` (3), `BENCH_SLICE_MS` (1000), `BENCH_CONNECTIONS` (4).
@@ -38,8 +39,8 @@ struct Side {
     callers: Vec<Caller>,
     /// The gateway's and etcd's processes, for their CPU per request.
     pids: Pids,
-    /// Only for gets (the audit-off gateway).
-    gets_only: bool,
+    /// Only for this workload (the audit-off gateway: gets; etcd's transactions: puts).
+    only: Option<Op>,
 }
 
 /// One row of the table.
@@ -96,6 +97,8 @@ async fn main() {
     let proxy = cluster.grpc_proxy().await;
     let direct =
         Caller::Etcd(Box::new(cluster.client(None).await.kv_client()), DIRECT_PREFIX.into());
+    let direct_txn =
+        Caller::EtcdTxn(Box::new(cluster.client(None).await.kv_client()), DIRECT_PREFIX.into());
     let via_proxy = Caller::Etcd(
         Box::new(cluster.client_to(vec![proxy.endpoint.clone()]).await.kv_client()),
         DIRECT_PREFIX.into(),
@@ -107,19 +110,20 @@ async fn main() {
     }
     let pids = |gateway| Pids { gateway, etcd: cluster.pids() };
     let mut sides = vec![
-        Side { name: "etcd direct", callers: vec![direct], pids: pids(None), gets_only: false },
+        Side { name: "etcd direct", callers: vec![direct], pids: pids(None), only: None },
         Side {
-            name: "etcd grpc-proxy",
-            callers: vec![via_proxy],
+            name: "etcd direct, CAS txn",
+            callers: vec![direct_txn],
             pids: pids(None),
-            gets_only: false,
+            only: Some(Op::Put),
         },
-        Side { name: "gateway", callers: on_callers, pids: pids(gw_on.pid()), gets_only: false },
+        Side { name: "etcd grpc-proxy", callers: vec![via_proxy], pids: pids(None), only: None },
+        Side { name: "gateway", callers: on_callers, pids: pids(gw_on.pid()), only: None },
         Side {
             name: "gateway, audit off",
             callers: off_callers,
             pids: pids(gw_off.pid()),
-            gets_only: true,
+            only: Some(Op::Get),
         },
     ];
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -139,7 +143,7 @@ async fn main() {
     for op in &ops {
         for &n in &concurrency {
             let active: Vec<usize> =
-                (0..sides.len()).filter(|&i| *op == Op::Get || !sides[i].gets_only).collect();
+                (0..sides.len()).filter(|&i| sides[i].only.is_none_or(|o| o == *op)).collect();
             // Warm up every side for this workload.
             for &i in &active {
                 let s = &sides[i];
@@ -217,7 +221,7 @@ fn print_row(r: &Row) {
         r.machine_cpu_us_per_request, r.etcd_cpu_us_per_request
     );
     println!(
-        "{:<6} {:>4}  {:<19} {:>8.0} ops/s  p50 {:>6.2}  p99 {:>6.2}  p999 {:>6.2} ms  {:>5.2}× direct{cpu}",
+        "{:<6} {:>4}  {:<20} {:>8.0} ops/s  p50 {:>6.2}  p99 {:>6.2}  p999 {:>6.2} ms  {:>5.2}× direct{cpu}",
         r.workload,
         r.concurrency,
         r.side,

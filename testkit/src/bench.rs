@@ -45,6 +45,9 @@ pub enum Caller {
     Gateway(SecretsClient<Channel>),
     /// An etcd KV client (to the members, or to a grpc-proxy) and the key prefix.
     Etcd(Box<etcd_client::KvClient>, Arc<str>),
+    /// The same, but each put inside a compare-and-set transaction (a compare that holds,
+    /// then the put): the cheapest versioned write etcd offers, what the gateway's puts are.
+    EtcdTxn(Box<etcd_client::KvClient>, Arc<str>),
 }
 
 impl Caller {
@@ -56,6 +59,7 @@ impl Caller {
     /// One request: a Get, or a Put of 100 bytes, of key `key`.
     async fn call(&mut self, put: bool, key: usize) -> Result<(), String> {
         let value = || vec![b'w'; 100];
+        let txn = matches!(self, Self::EtcdTxn(..));
         match self {
             Self::Gateway(c) => {
                 let path = format!("/bench/k{key}");
@@ -67,12 +71,18 @@ impl Caller {
                 };
                 result.map_err(|s| s.to_string())
             }
-            Self::Etcd(kv, prefix) => {
+            Self::Etcd(kv, prefix) | Self::EtcdTxn(kv, prefix) => {
                 let key = format!("{prefix}k{key}");
-                let result = if put {
-                    kv.put(key, value(), None).await.map(drop)
-                } else {
-                    kv.get(key, None).await.map(drop)
+                let result = match (put, txn) {
+                    (false, _) => kv.get(key, None).await.map(drop),
+                    (true, false) => kv.put(key, value(), None).await.map(drop),
+                    (true, true) => {
+                        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                        let holds = Compare::mod_revision(key.as_str(), CompareOp::Less, i64::MAX);
+                        let txn =
+                            Txn::new().when([holds]).and_then([TxnOp::put(key, value(), None)]);
+                        kv.txn(txn).await.map(drop)
+                    }
                 };
                 result.map_err(|e| e.to_string())
             }
