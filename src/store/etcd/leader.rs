@@ -8,7 +8,6 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::Client;
 use futures_util::future::join_all;
 
 use super::members::{LEADER_CHECK, Member, Members, NO_LEADER};
@@ -45,13 +44,7 @@ async fn find(members: &Members) -> Option<usize> {
 
 /// Member `m`'s own id, the leader it knows and its raft term, if it answers in time.
 async fn status(members: &Members, m: &Member) -> Option<(u64, u64, u64)> {
-    let ask = async {
-        let connect = || async {
-            let client = Client::connect([m.url.as_str()], Some(members.options().clone())).await?;
-            Ok::<_, etcd_client::Error>(client.maintenance_client())
-        };
-        m.maintenance.get_or_try_init(connect).await?.clone().status().await
-    };
+    let ask = async { members.connection(m).await?.maintenance.clone().status().await };
     let status = tokio::time::timeout(members.share(), ask).await.ok()?.ok()?;
     Some((status.header()?.member_id(), status.leader(), status.raft_term()))
 }

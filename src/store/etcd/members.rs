@@ -6,8 +6,9 @@
 //! without asking another member for the read index, and takes a write without forwarding
 //! it (measured on the 3-member test cluster: a get 0.1 ms sooner, a compare-and-set write
 //! about a tenth less etcd CPU); which member leads is asked every [`LEADER_CHECK`] and
-//! after a try on it failed (`leader.rs`). tonic's balanced channel is not used on purpose: it keeps offering a dead member, whose connection error makes it
-//! look ready and idle, so a killed member would fail a third of all requests. Here a
+//! after a try on it failed (`leader.rs`). tonic's balanced channel is not used on purpose:
+//! it keeps offering a dead member, whose connection error makes it look ready and idle, so
+//! a killed member would fail a third of all requests. Here a
 //! member that fails a try (refused, no answer, no leader) sits out for a cool-down, and
 //! the retry goes to another one.
 
@@ -61,15 +62,19 @@ pub(super) struct Members {
 pub(super) struct Member {
     pub(super) url: String,
     /// Connected on first use: without a user this never waits, with one it authenticates.
-    kv: OnceCell<KvClient>,
+    conn: OnceCell<Conn>,
     /// The same for leases (the replica registry), on a connection of its own.
     lease: OnceCell<LeaseClient>,
-    /// The same for status requests (which member leads), on a connection of its own.
-    pub(super) maintenance: OnceCell<MaintenanceClient>,
     /// Not picked before this instant unless every member is cooling down.
     cool_until: Mutex<Option<Instant>>,
     /// Whether its last try answered (for metrics); true until one fails.
     answered: AtomicBool,
+}
+
+/// One member's connection: its KV requests and its status requests (which member leads).
+pub(super) struct Conn {
+    kv: KvClient,
+    pub(super) maintenance: MaintenanceClient,
 }
 
 /// Why one try failed, and what that means for retrying.
@@ -125,9 +130,8 @@ impl Members {
             .iter()
             .map(|url| Member {
                 url: url.clone(),
-                kv: OnceCell::new(),
+                conn: OnceCell::new(),
                 lease: OnceCell::new(),
-                maintenance: OnceCell::new(),
                 cool_until: Mutex::new(None),
                 answered: AtomicBool::new(true),
             })
@@ -156,8 +160,8 @@ impl Members {
         let member = self.pick();
         let until = deadline.min(Instant::now() + self.share);
         let result = tokio::time::timeout_at(until, async {
-            let kv = member.kv.get_or_try_init(|| self.connect(&member.url)).await;
-            request(kv.map_err(classify)?.clone()).await.map_err(classify)
+            let conn = self.connection(member).await;
+            request(conn.map_err(classify)?.kv.clone()).await.map_err(classify)
         })
         .await
         .unwrap_or_else(|_| Err(Failure::Unknown(format!("no answer within {:?}", self.share))));
@@ -199,20 +203,23 @@ impl Members {
         &self.members
     }
 
-    /// The connect options (TLS, credentials) every connection uses.
-    pub(super) fn options(&self) -> &ConnectOptions {
-        &self.options
-    }
-
     /// How long one try may take.
     pub(super) fn share(&self) -> Duration {
         self.share
     }
 
-    async fn connect(&self, url: &str) -> Result<KvClient, etcd_client::Error> {
-        // `options` is never formatted: its Debug output includes the password.
-        let client = Client::connect([url], Some(self.options.clone())).await?;
-        Ok(client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES))
+    /// Member `m`'s connection for requests and status, opened on first use.
+    pub(super) async fn connection<'m>(
+        &self,
+        m: &'m Member,
+    ) -> Result<&'m Conn, etcd_client::Error> {
+        let connect = || async {
+            // `options` is never formatted: its Debug output includes the password.
+            let client = Client::connect([m.url.as_str()], Some(self.options.clone())).await?;
+            let kv = client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
+            Ok(Conn { kv, maintenance: client.maintenance_client() })
+        };
+        m.conn.get_or_try_init(connect).await
     }
 
     /// A watch of `key` with `options` on the next member in turn that is not cooling down,
