@@ -196,21 +196,19 @@ fn row(workload: &'static str, n: usize, side: &Side, own: &[Slice], direct: &[S
     let mut latencies: Vec<u32> = own.iter().flat_map(|s| s.latencies_us.iter().copied()).collect();
     latencies.sort_unstable();
     let ratios: Vec<f64> = own.iter().zip(direct).map(|(o, d)| o.rate / d.rate).collect();
+    let per_slice = |f: fn(&Slice) -> f64| mean(&own.iter().map(f).collect::<Vec<_>>());
     Row {
         workload,
         concurrency: n,
         side: side.name,
-        ops_per_sec: mean(&own.iter().map(|s| s.rate).collect::<Vec<_>>()),
+        ops_per_sec: per_slice(|s| s.rate),
         p50_ms: quantile_ms(&latencies, 0.5),
         p99_ms: quantile_ms(&latencies, 0.99),
         p999_ms: quantile_ms(&latencies, 0.999),
         ratio_to_direct: median(ratios),
-        cpu_us_per_request: side
-            .pids
-            .gateway
-            .map(|_| mean(&own.iter().map(|s| s.gateway_us).collect::<Vec<_>>())),
-        etcd_cpu_us_per_request: mean(&own.iter().map(|s| s.etcd_us).collect::<Vec<_>>()),
-        machine_cpu_us_per_request: mean(&own.iter().map(|s| s.cpu_us).collect::<Vec<_>>()),
+        cpu_us_per_request: side.pids.gateway.map(|_| per_slice(|s| s.gateway_us)),
+        etcd_cpu_us_per_request: per_slice(|s| s.etcd_us),
+        machine_cpu_us_per_request: per_slice(|s| s.cpu_us),
     }
 }
 
