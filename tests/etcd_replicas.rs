@@ -78,3 +78,65 @@ async fn a_read_after_another_replicas_acknowledged_write_sees_it() {
         assert_eq!((read.version, read.value), (written, value.into_bytes()), "round {round}");
     }
 }
+
+/// Puts that come together go to etcd as the nested transactions of one request; each is
+/// still decided by its own compare: a stale or racing put fails alone, the others of its
+/// request commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_go_to_etcd_together_each_decided_by_its_own_compare() {
+    let cluster = EtcdCluster::start().await;
+    let (gw_a, gw_b) = replicas(&cluster).await;
+    let (a, mut b) = (gw_a.client(ADMIN).await, gw_b.client(ADMIN).await);
+    for i in 0..40 {
+        a.clone().put(put(&format!("/c/k{i}"), "v1", None)).await.unwrap();
+    }
+    // 0..40: a put expecting version 1 (right); 0..12 also a second one racing it; 40..52
+    // expect version 5 of a secret at 1 (stale); 52..54, new, take 6 unguarded puts each.
+    let mut calls = Vec::new();
+    let mut plan: Vec<(usize, Option<u64>)> = (0..40).map(|i| (i, Some(1))).collect();
+    plan.extend((0..12).map(|i| (i, Some(1))));
+    for i in 40..52 {
+        a.clone().put(put(&format!("/c/k{i}"), "v1", None)).await.unwrap();
+        plan.push((i, Some(5)));
+    }
+    plan.extend((52..54).flat_map(|i| std::iter::repeat_n((i, None), 6)));
+    for (n, (i, expected)) in plan.iter().copied().enumerate() {
+        let mut client = a.clone();
+        let value = format!("w{n}");
+        let path = format!("/c/k{i}");
+        calls.push(tokio::spawn(async move {
+            client.put(put(&path, &value, expected)).await.map(|r| r.into_inner().version)
+        }));
+    }
+    let mut results = Vec::new();
+    for call in calls {
+        results.push(call.await.unwrap());
+    }
+    for i in 0..54 {
+        let outcomes: Vec<_> =
+            plan.iter().zip(&results).filter(|((j, _), _)| *j == i).map(|(_, r)| r).collect();
+        let won: Vec<u64> = outcomes.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+        for lost in outcomes.iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(lost.code(), Code::FailedPrecondition, "/c/k{i}: {lost:?}");
+        }
+        let want: Vec<u64> = match i {
+            0..40 => vec![2],
+            40..52 => vec![],
+            _ => (1..=6).collect(),
+        };
+        let mut won_sorted = won.clone();
+        won_sorted.sort_unstable();
+        assert_eq!(won_sorted, want, "/c/k{i}: {outcomes:?}");
+        let read = b.get(GetRequest { path: format!("/c/k{i}"), version: None }).await.unwrap();
+        assert_eq!(read.into_inner().version, want.last().copied().unwrap_or(1), "/c/k{i}");
+    }
+    // Secrets written in one request share its revision: the puts were combined.
+    let mut etcd = cluster.client(None).await;
+    let mut revisions = std::collections::HashMap::<i64, usize>::new();
+    for i in 0..40 {
+        let got = etcd.get(format!("/sg-replicas/meta/c/k{i}"), None).await.unwrap();
+        *revisions.entry(got.kvs()[0].mod_revision()).or_default() += 1;
+    }
+    let most = revisions.values().max().copied().unwrap_or(0);
+    assert!(most > 1, "every put had a request of its own: {revisions:?}");
+}

@@ -30,6 +30,7 @@
 //! a plain failure: the write may still commit.
 
 mod cache;
+mod combine;
 mod control;
 mod leader;
 mod members;
@@ -68,6 +69,8 @@ pub struct EtcdStore {
     timeout: Duration,
     max_versions: u32,
     hints: Arc<Hints>,
+    /// Sends concurrent puts' transactions together (see `combine`).
+    combiner: Arc<combine::Combiner>,
     /// The replica's watch feed and read cache (holding nothing with `store.cache = false`).
     cache: Arc<Cache>,
     /// The lease of this replica's record in the registry, once it has one.
@@ -110,7 +113,8 @@ impl EtcdStore {
         let cache =
             Cache::start(Arc::clone(&members), prefix.clone(), config.cache, max, timeout, history);
         let (hints, lease, fence) = (Arc::default(), Arc::default(), Arc::default());
-        Ok(Self { members, prefix, timeout, max_versions, hints, cache, lease, fence })
+        let combiner = Arc::new(combine::Combiner::start(Arc::clone(&members)));
+        Ok(Self { members, prefix, timeout, max_versions, hints, combiner, cache, lease, fence })
     }
 
     fn meta_key(&self, path: &str) -> String {

@@ -129,22 +129,20 @@ impl EtcdStore {
             or_else.push(f.probe());
         }
         let txn = Txn::new().when(when).and_then(ops).or_else(or_else);
-        let resp =
-            match self.members.attempt(deadline, |mut kv| async move { kv.txn(txn).await }).await {
-                Ok(resp) => resp,
-                Err(f) => {
-                    self.hints.forget(path);
-                    return Err((f, true));
-                }
-            };
-        let revision = resp.header().map_or(0, |h| h.revision());
-        if resp.succeeded() {
-            self.hints.remember(path, new, revision);
+        let answer = match self.combiner.txn(meta_key, txn, value.len(), deadline).await {
+            Ok(answer) => answer,
+            Err(failed) => {
+                self.hints.forget(path);
+                return Err(failed);
+            }
+        };
+        if answer.succeeded {
+            self.hints.remember(path, new, answer.revision);
             return Ok(PutStep::Written);
         }
         // The compare failed: the else-branch has the current metadata and the value stored
         // at the version this write wanted.
-        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+        let mut gets = answer.responses.into_iter().filter_map(|r| match r {
             TxnOpResponse::Get(g) => Some(g),
             _ => None,
         });
