@@ -85,6 +85,7 @@ async fn a_scrape_after_traffic_has_every_family_and_passes_promtool() {
         "secretgate_audit_fail_closed",
         "secretgate_store_request_duration_seconds_count{op=\"get\"}",
         "secretgate_store_request_duration_seconds_count{op=\"put\"}",
+        "secretgate_etcd_write_request_puts_count",
         "secretgate_handshakes_refused_total{reason=\"tls\"}",
         "secretgate_store_cache_state{state=\"off\"}",
         "secretgate_reload_refused{what=\"policy\"}",

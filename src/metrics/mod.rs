@@ -53,6 +53,7 @@ pub struct Metrics {
     audit_failures: Counter,
     store_latency: Family<Op, Histogram, fn() -> Histogram>,
     store_errors: Family<OpError, Counter>,
+    etcd_request_puts: Histogram,
     handshakes_refused: Family<Reason, Counter>,
     rate_limited: Family<ClassLabel, Counter>,
     reload_failures: Family<What, Counter>,
@@ -172,6 +173,7 @@ impl Metrics {
             audit_failures: Counter::default(),
             store_latency: Family::new_with_constructor(latency_buckets),
             store_errors: Family::default(),
+            etcd_request_puts: Histogram::new(exponential_buckets(1.0, 2.0, 6)),
             handshakes_refused: Family::default(),
             rate_limited: Family::default(),
             reload_failures: Family::default(),
@@ -224,6 +226,11 @@ impl Metrics {
             m.store_errors.clone(),
         );
         r.register(
+            "etcd_write_request_puts",
+            "Puts sent in one etcd request (concurrent puts go together, see docs/etcd.md)",
+            m.etcd_request_puts.clone(),
+        );
+        r.register(
             "handshakes_refused",
             "Connections refused before their first request, by reason",
             m.handshakes_refused.clone(),
@@ -273,6 +280,13 @@ pub fn audit_written(records: u64, took: Duration) {
     if let Some(m) = recording() {
         m.audit_records.inc_by(records);
         m.audit_sync.observe(took.as_secs_f64());
+    }
+}
+
+/// An etcd request carried `puts` puts (more than one: combined).
+pub fn etcd_write_request(puts: usize) {
+    if let Some(m) = recording() {
+        m.etcd_request_puts.observe(puts as f64);
     }
 }
 

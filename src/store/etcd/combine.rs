@@ -145,6 +145,9 @@ async fn send_loop(members: Arc<Members>, queue: Arc<Mutex<Queue>>) {
             let why = "the write's time ran out before it was sent";
             let _ = job.reply.send(Err((Failure::NotSent(why.into()), false)));
         }
+        if !batch.is_empty() {
+            crate::metrics::etcd_write_request(batch.len());
+        }
         if batch.len() > 1 {
             send_together(&members, batch).await;
         } else if let Some(job) = batch.pop() {
