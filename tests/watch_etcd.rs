@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use secretgate::proto::v1::{ChangeKind, DeleteRequest, PutRequest};
+use secretgate::proto::v1::{
+    ChangeKind, DeleteRequest, DestroyRequest, PutRequest, UndeleteRequest, WatchEvent,
+};
 use secretgate_testkit::{TestGateway, etcd::EtcdCluster, watch::Watch};
 use tonic::Code;
 
@@ -135,4 +137,61 @@ async fn a_broken_feed_over_compacted_quiet_history_does_not_make_watchers_resyn
     let next = watch.try_message(Duration::from_secs(15)).await;
     let events = next.expect("the stream goes on, no resync").expect("an event");
     assert_eq!(events.events[0].path, "/shared/b");
+}
+
+/// What each change was, named alike whoever tells it: a replica whose cache holds the
+/// metadata before each change (etcd sends no previous values then), one with the cache off
+/// (etcd sends them), and the first after a restart, replaying etcd's history from a list
+/// made just before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_change_is_named_alike_with_the_cache_on_off_and_after_a_restart() {
+    let cluster = EtcdCluster::start().await;
+    // A short history, so that after the restart the replay starts after etcd's first
+    // revision and the cache is listed as of the revision before it.
+    let mut a = TestGateway::start_with(|c| {
+        cluster.configure(c, "/sg-watch-kinds/", 5000);
+        c.watch.history_events = secretgate::config::Ranged::of::<12>();
+    })
+    .await;
+    let keyring = a.config.crypto.keyring.clone();
+    let b = TestGateway::start_with(|c| {
+        cluster.configure(c, "/sg-watch-kinds/", 5000);
+        c.crypto.keyring = keyring;
+        if let secretgate::config::StoreConfig::Etcd(etcd) = &mut c.store {
+            etcd.cache = false;
+        }
+    })
+    .await;
+    let (mut on, mut off) = (watcher(&a, "/shared/k", 0).await, watcher(&b, "/shared/k", 0).await);
+    let mut admin = a.client(ADMIN).await;
+    for _ in 0..20 {
+        admin.put(put("/shared/padding")).await.unwrap();
+    }
+    let start = watcher(&a, "/shared/k", 0).await.revision;
+    admin.put(put("/shared/k/x")).await.unwrap();
+    admin.put(put("/shared/k/x")).await.unwrap();
+    admin.delete(DeleteRequest { path: "/shared/k/x".into() }).await.unwrap();
+    admin.undelete(UndeleteRequest { path: "/shared/k/x".into(), version: 2 }).await.unwrap();
+    admin.destroy(DestroyRequest { path: "/shared/k/x".into(), version: 1 }).await.unwrap();
+    admin.put(put("/shared/k/y")).await.unwrap();
+    let named = |events: Vec<WatchEvent>| -> Vec<(String, u64, ChangeKind)> {
+        events.into_iter().map(|e| (e.path.clone(), e.version, e.kind())).collect()
+    };
+    let want: Vec<(String, u64, ChangeKind)> = [
+        ("/shared/k/x", 1, ChangeKind::Written),
+        ("/shared/k/x", 2, ChangeKind::Written),
+        ("/shared/k/x", 2, ChangeKind::Deleted),
+        ("/shared/k/x", 2, ChangeKind::Undeleted),
+        ("/shared/k/x", 1, ChangeKind::Destroyed),
+        ("/shared/k/y", 1, ChangeKind::Written),
+    ]
+    .into_iter()
+    .map(|(p, v, k)| (p.to_owned(), v, k))
+    .collect();
+    assert_eq!(named(on.events(6, Duration::from_secs(2)).await), want, "cache on");
+    assert_eq!(named(off.events(6, Duration::from_secs(2)).await), want, "cache off");
+    a.stop().await;
+    a.start_again().await;
+    let mut replayed = watcher(&a, "/shared/k", start).await;
+    assert_eq!(named(replayed.events(6, Duration::from_secs(5)).await), want, "after a restart");
 }

@@ -258,7 +258,12 @@ impl Cache {
 
     /// Applies one watch response's events: to the cache those after `listed` (the list
     /// already holds the rest), and every metadata change to the change feed.
-    fn apply(&self, events: &[etcd_client::Event], progress: i64, listed: i64) {
+    ///
+    /// `prev`: the watch sends each event's previous value, the metadata before the change.
+    /// Without it, that is the entry the cache holds, which the feed only relies on when the
+    /// list was made just before the watch's start (see `feed_loop`). False when the cache
+    /// emptied itself past its budget while relying on it: then the watch must start again.
+    fn apply(&self, events: &[etcd_client::Event], progress: i64, listed: i64, prev: bool) -> bool {
         let mut top = progress;
         let mut changes = Vec::new();
         let mut control_changed = 0;
@@ -269,7 +274,12 @@ impl Cache {
             if kv.key().starts_with(self.control_prefix.as_bytes()) {
                 control_changed = kv.mod_revision().max(control_changed);
             }
-            if let Some(change) = self.change(e) {
+            let before = if prev {
+                e.prev_kv().map(|p| p.value())
+            } else {
+                state.entries.get(kv.key()).map(|(v, _)| v.as_slice())
+            };
+            if let Some(change) = self.change(e, before) {
                 changes.push(change);
             }
             if kv.mod_revision() <= listed
@@ -293,6 +303,7 @@ impl Cache {
             state.bytes = (state.bytes + added).saturating_sub(removed);
         }
         self.check_budget(&mut state);
+        let relied = prev || !state.over_budget;
         drop(state);
         self.applied.send_modify(|a| *a = (*a).max(top));
         // Progress notifications do not move the change feed: before 3.4.31 etcd answers a
@@ -302,11 +313,18 @@ impl Cache {
         if control_changed > 0 {
             self.control.send_replace(u64::try_from(control_changed).unwrap_or(0));
         }
+        relied
     }
 
-    /// The change a metadata event made (`None` for other keys, deletions of metadata,
-    /// which the gateway never makes, and metadata that does not decode: logged).
-    fn change(&self, e: &etcd_client::Event) -> Option<ChangeEvent> {
+    /// Whether the cache holds every key of the prefix (it is on and within its budget).
+    fn holds(&self) -> bool {
+        self.caching && !self.read().over_budget
+    }
+
+    /// The change a metadata event made, from the metadata `before` it (`None`: the secret
+    /// did not exist); `None` for other keys, deletions of metadata, which the gateway never
+    /// makes, and metadata that does not decode (logged).
+    fn change(&self, e: &etcd_client::Event, before: Option<&[u8]>) -> Option<ChangeEvent> {
         let kv = e.kv().filter(|_| e.event_type() == EventType::Put)?;
         let rest = kv.key().strip_prefix(self.prefix.as_bytes())?.strip_prefix(b"meta")?;
         let decoded = std::str::from_utf8(rest).ok().and_then(|p| SecretPath::parse(p).ok());
@@ -319,7 +337,7 @@ impl Cache {
             tracing::warn!(%path, "change feed: metadata that does not decode; skipped");
             return None;
         };
-        let before = e.prev_kv().and_then(|p| meta(p.value()));
+        let before = before.and_then(meta);
         derive(&path, before.as_ref(), &after, u64::try_from(kv.mod_revision()).ok()?)
     }
 
@@ -406,7 +424,7 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
         let Some(c) = cache.upgrade() else { return };
         c.stop_serving();
         let prefix = c.prefix.clone();
-        let listed = list(&members, &prefix, timeout).await;
+        let listed = list(&members, &prefix, timeout, None).await;
         let (entries, revision) = match listed {
             Ok(l) => l,
             Err(f) => {
@@ -417,8 +435,7 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
                 continue;
             }
         };
-        let entries: HashMap<Vec<u8>, Entry> =
-            entries.into_iter().filter(|(k, _)| c.wanted(k)).collect();
+        let (mut entries, mut revision) = (entries, revision);
         if let Some((head, compacted)) = gap.take() {
             // The history after the head is gone, up to the compaction. If no metadata as of
             // the compaction revision (still readable) was written after the head, nothing
@@ -463,10 +480,31 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
                 start
             }
         };
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_prev_key()
-            .with_start_revision(start.min(revision + 1));
+        // Each change's metadata before it comes from the cache when the list was made at
+        // the revision before the watch starts (listed again there if it was not): then
+        // every event of the watch is after the list, and the cache holds what it changed.
+        // Else etcd sends it with each event (`prev_kv`), which costs etcd about a third
+        // of a write's CPU: only with the cache off or over its budget, or when the list
+        // cannot be made there (compacted).
+        if start <= 1 && c.holds() {
+            // From etcd's first revision: before it, nothing.
+            (entries, revision) = (HashMap::new(), 0);
+        } else if start <= revision && c.holds() {
+            match list(&members, &prefix, timeout, Some(start - 1)).await {
+                Ok(l) => (entries, revision) = l,
+                Err(f) => {
+                    tracing::debug!(error = ?f, "read cache: cannot list at the watch's start; the watch sends previous values")
+                }
+            }
+        }
+        let prev = !(start == revision + 1 && c.holds());
+        let entries: HashMap<Vec<u8>, Entry> =
+            entries.into_iter().filter(|(k, _)| c.wanted(k)).collect();
+        let mut options =
+            WatchOptions::new().with_prefix().with_start_revision(start.min(revision + 1));
+        if prev {
+            options = options.with_prev_key();
+        }
         let (url, watch) = members.watch(&prefix, options).await;
         let mut stream = match watch {
             Ok(s) => s,
@@ -480,10 +518,15 @@ async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout
             }
         };
         c.fill(entries, revision);
+        if !prev && !c.holds() {
+            // The fill itself went over the budget: the cache cannot give previous values.
+            tracing::info!(member = %url, "read cache: over its budget; watching with previous values");
+            continue;
+        }
         c.changes.mark_ready();
         backoff = Duration::from_millis(100);
         drop(c);
-        let (why, compacted) = follow(&cache, &mut stream, revision).await;
+        let (why, compacted) = follow(&cache, &mut stream, revision, prev).await;
         tracing::info!(member = %url, %why, "read cache: watch ended; listing again");
         let Some(c) = cache.upgrade() else { return };
         if compacted > 0 {
@@ -502,6 +545,7 @@ async fn follow(
     cache: &std::sync::Weak<Cache>,
     stream: &mut etcd_client::WatchStream,
     listed: i64,
+    prev: bool,
 ) -> (String, i64) {
     loop {
         let message = match tokio::time::timeout(QUIET, stream.message()).await {
@@ -538,6 +582,8 @@ async fn follow(
         } else {
             0
         };
-        c.apply(resp.events(), progress, listed);
+        if !c.apply(resp.events(), progress, listed, prev) {
+            return ("the cache went over its budget; watching with previous values".into(), 0);
+        }
     }
 }

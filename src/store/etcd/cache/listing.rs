@@ -10,11 +10,12 @@ use tokio::time::Instant;
 use super::{Entry, LIST_PAGE};
 use crate::store::etcd::members::{Failure, Members};
 
-/// Lists the prefix at one revision, page by page.
+/// Lists the prefix at one revision (`at`, else the current one), page by page.
 pub(super) async fn list(
     members: &Members,
     prefix: &str,
     timeout: Duration,
+    at: Option<i64>,
 ) -> Result<(HashMap<Vec<u8>, Entry>, i64), Failure> {
     let end = {
         let mut e = prefix.as_bytes().to_vec();
@@ -26,7 +27,7 @@ pub(super) async fn list(
     };
     let mut entries = HashMap::new();
     let mut start = prefix.as_bytes().to_vec();
-    let mut revision = 0;
+    let mut revision = at.unwrap_or(0);
     loop {
         let mut options = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
         if revision > 0 {
