@@ -19,7 +19,8 @@
 //! and, for the gateways, of the gateway. `--json` prints the rows as one JSON array instead.
 //!
 //! Environment: `BENCH_OPS` (`get,put,mix`), `BENCH_CONCURRENCY` (`1,64,256`),
-//! `BENCH_ROUNDS` (3), `BENCH_SLICE_MS` (1000), `BENCH_CONNECTIONS` (4).
+//! `BENCH_ROUNDS` (3), `BENCH_SLICE_MS` (1000), `BENCH_CONNECTIONS` (4), `BENCH_GROUP_US`
+//! (the audit-on gateway's `audit.group_commit_us`; default: the gateway's default).
 
 use std::time::Duration;
 
@@ -103,7 +104,8 @@ async fn main() {
         Box::new(cluster.client_to(vec![proxy.endpoint.clone()]).await.kv_client()),
         DIRECT_PREFIX.into(),
     );
-    let (gw_on, on_callers) = gateway(&cluster, "", "/sg-audit-on/").await;
+    let group = std::env::var("BENCH_GROUP_US").map(|us| format!("group_commit_us = {us}\n"));
+    let (gw_on, on_callers) = gateway(&cluster, &group.unwrap_or_default(), "/sg-audit-on/").await;
     let (gw_off, off_callers) = gateway(&cluster, "enabled = false\n", "/sg-audit-off/").await;
     for caller in [&direct, &on_callers[0], &off_callers[0]] {
         bench::seed(caller, KEYS).await;
