@@ -24,6 +24,9 @@
 
 use std::time::Duration;
 
+use secretgate::proto::v1::{AuditStatusRequest, admin_client::AdminClient};
+use tonic::transport::Channel;
+
 use secretgate_testkit::{
     audit::ServedGateway,
     bench::{self, Caller, Op, Pids, Slice, env_usize, mean, median, quantile_ms},
@@ -128,6 +131,7 @@ async fn main() {
             only: Some(Op::Get),
         },
     ];
+    let mut on_admin = gw_on.admin(ADMIN).await;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let fsync = fsync_ms();
     if !json {
@@ -151,6 +155,7 @@ async fn main() {
                 let s = &sides[i];
                 bench::slice(&s.callers, n, *op, KEYS, Duration::from_millis(300), &s.pids).await;
             }
+            let before = audit_stats(&mut on_admin).await;
             let mut slices: Vec<Vec<Slice>> = vec![Vec::new(); sides.len()];
             for round in 0..rounds {
                 for k in 0..active.len() {
@@ -160,12 +165,24 @@ async fn main() {
                         .push(bench::slice(&s.callers, n, *op, KEYS, slice_len, &s.pids).await);
                 }
             }
+            let after = audit_stats(&mut on_admin).await;
             for &i in &active {
                 let row = row(op.name(), n, &sides[i], &slices[i], &slices[0]);
                 if !json {
                     print_row(&row);
                 }
                 rows.push(row);
+            }
+            if !json {
+                // The gateway's own audit log over these rounds: what a write + fsync cost it.
+                let syncs = (after.1 - before.1).max(1) as f64;
+                println!(
+                    "{:>16}gateway's audit log: {:.1} records per fsync, write + fsync {:.2} ms \
+                     mean per batch",
+                    "",
+                    (after.0 - before.0) as f64 / syncs,
+                    (after.2 - before.2) as f64 / syncs / 1000.0,
+                );
             }
         }
     }
@@ -174,6 +191,12 @@ async fn main() {
     }
     sides.clear();
     drop((gw_on, gw_off, proxy, cluster));
+}
+
+/// Records written, syncs and microseconds spent writing and syncing by a gateway's log.
+async fn audit_stats(admin: &mut AdminClient<Channel>) -> (u64, u64, u64) {
+    let s = admin.audit_status(AuditStatusRequest {}).await.unwrap().into_inner();
+    (s.records_written, s.syncs, s.sync_micros)
 }
 
 /// Median and p99 of 200 appends of one audit-sized line, each made durable with fsync, in

@@ -105,6 +105,7 @@ impl AdminService {
         Ok(v1::AuditStatusResponse {
             records_written: stats.records,
             syncs: stats.syncs,
+            sync_micros: stats.sync_micros,
             enabled: true,
             log_id: log_id.to_owned(),
             failure: self.audit.failure().unwrap_or_default(),

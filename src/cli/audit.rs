@@ -57,6 +57,7 @@ async fn checkpoint(conn: &super::ClientArgs) -> anyhow::Result<()> {
                 "failure": (!status.failure.is_empty()).then_some(&status.failure),
                 "records_written": status.records_written,
                 "syncs": status.syncs,
+                "sync_micros": status.sync_micros,
                 "checkpoint": status.checkpoint,
             })
         ),
@@ -101,7 +102,8 @@ pub(super) enum AuditCommand {
     },
     /// Ask the gateway for its audit log's state and print the latest signed checkpoint it
     /// keeps in the store (for `verify --checkpoint`). Needs `admin` on `/`. With `-o json`:
-    /// an object with log_id, failure, records_written, syncs and the checkpoint line.
+    /// an object with log_id, failure, records_written, syncs, sync_micros and the checkpoint
+    /// line.
     Checkpoint {
         #[command(flatten)]
         conn: super::ClientArgs,

@@ -49,6 +49,8 @@ impl State {
         let written = records.len() as u64 + u64::from(cp_line.is_some());
         self.shared.records.fetch_add(written, Ordering::Relaxed);
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.shared.sync_micros.fetch_add(micros, Ordering::Relaxed);
         crate::metrics::audit_written(written, took);
         self.since_checkpoint += records.len() as u64;
         self.head = head;

@@ -124,6 +124,8 @@ struct Shared {
     records: AtomicU64,
     /// Syncs since start.
     syncs: AtomicU64,
+    /// Microseconds spent writing and syncing since start.
+    sync_micros: AtomicU64,
 }
 
 /// What the writer has done since start.
@@ -133,6 +135,8 @@ pub struct AuditStats {
     pub records: u64,
     /// fsyncs that made them durable (records / syncs is the group commit factor).
     pub syncs: u64,
+    /// Microseconds spent writing and syncing (sync_micros / syncs: the mean per batch).
+    pub sync_micros: u64,
 }
 
 /// A write in progress, from its durable intent ([`AuditLog::writing`]) until the writer
@@ -261,9 +265,11 @@ impl AuditLog {
 
     /// What the writer has done since start (zeros when disabled).
     pub fn stats(&self) -> AuditStats {
-        self.inner.as_deref().map_or(AuditStats { records: 0, syncs: 0 }, |i| AuditStats {
+        let zero = AuditStats { records: 0, syncs: 0, sync_micros: 0 };
+        self.inner.as_deref().map_or(zero, |i| AuditStats {
             records: i.shared.records.load(Ordering::Relaxed),
             syncs: i.shared.syncs.load(Ordering::Relaxed),
+            sync_micros: i.shared.sync_micros.load(Ordering::Relaxed),
         })
     }
 
