@@ -137,6 +137,7 @@ fn new_user_puts_and_gets_a_secret_with_the_dev_gateway() {
         line.contains(r#""kind":"checkpoint""#) && line.contains(cp["log_id"].as_str().unwrap())
     );
     assert!(cp["failure"].is_null() && cp["records_written"].as_u64() > Some(0), "{cp}");
+    assert!(cp["sync_micros"].as_u64() > Some(0), "{cp}");
     let human = gw.cli(dir.path(), &["audit", "checkpoint"], None);
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.lines().any(|l| l == stdout(&human).trim_end()), "{}", stdout(&human));
