@@ -90,13 +90,19 @@ impl EtcdStore {
     ) -> Result<PutStep, (Failure, bool)> {
         let empty = || SecretMeta { current_version: 0, versions: Vec::new() };
         // The freshest guess: the read cache's copy (kept by the watch, so it also knows other
-        // replicas' writes), else this replica's last view.
+        // replicas' writes) or this replica's last view, whichever is newer.
         let key = self.meta_key(path.as_str());
         let cached = self
             .cache
             .entry(key.as_bytes())
             .and_then(|(v, rev)| serde_json::from_slice::<SecretMeta>(&v).ok().map(|m| (m, rev)));
-        let (meta, mod_revision) = match cached.or_else(|| self.hints.get(path)) {
+        // The newer of the two: the cache lags this replica's own writes while its watch is
+        // stalled (a paused member), and the hints miss other writers' changes.
+        let guess = match (cached, self.hints.get(path)) {
+            (Some(c), Some(h)) => Some(if h.1 > c.1 { h } else { c }),
+            (c, h) => c.or(h),
+        };
+        let (meta, mod_revision) = match guess {
             Some((meta, rev)) if meta.current_version == expected => (meta, rev),
             // Without a hint, a first version expects that the secret never existed.
             None if expected == 0 => (empty(), 0),
