@@ -90,18 +90,17 @@ impl EtcdStore {
     ) -> Result<PutStep, (Failure, bool)> {
         let empty = || SecretMeta { current_version: 0, versions: Vec::new() };
         // The freshest guess: the read cache's copy (kept by the watch, so it also knows other
-        // replicas' writes) or this replica's last view, whichever is newer.
-        let key = self.meta_key(path.as_str());
+        // replicas' writes) or this replica's last view, whichever is newer (the cache lags
+        // this replica's own writes while its watch is stalled on a paused member). The
+        // cache's copy is decoded only when it is the newer.
+        let hint = self.hints.get(path);
+        let meta_key = self.meta_key(path.as_str());
         let cached = self
             .cache
-            .entry(key.as_bytes())
+            .entry(meta_key.as_bytes())
+            .filter(|(_, rev)| hint.as_ref().is_none_or(|(_, hinted)| rev >= hinted))
             .and_then(|(v, rev)| serde_json::from_slice::<SecretMeta>(&v).ok().map(|m| (m, rev)));
-        // The newer of the two: the cache lags this replica's own writes while its watch is
-        // stalled (a paused member), and the hints miss other writers' changes.
-        let guess = match (cached, self.hints.get(path)) {
-            (Some(c), Some(h)) => Some(if h.1 > c.1 { h } else { c }),
-            (c, h) => c.or(h),
-        };
+        let guess = cached.or(hint);
         let (meta, mod_revision) = match guess {
             Some((meta, rev)) if meta.current_version == expected => (meta, rev),
             // Without a hint, a first version expects that the secret never existed.
@@ -116,7 +115,6 @@ impl EtcdStore {
                 (meta, rev)
             }
         };
-        let meta_key = self.meta_key(path.as_str());
         let data_key = self.data_key(path, info.version);
         let mut new = meta;
         let mut ops = Vec::new();
