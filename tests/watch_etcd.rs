@@ -1,6 +1,7 @@
 //! `Secrets.Watch` on a real 3-member etcd cluster: events from the replica's one watch
 //! feed, from any replica and from writes made straight into etcd; resumable across a
-//! gateway restart from etcd's own history; resync required once etcd compacted it away.
+//! gateway restart from etcd's own history and across a feed moved off a stalled member;
+//! resync required once etcd compacted it away.
 
 use std::time::Duration;
 
@@ -194,4 +195,46 @@ async fn every_kind_of_change_is_named_alike_with_the_cache_on_off_and_after_a_r
     a.start_again().await;
     let mut replayed = watcher(&a, "/shared/k", start).await;
     assert_eq!(named(replayed.events(6, Duration::from_secs(5)).await), want, "after a restart");
+}
+
+/// A feed whose member stops answering (paused: its watch hangs, it does not close) is
+/// moved to another member and replays what it missed from etcd's history; the changes
+/// made meanwhile are named as they were made, from a cache listed as of where the feed
+/// stopped (so etcd is not asked for previous values). Each member is paused in turn, so
+/// the one serving the feed is paused at least once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_the_feed_is_stalled_are_named_alike_after_it_moves() {
+    let cluster = EtcdCluster::start().await;
+    let a = cluster.gateway("/sg-watch-stall/", 10_000).await;
+    let mut on = watcher(&a, "/shared", 0).await;
+    let mut admin = a.client(ADMIN).await;
+    admin.put(put("/shared/before")).await.unwrap();
+    on.events(1, Duration::from_secs(5)).await;
+    let named = |events: Vec<WatchEvent>| -> Vec<(String, u64, ChangeKind)> {
+        events.into_iter().map(|e| (e.path.clone(), e.version, e.kind())).collect()
+    };
+    for m in 0..3 {
+        cluster.pause(m);
+        let x = format!("/shared/m{m}/x");
+        let y = format!("/shared/m{m}/y");
+        admin.put(put(&x)).await.unwrap();
+        admin.put(put(&x)).await.unwrap();
+        admin.delete(DeleteRequest { path: x.clone() }).await.unwrap();
+        admin.undelete(UndeleteRequest { path: x.clone(), version: 2 }).await.unwrap();
+        admin.destroy(DestroyRequest { path: x.clone(), version: 1 }).await.unwrap();
+        admin.put(put(&y)).await.unwrap();
+        let want = vec![
+            (x.clone(), 1, ChangeKind::Written),
+            (x.clone(), 2, ChangeKind::Written),
+            (x.clone(), 2, ChangeKind::Deleted),
+            (x.clone(), 2, ChangeKind::Undeleted),
+            (x.clone(), 1, ChangeKind::Destroyed),
+            (y.clone(), 1, ChangeKind::Written),
+        ];
+        // A stalled feed is given up after its quiet time and progress deadline (7 s).
+        let seen = named(on.events(6, Duration::from_secs(30)).await);
+        assert_eq!(seen, want, "member m{m} paused");
+        cluster.resume(m);
+        cluster.wait_healthy().await;
+    }
 }

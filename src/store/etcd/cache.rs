@@ -43,29 +43,25 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use etcd_client::{EventType, GetOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::{
     sync::{mpsc, oneshot, watch},
     time::Instant,
 };
 
-use self::listing::{list, newest_meta_at};
 use super::members::{Failure, Members};
 use crate::{
     path::SecretPath,
     store::{ChangeEvent, Changes, changes::derive},
 };
 
+mod feed;
 mod listing;
 
 /// Keys one barrier transaction checks at most.
 pub(super) const MAX_BARRIER_KEYS: usize = 128;
 /// How long a read whose barrier found the cache behind waits for the feed.
 const CATCH_UP: Duration = Duration::from_millis(100);
-/// A watch silent this long is asked for progress...
-const QUIET: Duration = Duration::from_secs(5);
-/// ... and given up if it does not answer within this.
-const PROGRESS_DEADLINE: Duration = Duration::from_secs(2);
 /// Bytes counted per entry besides its key and value.
 const ENTRY_OVERHEAD: usize = 64;
 /// Keys per page of the initial range read.
@@ -145,7 +141,7 @@ impl Cache {
             control_prefix,
         });
         tokio::spawn(barrier_loop(Arc::clone(&members), timeout, rx));
-        tokio::spawn(feed_loop(Arc::downgrade(&cache), members, timeout));
+        tokio::spawn(feed::feed_loop(Arc::downgrade(&cache), members, timeout));
         cache
     }
 
@@ -264,7 +260,7 @@ impl Cache {
     ///
     /// `prev`: the watch sends each event's previous value, the metadata before the change.
     /// Without it, that is the entry the cache holds, which the feed only relies on when the
-    /// list was made just before the watch's start (see `feed_loop`). False when the cache
+    /// list was made just before the watch's start (see `feed::feed_loop`). False when the cache
     /// emptied itself past its budget while relying on it: then the watch must start again.
     fn apply(&self, events: &[etcd_client::Event], progress: i64, listed: i64, prev: bool) -> bool {
         let mut top = progress;
@@ -409,184 +405,6 @@ async fn barrier_loop(
                     let _ = ask.reply.send(Err(Failure::Unknown(why.clone())));
                 }
             }
-        }
-    }
-}
-
-/// The feed: list, watch (from up to `history` revisions before the list the first time,
-/// from the revision after the last one applied afterwards), and again whenever the watch
-/// ends.
-async fn feed_loop(cache: std::sync::Weak<Cache>, members: Arc<Members>, timeout: Duration) {
-    let mut backoff = Duration::from_millis(100);
-    // The revision the next watch starts from, once the first list has set it.
-    let mut from: Option<i64> = None;
-    // After a watch whose start etcd had compacted away: the change feed's head then, and
-    // the compaction revision (see below).
-    let mut gap: Option<(u64, i64)> = None;
-    loop {
-        let Some(c) = cache.upgrade() else { return };
-        c.stop_serving();
-        let prefix = c.prefix.clone();
-        let listed = list(&members, &prefix, timeout, None).await;
-        let (entries, revision) = match listed {
-            Ok(l) => l,
-            Err(f) => {
-                tracing::warn!(error = ?f, "read cache: cannot list the store; retrying");
-                drop(c);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        let (mut entries, mut revision) = (entries, revision);
-        if let Some((head, compacted)) = gap.take() {
-            // The history after the head is gone, up to the compaction. If no metadata as of
-            // the compaction revision (still readable) was written after the head, nothing
-            // under the prefix changed in the lost part (the gateway never deletes metadata,
-            // and a key changed in it shows that revision or a later one): the change feed
-            // goes on from the compaction with no gap. Otherwise watchers behind it resync.
-            let newest = newest_meta_at(&members, &prefix, compacted, timeout).await;
-            if newest.is_none_or(|n| n > head) {
-                tracing::warn!(
-                    compacted,
-                    "change feed: changes were compacted away before it read them; watchers behind must resync"
-                );
-                c.changes.reset(u64::try_from(compacted - 1).unwrap_or(0));
-            }
-            from = Some(compacted);
-        }
-        let start = match from {
-            Some(start) => start,
-            None => {
-                // Read back history only if etcd still has it (a read at its start answers):
-                // else from the list on.
-                let wanted = (revision + 1 - c.history).max(1);
-                let readable = wanted > revision
-                    || newest_meta_at(&members, &prefix, wanted, timeout).await.is_some();
-                let start = if readable { wanted } else { revision + 1 };
-                if readable {
-                    c.changes.reset(u64::try_from(start - 1).unwrap_or(0));
-                } else {
-                    // No history: but nothing changed after the newest metadata write the
-                    // list shows, so a client that saw that one can still resume.
-                    let meta = format!("{prefix}meta");
-                    let newest = entries
-                        .iter()
-                        .filter(|(k, _)| k.starts_with(meta.as_bytes()))
-                        .map(|(_, (_, rev))| *rev)
-                        .max()
-                        .unwrap_or(0);
-                    c.changes.reset(u64::try_from(newest.min(revision)).unwrap_or(0));
-                    c.changes.push(Vec::new(), u64::try_from(revision).unwrap_or(0));
-                }
-                from = Some(start);
-                start
-            }
-        };
-        // Each change's metadata before it comes from the cache when the list was made at
-        // the revision before the watch starts (listed again there if it was not): then
-        // every event of the watch is after the list, and the cache holds what it changed.
-        // Else etcd sends it with each event (`prev_kv`), which costs etcd about a third
-        // of a write's CPU: only with the cache off or over its budget, or when the list
-        // cannot be made there (compacted).
-        if start <= 1 && c.holds() {
-            // From etcd's first revision: before it, nothing.
-            (entries, revision) = (HashMap::new(), 0);
-        } else if start <= revision && c.holds() {
-            match list(&members, &prefix, timeout, Some(start - 1)).await {
-                Ok(l) => (entries, revision) = l,
-                Err(f) => {
-                    tracing::debug!(error = ?f, "read cache: cannot list at the watch's start; the watch sends previous values")
-                }
-            }
-        }
-        let prev = !(start == revision + 1 && c.holds());
-        let entries: HashMap<Vec<u8>, Entry> =
-            entries.into_iter().filter(|(k, _)| c.wanted(k)).collect();
-        let mut options =
-            WatchOptions::new().with_prefix().with_start_revision(start.min(revision + 1));
-        if prev {
-            options = options.with_prev_key();
-        }
-        let (url, watch) = members.watch(&prefix, options).await;
-        let mut stream = match watch {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(member = %url, error = %e, "read cache: cannot watch; retrying");
-                members.cool(&url);
-                drop(c);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        c.fill(entries, revision);
-        if !prev && !c.holds() {
-            // The fill itself went over the budget: the cache cannot give previous values.
-            tracing::info!(member = %url, "read cache: over its budget; watching with previous values");
-            continue;
-        }
-        c.changes.mark_ready();
-        backoff = Duration::from_millis(100);
-        drop(c);
-        let (why, compacted) = follow(&cache, &mut stream, revision, prev).await;
-        tracing::info!(member = %url, %why, "read cache: watch ended; listing again");
-        let Some(c) = cache.upgrade() else { return };
-        if compacted > 0 {
-            // Decided once the next list shows whether anything happened in the lost history.
-            gap = Some((c.changes.head(), compacted));
-        }
-        from = Some((i64::try_from(c.changes.head()).unwrap_or(i64::MAX) + 1).max(compacted));
-        drop(c);
-        members.cool(&url);
-    }
-}
-
-/// Applies the watch's responses until it ends; why it ended, and the compaction revision
-/// when it ended because its start was compacted away (else 0).
-async fn follow(
-    cache: &std::sync::Weak<Cache>,
-    stream: &mut etcd_client::WatchStream,
-    listed: i64,
-    prev: bool,
-) -> (String, i64) {
-    loop {
-        let message = match tokio::time::timeout(QUIET, stream.message()).await {
-            Ok(m) => m,
-            Err(_) => {
-                // Quiet, or stuck on a paused member: a live member answers a progress request.
-                if let Err(e) = stream.request_progress().await {
-                    return (format!("progress request failed: {e}"), 0);
-                }
-                match tokio::time::timeout(PROGRESS_DEADLINE, stream.message()).await {
-                    Ok(m) => m,
-                    Err(_) => return ("no answer to a progress request".into(), 0),
-                }
-            }
-        };
-        let resp = match message {
-            Ok(Some(resp)) => resp,
-            Ok(None) => return ("the stream ended".into(), 0),
-            Err(e) => return (e.to_string(), 0),
-        };
-        if resp.canceled() || resp.compact_revision() > 0 {
-            let why = format!(
-                "cancelled ({}; compacted at {})",
-                resp.cancel_reason(),
-                resp.compact_revision()
-            );
-            return (why, resp.compact_revision());
-        }
-        let Some(c) = cache.upgrade() else { return ("the store is gone".into(), 0) };
-        // A progress notification (no events, not the creation answer) says every event up
-        // to its revision was sent.
-        let progress = if resp.events().is_empty() && !resp.created() {
-            resp.header().map_or(0, |h| h.revision())
-        } else {
-            0
-        };
-        if !c.apply(resp.events(), progress, listed, prev) {
-            return ("the cache went over its budget; watching with previous values".into(), 0);
         }
     }
 }
