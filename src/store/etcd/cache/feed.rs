@@ -56,13 +56,23 @@ pub(super) async fn feed_loop(
             }
         };
         let (mut entries, mut revision) = (entries, revision);
-        if let Some((head, compacted)) = gap.take() {
+        if let Some((head, compacted)) = gap {
             // The history after the head is gone, up to the compaction. If no metadata as of
             // the compaction revision (still readable) was written after the head, nothing
             // under the prefix changed in the lost part (the gateway never deletes metadata,
             // and a key changed in it shows that revision or a later one): the change feed
             // goes on from the compaction with no gap. Otherwise watchers behind it resync.
-            let newest = newest_meta_at(&members, &prefix, compacted, timeout).await;
+            let newest = match newest_meta_at(&members, &prefix, compacted, timeout).await {
+                Ok(newest) => newest,
+                Err(f) => {
+                    tracing::warn!(error = ?f, "change feed: cannot read the store at the compaction; retrying");
+                    drop(c);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            gap = None;
             if newest.is_none_or(|n| n > head) {
                 tracing::warn!(
                     compacted,
@@ -79,7 +89,17 @@ pub(super) async fn feed_loop(
                 // else from the list on.
                 let wanted = (revision + 1 - c.history).max(1);
                 let readable = wanted > revision
-                    || newest_meta_at(&members, &prefix, wanted, timeout).await.is_some();
+                    || match newest_meta_at(&members, &prefix, wanted, timeout).await {
+                        Ok(newest) => newest.is_some(),
+                        Err(f) => {
+                            // Unreachable says nothing about etcd's history: ask again.
+                            tracing::warn!(error = ?f, "change feed: cannot read the store's history; retrying");
+                            drop(c);
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
+                    };
                 let start = if readable { wanted } else { revision + 1 };
                 if readable {
                     c.changes.reset(u64::try_from(start - 1).unwrap_or(0));

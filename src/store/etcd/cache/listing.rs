@@ -60,14 +60,15 @@ pub(super) async fn list(
 }
 
 /// The newest `mod_revision` of the metadata under `prefix` as of `revision` (0: none), or
-/// `None` when that cannot be read (compacted away, or unreachable: either way the history
-/// from there is not to be relied on).
+/// `None` when etcd compacted that revision away (the history from there is gone). Tried
+/// on the members in turn until `timeout`: a member that does not answer says nothing
+/// about the history, so its failure is never taken for a compaction.
 pub(super) async fn newest_meta_at(
     members: &Members,
     prefix: &str,
     revision: i64,
     timeout: Duration,
-) -> Option<u64> {
+) -> Result<Option<u64>, Failure> {
     let options = GetOptions::new()
         .with_prefix()
         .with_revision(revision)
@@ -76,9 +77,19 @@ pub(super) async fn newest_meta_at(
         .with_limit(1);
     let key = format!("{prefix}meta");
     let deadline = Instant::now() + timeout;
-    let resp = members
-        .attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await })
-        .await
-        .ok()?;
-    Some(resp.kvs().first().map_or(0, |kv| u64::try_from(kv.mod_revision()).unwrap_or(0)))
+    loop {
+        let (key, options) = (key.clone(), options.clone());
+        match members
+            .attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await })
+            .await
+        {
+            Ok(resp) => {
+                let newest = resp.kvs().first().map_or(0, |kv| kv.mod_revision());
+                return Ok(Some(u64::try_from(newest).unwrap_or(0)));
+            }
+            Err(Failure::Refused(m)) if m.contains("compacted") => return Ok(None),
+            Err(f) if Instant::now() >= deadline || matches!(f, Failure::Done(_)) => return Err(f),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
