@@ -127,20 +127,12 @@ impl EtcdStore {
 
     /// Runs `once` until it succeeds, fails for good, or the operation's time is up.
     /// `write`: a try that may have reached etcd may have applied.
-    async fn retry<T, F, Fut>(&self, op: &str, write: bool, mut once: F) -> Result<T, StoreError>
+    async fn retry<T, F, Fut>(&self, op: &str, write: bool, once: F) -> Result<T, StoreError>
     where
         F: FnMut(Instant) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let deadline = Instant::now() + self.timeout;
-        let mut trouble = Trouble::default();
-        loop {
-            match once(deadline).await {
-                Ok(v) => return Ok(v),
-                Err(f) => trouble.note(f, write)?,
-            }
-            trouble.pause(deadline).await.map_err(|()| trouble.give_up(op, self.timeout))?;
-        }
+        members::retry(op, self.timeout, write, once).await
     }
 
     /// The secret's metadata and its `mod_revision` (0 if it never existed), read at the

@@ -304,6 +304,29 @@ impl Failure {
     }
 }
 
+/// Runs `once` until it succeeds, fails for good, or `timeout` is up. `write`: a try that
+/// may have reached etcd may have applied.
+pub(super) async fn retry<T, F, Fut>(
+    op: &str,
+    timeout: Duration,
+    write: bool,
+    mut once: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut(Instant) -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut trouble = Trouble::default();
+    loop {
+        match once(deadline).await {
+            Ok(v) => return Ok(v),
+            Err(f) => trouble.note(f, write)?,
+        }
+        trouble.pause(deadline).await.map_err(|()| trouble.give_up(op, timeout))?;
+    }
+}
+
 impl Trouble {
     /// Records a failed try (`sent`: it was a write that may have reached etcd); a final
     /// failure is returned as the operation's error.

@@ -50,8 +50,7 @@ pub(super) async fn feed_loop(
             Err(f) => {
                 tracing::warn!(error = ?f, "read cache: cannot list the store; retrying");
                 drop(c);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                back_off(&mut backoff).await;
                 continue;
             }
         };
@@ -67,8 +66,7 @@ pub(super) async fn feed_loop(
                 Err(f) => {
                     tracing::warn!(error = ?f, "change feed: cannot read the store at the compaction; retrying");
                     drop(c);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    back_off(&mut backoff).await;
                     continue;
                 }
             };
@@ -95,8 +93,7 @@ pub(super) async fn feed_loop(
                             // Unreachable says nothing about etcd's history: ask again.
                             tracing::warn!(error = ?f, "change feed: cannot read the store's history; retrying");
                             drop(c);
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            back_off(&mut backoff).await;
                             continue;
                         }
                     };
@@ -121,7 +118,8 @@ pub(super) async fn feed_loop(
             }
         };
         // Each change's metadata before it comes from the cache when the list was made at
-        // the revision before the watch starts (listed again there if it was not): then
+        // the revision before the watch starts (at start, listed again there if the first
+        // list was newer; after a break it was made there): then
         // every event of the watch is after the list, and the cache holds what it changed.
         // Else etcd sends it with each event (`prev_kv`), which costs etcd about a third
         // of a write's CPU: only with the cache off or over its budget, or when the list
@@ -152,8 +150,7 @@ pub(super) async fn feed_loop(
                 tracing::warn!(member = %url, error = %e, "read cache: cannot watch; retrying");
                 members.cool(&url);
                 drop(c);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                back_off(&mut backoff).await;
                 continue;
             }
         };
@@ -177,6 +174,12 @@ pub(super) async fn feed_loop(
         drop(c);
         members.cool(&url);
     }
+}
+
+/// Waits `backoff` before the feed tries again, and doubles it (up to 5 s).
+async fn back_off(backoff: &mut Duration) {
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
 }
 
 /// Applies the watch's responses until it ends; why it ended, and the compaction revision

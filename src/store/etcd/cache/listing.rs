@@ -4,11 +4,14 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use etcd_client::GetOptions;
+use etcd_client::{GetOptions, KvClient};
 use tokio::time::Instant;
 
 use super::{Entry, LIST_PAGE};
-use crate::store::etcd::members::{Failure, Members};
+use crate::store::{
+    StoreError,
+    etcd::members::{Failure, Members, retry},
+};
 
 /// Lists the prefix at one revision (`at`, else the current one), page by page.
 pub(super) async fn list(
@@ -61,14 +64,14 @@ pub(super) async fn list(
 
 /// The newest `mod_revision` of the metadata under `prefix` as of `revision` (0: none), or
 /// `None` when etcd compacted that revision away (the history from there is gone). Tried
-/// on the members in turn until `timeout`: a member that does not answer says nothing
-/// about the history, so its failure is never taken for a compaction.
+/// on the members in turn until `timeout` (the store's retries): a member that does not
+/// answer says nothing about the history, so its failure is never taken for a compaction.
 pub(super) async fn newest_meta_at(
     members: &Members,
     prefix: &str,
     revision: i64,
     timeout: Duration,
-) -> Result<Option<u64>, Failure> {
+) -> Result<Option<u64>, StoreError> {
     let options = GetOptions::new()
         .with_prefix()
         .with_revision(revision)
@@ -76,20 +79,19 @@ pub(super) async fn newest_meta_at(
         .with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::Descend)
         .with_limit(1);
     let key = format!("{prefix}meta");
-    let deadline = Instant::now() + timeout;
-    loop {
+    retry("history read", timeout, false, |deadline| {
         let (key, options) = (key.clone(), options.clone());
-        match members
-            .attempt(deadline, |mut kv| async move { kv.get(key, Some(options)).await })
-            .await
-        {
-            Ok(resp) => {
-                let newest = resp.kvs().first().map_or(0, |kv| kv.mod_revision());
-                return Ok(Some(u64::try_from(newest).unwrap_or(0)));
+        async move {
+            let get = |mut kv: KvClient| async move { kv.get(key, Some(options)).await };
+            match members.attempt(deadline, get).await {
+                Ok(resp) => {
+                    let newest = resp.kvs().first().map_or(0, |kv| kv.mod_revision());
+                    Ok(Some(u64::try_from(newest).unwrap_or(0)))
+                }
+                Err(Failure::Refused(m)) if m.contains("compacted") => Ok(None),
+                Err(f) => Err(f),
             }
-            Err(Failure::Refused(m)) if m.contains("compacted") => return Ok(None),
-            Err(f) if Instant::now() >= deadline || matches!(f, Failure::Done(_)) => return Err(f),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
-    }
+    })
+    .await
 }
