@@ -369,6 +369,8 @@ async fn writes_stuck_on_a_paused_member_are_retried_elsewhere_and_apply_once() 
                 if e.code() == Code::Unavailable && e.message().contains("outcome is unknown") =>
             {
                 unknown += 1;
+                // It was held up too: its tries hung past the operation's time.
+                slow += usize::from(started.elapsed() > STORE_TIMEOUT / 4);
                 // A first write that did not apply leaves no secret: version 0.
                 let now = eventually(STORE_TIMEOUT * 5, &c, |mut c| {
                     let path = path.clone();
