@@ -8,7 +8,7 @@ use etcd_client::WatchOptions;
 
 use super::{
     Cache, Entry,
-    listing::{list, newest_meta_at},
+    listing::{current_revision, list, newest_meta_at},
 };
 use crate::store::etcd::members::Members;
 
@@ -36,8 +36,25 @@ pub(super) async fn feed_loop(
         c.stop_serving();
         let prefix = c.prefix.clone();
         // After a break the watch goes on from where the feed stopped: list as of the
-        // revision before that at once (see below), else at the current one.
-        let at = from.filter(|&s| s > 1 && gap.is_none() && c.holds()).map(|s| s - 1);
+        // revision before that at once (see below). At start, with the cache holding, it
+        // goes back `history` revisions from the current one (learnt from a one-key read),
+        // so the list is made there at once too; else (or if that read fails) it is made at
+        // the current revision.
+        let mut now = None;
+        let at = match from {
+            Some(s) => (s > 1 && gap.is_none() && c.holds()).then(|| s - 1),
+            None if c.holds() => match current_revision(&members, &prefix, timeout).await {
+                Ok(rev) => {
+                    now = Some(rev);
+                    Some((rev + 1 - c.history).max(1) - 1).filter(|&r| r > 0)
+                }
+                Err(f) => {
+                    tracing::debug!(error = ?f, "read cache: cannot read the current revision; listing it");
+                    None
+                }
+            },
+            None => None,
+        };
         let listed = match list(&members, &prefix, timeout, at).await {
             Err(f) if at.is_some() => {
                 tracing::debug!(error = ?f, "read cache: cannot list where the feed stopped; listing the current revision");
@@ -85,8 +102,9 @@ pub(super) async fn feed_loop(
             None => {
                 // Read back history only if etcd still has it (a read at its start answers):
                 // else from the list on.
-                let wanted = (revision + 1 - c.history).max(1);
-                let readable = wanted > revision
+                let now = now.unwrap_or(revision);
+                let wanted = (now + 1 - c.history).max(1);
+                let readable = wanted > now
                     || match newest_meta_at(&members, &prefix, wanted, timeout).await {
                         Ok(newest) => newest.is_some(),
                         Err(f) => {
@@ -118,8 +136,8 @@ pub(super) async fn feed_loop(
             }
         };
         // Each change's metadata before it comes from the cache when the list was made at
-        // the revision before the watch starts (at start, listed again there if the first
-        // list was newer; after a break it was made there): then
+        // the revision before the watch starts (it usually was; else it is listed again
+        // there): then
         // every event of the watch is after the list, and the cache holds what it changed.
         // Else etcd sends it with each event (`prev_kv`), which costs etcd about a third
         // of a write's CPU: only with the cache off or over its budget, or when the list

@@ -62,6 +62,21 @@ pub(super) async fn list(
     }
 }
 
+/// etcd's current revision, from a read of one key (the prefix itself): what the feed's
+/// first list needs to know to be made at the watch's start at once.
+pub(super) async fn current_revision(
+    members: &Members,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<i64, Failure> {
+    let options = GetOptions::new().with_keys_only().with_limit(1);
+    let key = prefix.to_owned();
+    let resp = members
+        .attempt(Instant::now() + timeout, |mut kv| async move { kv.get(key, Some(options)).await })
+        .await?;
+    Ok(resp.header().map_or(0, |h| h.revision()))
+}
+
 /// The newest `mod_revision` of the metadata under `prefix` as of `revision` (0: none), or
 /// `None` when etcd compacted that revision away (the history from there is gone). Tried
 /// on the members in turn until `timeout` (the store's retries): a member that does not
