@@ -16,7 +16,9 @@
 //! Prints one row per workload, concurrency and side: ops/s (mean over rounds), latency
 //! p50/p99/p999 over every request of the rounds, the ratio to direct etcd (median of the
 //! per-round ratios) and the CPU time per request of the whole machine, of the etcd members
-//! and, for the gateways, of the gateway. `--json` prints the rows as one JSON array instead.
+//! and, for the gateways, of the gateway. `--json` prints one JSON object instead: the core
+//! count, the probe's fsync time, the rows, and the audit-on gateway's own log figures per
+//! workload.
 //!
 //! Environment: `BENCH_OPS` (`get,put,mix`), `BENCH_CONCURRENCY` (`1,64,256`),
 //! `BENCH_ROUNDS` (3), `BENCH_SLICE_MS` (1000), `BENCH_CONNECTIONS` (4), `BENCH_GROUP_US`
@@ -45,6 +47,29 @@ struct Side {
     pids: Pids,
     /// Only for this workload (the audit-off gateway: gets; etcd's transactions: puts).
     only: Option<Op>,
+}
+
+/// What `--json` prints.
+#[derive(serde::Serialize)]
+struct Report {
+    cores: usize,
+    keys: usize,
+    rounds: usize,
+    slice_ms: u128,
+    /// A back-to-back append + fsync where the audit logs are, before the load.
+    fsync_probe_p50_ms: f64,
+    fsync_probe_p99_ms: f64,
+    rows: Vec<Row>,
+    audit_log: Vec<AuditRow>,
+}
+
+/// The audit-on gateway's own log over one workload's rounds.
+#[derive(serde::Serialize)]
+struct AuditRow {
+    workload: &'static str,
+    concurrency: usize,
+    records_per_fsync: f64,
+    write_and_fsync_ms_per_batch: f64,
 }
 
 /// One row of the table.
@@ -146,6 +171,7 @@ async fn main() {
     }
 
     let mut rows = Vec::new();
+    let mut audit_log = Vec::new();
     for op in &ops {
         for &n in &concurrency {
             let active: Vec<usize> =
@@ -173,21 +199,36 @@ async fn main() {
                 }
                 rows.push(row);
             }
+            // The gateway's own audit log over these rounds: what a write + fsync cost it.
+            let syncs = (after.1 - before.1).max(1) as f64;
+            let audit = AuditRow {
+                workload: op.name(),
+                concurrency: n,
+                records_per_fsync: (after.0 - before.0) as f64 / syncs,
+                write_and_fsync_ms_per_batch: (after.2 - before.2) as f64 / syncs / 1000.0,
+            };
             if !json {
-                // The gateway's own audit log over these rounds: what a write + fsync cost it.
-                let syncs = (after.1 - before.1).max(1) as f64;
                 println!(
                     "{:>16}gateway's audit log: {:.1} records per fsync, write + fsync {:.2} ms \
                      mean per batch",
-                    "",
-                    (after.0 - before.0) as f64 / syncs,
-                    (after.2 - before.2) as f64 / syncs / 1000.0,
+                    "", audit.records_per_fsync, audit.write_and_fsync_ms_per_batch,
                 );
             }
+            audit_log.push(audit);
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows).unwrap());
+        let report = Report {
+            cores,
+            keys: KEYS,
+            rounds,
+            slice_ms: slice_len.as_millis(),
+            fsync_probe_p50_ms: fsync.0,
+            fsync_probe_p99_ms: fsync.1,
+            rows,
+            audit_log,
+        };
+        println!("{}", serde_json::to_string_pretty(&report).unwrap());
     }
     sides.clear();
     drop((gw_on, gw_off, proxy, cluster));
